@@ -1,0 +1,61 @@
+"""Shared argument handling for stage entry points (``--config FILE`` plus ``key=value`` overrides)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from discl_ray.config import ConfigError, ExperimentConfig, load_config
+
+DEFAULT_CONFIG = "configs/toy/digits_lt.yaml"
+
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with the options every stage shares."""
+    p = argparse.ArgumentParser(prog=f"discl {prog}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", default=None,
+                   help=f"experiment YAML (default: the toy world, {DEFAULT_CONFIG})")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. training.epochs=3 generation.seeds=[0,1]")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
+    """Load the config named by ``args`` (or the packaged toy default)."""
+    path = args.config
+    if path is None:
+        from pathlib import Path
+
+        here = Path(DEFAULT_CONFIG)
+        if not here.is_file():
+            here = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
+        path = str(here)
+    return load_config(path, args.overrides)
+
+
+def run_stage(argv: list[str] | None, prog: str, description: str,
+              body: Callable[[ExperimentConfig, argparse.Namespace], int],
+              extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """Parse args, load + validate config (fails before any cluster work), then run ``body``."""
+    parser = stage_parser(prog, description)
+    if extra_args:
+        extra_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as err:
+        print(f"discl {prog}: {err}", file=sys.stderr)
+        return 2
+    return int(body(cfg, args) or 0)
+
+
+def not_yet(stage: str, issue: str) -> int:
+    """Exit non-zero for a stage that has not landed (never pretend to succeed)."""
+    print(f"discl {stage}: not implemented yet ({issue}); nothing was run.", file=sys.stderr)
+    return 3

@@ -1,0 +1,97 @@
+"""Schemas for the dataset, hard-sample mining and prompt stages."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from discl_ray.config.base import StrictModel
+
+DatasetName = Literal["digits_lt", "digits_lq", "digits_world", "imagenet_lt", "cifar100_lt",
+                      "inat2018", "iwildcam"]
+Corruption = Literal["clean", "blur", "noise", "occlusion", "low_contrast", "pixelate"]
+
+
+class ToyDataConfig(StrictModel):
+    """Knobs of the built-in digits toy world (scikit-learn's bundled 8x8 digits)."""
+
+    n_max: int = Field(50, ge=1, description="Training images of the most frequent class (digits-LT).")
+    val_per_class: int = Field(5, ge=1, description="Balanced validation images per class (model selection).")
+    test_per_class: int = Field(30, ge=1, description="Balanced test images per class (reporting only).")
+    world_fraction: float = Field(0.5, gt=0, lt=1,
+                                  description="Share of digits kept as the 'world' split for toy model pre-training.")
+    id_styles: list[Corruption] = Field(["blur", "noise", "occlusion"], min_length=1,
+                                        description="digits-LQ corruption styles seen in training (ID domains).")
+    ood_styles: list[Corruption] = Field(["low_contrast", "pixelate"], min_length=1,
+                                         description="digits-LQ styles only in the OOD test split.")
+    severity: float = Field(0.6, ge=0, le=1, description="Corruption strength in [0, 1].")
+    lq_ood_per_class: int = Field(15, ge=1, description="digits-LQ OOD test images per class.")
+
+    @model_validator(mode="after")
+    def _disjoint_styles(self):
+        overlap = set(self.id_styles) & set(self.ood_styles)
+        if overlap:
+            raise ValueError(f"toy.id_styles and toy.ood_styles must be disjoint; both hold {sorted(overlap)}")
+        return self
+
+
+class DatasetConfig(StrictModel):
+    """Which dataset feeds the pipeline and how canonical rows are built from it."""
+
+    name: DatasetName = Field("digits_lt", description="Dataset loader; digits_* are the built-in toy world.")
+    root: Optional[str] = Field(None, description="On-disk root of a real dataset (unused for the toy world).")
+    seed: int = Field(0, description="Seed for every random split/sampling the loader does.")
+    image_size: int = Field(32, ge=8, le=4096, description="Toy images are upsampled to this side (pixels).")
+    imbalance_ratio: float = Field(30.0, ge=1.0,
+                                   description="n_max / n_min for synthetically long-tailed sets (digits-LT, CIFAR-100-LT).")
+    embed_images: bool = Field(False, description="Real datasets: embed PNG bytes in parquet instead of paths.")
+    toy: ToyDataConfig = Field(default_factory=ToyDataConfig)
+
+
+class MiningConfig(StrictModel):
+    """Hard-sample mining: which training images get a synthetic spectrum."""
+
+    mode: Literal["frequency", "confidence"] = Field(
+        "frequency", description="frequency: tail classes of a long-tailed set; confidence: low true-class probability.")
+    few_max: int = Field(20, ge=1, description="Classes with fewer training images than this are 'few' (tail).")
+    many_min: int = Field(100, ge=2, description="Classes with at least this many training images are 'many'.")
+    hard_groups: list[Literal["few", "medium", "many"]] = Field(
+        ["few"], min_length=1, description="frequency mode: class groups whose training images are hard.")
+    classifier: Literal["open_clip_zero_shot", "torchscript"] = Field(
+        "open_clip_zero_shot", description="confidence mode: zero-shot CLIP (scoring.model) or a TorchScript file.")
+    classifier_path: Optional[str] = Field(None, description="confidence mode with torchscript: the .pt file.")
+    threshold: Optional[float] = Field(None, ge=0, le=1,
+                                       description="confidence mode: hard when true-class probability < threshold.")
+    lowest_k: Optional[int] = Field(None, ge=1, description="confidence mode: the k least confident images per class.")
+    batch_size: int = Field(64, ge=1, description="Images per classifier batch in confidence mode.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.few_max >= self.many_min:
+            raise ValueError(f"mining.few_max ({self.few_max}) must be < mining.many_min ({self.many_min})")
+        if self.mode == "confidence":
+            if (self.threshold is None) == (self.lowest_k is None):
+                raise ValueError("mining.mode=confidence needs exactly one of mining.threshold or mining.lowest_k")
+            if self.classifier == "torchscript" and not self.classifier_path:
+                raise ValueError("mining.classifier=torchscript needs mining.classifier_path")
+        return self
+
+
+class PromptsConfig(StrictModel):
+    """Prompt construction: templates, name maps and per-class prompt lists."""
+
+    template: str = Field("a photo of {name}", description="Generation prompt template; {name} = display name.")
+    clip_template: str = Field("a photo of {name}", description="CLIP filter prompt template (paper: per dataset).")
+    name_map: Optional[str] = Field(None, description="JSON file mapping class_name (e.g. scientific) -> common name.")
+    prompts_file: Optional[str] = Field(None, description="JSON file {class_name: [prompt, ...]} of diverse prompts.")
+    include_template: bool = Field(True, description="Keep the template prompt beside the per-class JSON prompts.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("template", "clip_template"):
+            if "{name}" not in getattr(self, key):
+                raise ValueError(f"prompts.{key} must contain '{{name}}' (got {getattr(self, key)!r})")
+        if not self.include_template and not self.prompts_file:
+            raise ValueError("prompts.include_template=false needs prompts.prompts_file")
+        return self

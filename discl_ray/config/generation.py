@@ -1,0 +1,63 @@
+"""Schema for spectrum generation (diffusers image-to-image over guidance levels λ)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+
+from discl_ray.config.base import StrictModel
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+def check_lams(values: list[float], field: str) -> list[float]:
+    """λ values must lie in [0, 1] and be unique; returned sorted ascending."""
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad:
+        raise ValueError(f"{field}: every λ must lie in [0, 1]; got {bad}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{field}: λ values must be unique; got {values}")
+    return sorted(values)
+
+
+class GenerationConfig(StrictModel):
+    """Image-to-image generation of the synthetic-to-real spectrum (paper §3.1, Eq. 3)."""
+
+    model: str = Field("stabilityai/stable-diffusion-xl-refiner-1.0",
+                       description="Any diffusers img2img checkpoint (hub id or local dir); 'toy' = the toy-world generator.")
+    lams: list[float] = Field([0.0, 0.1, 0.3, 0.5], min_length=1,
+                              description="Image-guidance levels λ; strength = 1 − λ. λ = 1 (the real image) is never generated.")
+    seeds: list[int] = Field(list(range(8)), min_length=1, description="Random seeds per (source, λ); paper: 8.")
+    steps: int = Field(50, ge=1, description="num_inference_steps; steps run = int(steps × (1 − λ)).")
+    guidance_scale: float = Field(10.0, ge=0, description="Text (classifier-free) guidance w; paper: 10.")
+    scheduler: Literal["ddim", "ddpm", "euler", "dpm"] = Field("ddim", description="Noise scheduler; paper: DDIM.")
+    device: Device = Field("auto", description="auto = cuda when available, else cpu.")
+    dtype: DType = Field("float16", description="Weights/activations dtype on GPU (CPU always float32).")
+    height: Optional[int] = Field(None, ge=8, description="Resize sources to this height (None = keep).")
+    width: Optional[int] = Field(None, ge=8, description="Resize sources to this width (None = keep).")
+    batch_size: int = Field(8, ge=1, description="Output images per pipeline call (seeds of a source batched).")
+    rows_per_block: int = Field(64, ge=1, description="Work items per Ray Data batch handed to an actor.")
+    actors_min: int = Field(1, ge=1, description="Minimum generator actors in the pool.")
+    actors_max: int = Field(1, ge=1, description="Maximum generator actors in the pool.")
+    num_gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per generator actor (0 on CPU-only machines).")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per generator actor.")
+    aesthetic_score: float = Field(6.0, description="SDXL refiner aesthetic conditioning (positive).")
+    negative_aesthetic_score: float = Field(2.5, description="SDXL refiner aesthetic conditioning (negative).")
+    negative_prompt: str = Field("", description="Negative prompt for classifier-free guidance.")
+    grid_sources: int = Field(4, ge=0, description="Sources shown in the spectrum grid PNG.")
+    grid_seeds: int = Field(3, ge=1, description="Seeds per λ shown in the spectrum grid PNG.")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (GPU runs).")
+
+    @field_validator("lams")
+    @classmethod
+    def _lams(cls, v):
+        return check_lams(v, "generation.lams")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be unique; got {v}")
+        return v

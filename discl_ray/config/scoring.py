@@ -1,0 +1,27 @@
+"""Schema for CLIP scoring and filtering of the spectrum."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
+
+from discl_ray.config.base import StrictModel
+from discl_ray.config.generation import Device, DType
+
+
+class ScoringConfig(StrictModel):
+    """open_clip image–text (filter) and image–image (analysis) cosine scores (paper §3.1, A.1.2–A.1.3)."""
+
+    model: str = Field("ViT-B-32", description="open_clip architecture name ('toy-clip' = the toy-world CLIP).")
+    pretrained: Optional[str] = Field("openai", description="open_clip pretrained tag or a local weights file.")
+    model_config_path: Optional[str] = Field(None, description="JSON file/folder registering a custom architecture.")
+    threshold: float = Field(0.30, ge=-1, le=1,
+                             description="Keep rows with raw image–text cosine >= threshold (0.30 IN-LT, 0.25 iWildCam).")
+    device: Device = Field("auto", description="auto = cuda when available, else cpu.")
+    dtype: DType = Field("float16", description="Dtype on GPU (CPU always float32).")
+    batch_size: int = Field(64, ge=1, description="Images per CLIP forward pass.")
+    actors_min: int = Field(1, ge=1, description="Minimum scorer actors.")
+    actors_max: int = Field(1, ge=1, description="Maximum scorer actors.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scorer actor.")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per scorer actor.")

@@ -1,0 +1,82 @@
+"""Schema for curriculum training (paper §3.2, Algorithms 1 and 2, Table 8)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from discl_ray.config.base import StrictModel
+from discl_ray.config.generation import check_lams
+
+Strategy = Literal["none", "diverse_to_specific", "specific_to_diverse", "easy_to_hard", "random",
+                   "fixed", "text_only", "all_level", "adaptive"]
+STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
+
+
+class TrainingConfig(StrictModel):
+    """The classifier, its data per epoch, and the λ selector that picks each epoch's guidance level."""
+
+    task: Literal["long_tail", "low_quality"] = Field(
+        "long_tail", description="long_tail: many/medium/few accuracy; low_quality: ID/OOD macro-F1.")
+    strategy: Strategy = Field("diverse_to_specific",
+                               description="λ selector; 'none' = real data only (baseline).")
+    lams: list[float] = Field([0.0, 0.1, 0.3, 0.5, 1.0], min_length=1,
+                              description="Guidance set Λ the curriculum walks (λ = 1: real hard images only).")
+    fixed_lam: Optional[float] = Field(None, ge=0, le=1, description="λ for strategy=fixed.")
+    threshold: Optional[float] = Field(None, ge=-1, le=1,
+                                       description="CLIP image–text cosine filter applied at load (None = scoring.threshold).")
+    epochs: int = Field(65, ge=1, description="Total epochs E.")
+    curriculum_epochs: int = Field(60, ge=0, description="Curriculum epochs E_CL; real-only afterwards.")
+    loss: Literal["ce", "balanced_softmax", "flyp"] = Field("ce", description="Training loss.")
+    backbone: Literal["resnet10", "small_cnn", "clip"] = Field("resnet10", description="Classifier backbone.")
+    init_checkpoint: Optional[str] = Field(None, description="Start from this checkpoint (None = scratch or CLIP weights).")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer; paper: Adam.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate; paper: 1e-3 (ResNet-10).")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule; paper: cosine.")
+    batch_size: int = Field(128, ge=1, description="Global batch size; paper: 128 (ResNet-10), 256 (ViT-B/16).")
+    steps_per_epoch: Optional[int] = Field(None, ge=1, description="Cap on steps per epoch (None = one pass).")
+    use_real_hard: bool = Field(True, description="Long-tail: include real hard images D_h at every stage (Alg. 1).")
+    keep_tail_ratio: bool = Field(True, description="Long-tail: undersample non-tail rows so tail:non-tail stays constant.")
+    tail_ratio: Optional[float] = Field(None, gt=0, description="Tail:non-tail ratio to keep (None = from data; paper 13.6%).")
+    random_real_size: int = Field(30000, ge=1, description="Adaptive: size of the random real set D (Alg. 2).")
+    guidance_val_size: int = Field(2000, ge=1, description="Adaptive: guidance-validation images per λ (set V).")
+    probe_steps: Optional[int] = Field(None, ge=1, description="Adaptive: cap on optimizer steps over D per probe.")
+    wise_alphas: list[float] = Field([], description="WiSE-FT mixing coefficients to evaluate (CLIP backbone).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker (fractional on small machines).")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Train worker.")
+    max_failures: int = Field(2, ge=0, description="Worker-failure restarts (FailureConfig).")
+    seed: int = Field(0, description="Seed for init, sampling and the random strategy.")
+    select_metric: str = Field("val_acc", description="Validation metric for model selection (never the test split).")
+
+    @field_validator("lams")
+    @classmethod
+    def _lams(cls, v):
+        return check_lams(v, "training.lams")
+
+    @field_validator("wise_alphas")
+    @classmethod
+    def _alphas(cls, v):
+        bad = [a for a in v if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"every WiSE-FT alpha must lie in [0, 1]; got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.curriculum_epochs > self.epochs:
+            raise ValueError(f"training.curriculum_epochs ({self.curriculum_epochs}) must be <= "
+                             f"training.epochs ({self.epochs})")
+        if self.strategy == "fixed" and self.fixed_lam is None:
+            raise ValueError("training.strategy=fixed needs training.fixed_lam")
+        if self.strategy == "text_only" and 0.0 not in self.lams:
+            raise ValueError("training.strategy=text_only needs 0.0 in training.lams")
+        if self.strategy == "fixed" and self.fixed_lam not in self.lams:
+            raise ValueError(f"training.fixed_lam ({self.fixed_lam}) must be one of training.lams {self.lams}")
+        if self.loss == "flyp" and self.backbone != "clip":
+            raise ValueError("training.loss=flyp needs training.backbone=clip")
+        if self.wise_alphas and self.backbone != "clip":
+            raise ValueError("training.wise_alphas (WiSE-FT) needs training.backbone=clip")
+        return self

@@ -1,0 +1,88 @@
+"""Canonical dataset rows and the loader registry.
+
+A loader is ``load(cfg: DatasetConfig) -> pyarrow.Table`` returning canonical rows
+(``CANONICAL_SCHEMA``). Registry values are ``"module:function"`` strings so that importing the package
+does not import every loader's dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import pyarrow as pa
+
+from discl_ray.io import read_parquet_dir, replace_parquet_dir
+
+if TYPE_CHECKING:
+    from discl_ray.config import DatasetConfig, ExperimentConfig
+
+CANONICAL_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("image", pa.binary()),
+    ("path", pa.string()),
+    ("label", pa.int64()),
+    ("class_name", pa.string()),
+    ("split", pa.string()),
+    ("domain", pa.string()),
+])
+
+SPLITS = ("world", "train", "val", "test", "val_ood", "test_ood")
+
+LOADERS: dict[str, str] = {
+    "digits_world": "discl_ray.data.toy:load_world",
+    "digits_lt": "discl_ray.data.toy:load_digits_lt",
+    "digits_lq": "discl_ray.data.toy:load_digits_lq",
+    "imagenet_lt": "discl_ray.data.loaders.imagenet_lt:load",
+    "cifar100_lt": "discl_ray.data.loaders.cifar100_lt:load",
+    "inat2018": "discl_ray.data.loaders.inat2018:load",
+    "iwildcam": "discl_ray.data.loaders.iwildcam:load",
+}
+
+
+def get_loader(name: str) -> Callable[["DatasetConfig"], pa.Table]:
+    """The loader function registered as ``name``; unknown names list the valid ones."""
+    if name not in LOADERS:
+        raise KeyError(f"unknown dataset {name!r}; valid: {', '.join(sorted(LOADERS))}")
+    module, func = LOADERS[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def load_rows(cfg: "DatasetConfig") -> pa.Table:
+    """Build the canonical table for ``cfg`` (no caching)."""
+    table = get_loader(cfg.name)(cfg)
+    return table.select(CANONICAL_SCHEMA.names).cast(CANONICAL_SCHEMA)
+
+
+def materialize(cfg: "ExperimentConfig", force: bool = False) -> Path:
+    """Write the experiment's canonical rows to ``runs/<exp>/dataset/`` once; reuse while the config matches."""
+    from discl_ray.runtime import RunPaths
+
+    out = RunPaths.from_config(cfg).dataset
+    marker = out / "_dataset_config.json"
+    spec = cfg.dataset.model_dump(mode="json")
+    if not force and marker.is_file() and json.loads(marker.read_text()) == spec:
+        return out
+    table = load_rows(cfg.dataset)
+    replace_parquet_dir(table, out, prefix="rows")
+    marker.write_text(json.dumps(spec, indent=1, sort_keys=True))
+    return out
+
+
+def read_rows(cfg: "ExperimentConfig", splits: tuple[str, ...] | None = None) -> pa.Table:
+    """Canonical rows of the experiment (materialized on first use), optionally filtered by split."""
+    import pyarrow.compute as pc
+
+    table = read_parquet_dir(materialize(cfg))
+    if splits is not None:
+        table = table.filter(pc.is_in(table["split"], pa.array(list(splits))))
+    return table
+
+
+def class_names(table: pa.Table) -> dict[int, str]:
+    """label → class_name of a canonical table."""
+    labels = table["label"].to_pylist()
+    names = table["class_name"].to_pylist()
+    return dict(sorted(zip(labels, names)))

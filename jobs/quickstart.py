@@ -1,0 +1,9 @@
+"""`discl quickstart`: placeholder until issue 8 lands."""
+
+from __future__ import annotations
+
+from discl_ray.cli_common import not_yet
+
+
+def main(argv: list[str] | None = None) -> int:
+    return not_yet("quickstart", "issue 8")

@@ -1,0 +1,9 @@
+"""`discl sweep`: placeholder until issue 6 lands."""
+
+from __future__ import annotations
+
+from discl_ray.cli_common import not_yet
+
+
+def main(argv: list[str] | None = None) -> int:
+    return not_yet("sweep", "issue 6")

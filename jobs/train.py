@@ -1,0 +1,9 @@
+"""`discl train`: placeholder until issue 5 lands."""
+
+from __future__ import annotations
+
+from discl_ray.cli_common import not_yet
+
+
+def main(argv: list[str] | None = None) -> int:
+    return not_yet("train", "issue 5")

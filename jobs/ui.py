@@ -1,0 +1,9 @@
+"""`discl ui`: placeholder until issue 6 lands."""
+
+from __future__ import annotations
+
+from discl_ray.cli_common import not_yet
+
+
+def main(argv: list[str] | None = None) -> int:
+    return not_yet("ui", "issue 6")

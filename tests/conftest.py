@@ -1,0 +1,27 @@
+"""Shared fixtures: a local Ray cluster per test session, small run roots."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A 2-CPU local Ray cluster shared by the session's tests (stopped at the end)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def run_root(tmp_path):
+    """A fresh run root for one test."""
+    return tmp_path / "runs"
