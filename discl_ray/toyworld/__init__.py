@@ -23,3 +23,10 @@ def clip_files(cache: Path) -> tuple[Path, Path]:
     """(open_clip architecture JSON named ``toy-clip.json``, state-dict weights ``toy-clip.pt``)."""
     d = toy_dir(cache) / "clip"
     return d / f"{TOY_CLIP}.json", d / f"{TOY_CLIP}.pt"
+
+
+def classifier_file(cache: Path) -> Path:
+    """TorchScript digit classifier trained on the world split (quality gates, confidence mining).
+
+    Input: float tensor (B, 3, H, W) in [0, 1] at the toy image size; output: logits (B, 10)."""
+    return toy_dir(cache) / "classifier.pt"
