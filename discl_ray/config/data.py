@@ -58,8 +58,9 @@ class MiningConfig(StrictModel):
     many_min: int = Field(100, ge=2, description="Classes with at least this many training images are 'many'.")
     hard_groups: list[Literal["few", "medium", "many"]] = Field(
         ["few"], min_length=1, description="frequency mode: class groups whose training images are hard.")
-    classifier: Literal["open_clip_zero_shot", "torchscript"] = Field(
-        "open_clip_zero_shot", description="confidence mode: zero-shot CLIP (scoring.model) or a TorchScript file.")
+    classifier: Literal["open_clip_zero_shot", "torchscript", "toy"] = Field(
+        "open_clip_zero_shot",
+        description="confidence mode: zero-shot CLIP (scoring.model), a TorchScript file, or the toy-world judge.")
     classifier_path: Optional[str] = Field(None, description="confidence mode with torchscript: the .pt file.")
     threshold: Optional[float] = Field(None, ge=0, le=1,
                                        description="confidence mode: hard when true-class probability < threshold.")
