@@ -1,9 +1,47 @@
-"""`discl report`: placeholder until issue 6 lands."""
+"""`discl report --experiment NAME [--out DIR]`: paper-style tables and plots from MLflow runs."""
 
 from __future__ import annotations
 
-from discl_ray.cli_common import not_yet
+import argparse
+import sys
+from pathlib import Path
+
+from discl_ray.cli_common import run_stage
+from discl_ray.config import ExperimentConfig
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", "-e", default=None,
+                   help="MLflow experiment to report (default: tracking.experiment_name or experiment)")
+    p.add_argument("--out", default=None, help="output folder (default: <run_root>/<experiment>/report)")
+    p.add_argument("--parent", default=None, help="only the child runs of this sweep (parent run id)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
+
+
+def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from discl_ray.report import write_report
+    from discl_ray.runtime import RunPaths, tracking_uri
+    from discl_ray.tracking import TrackingUnavailable, check_reachable
+
+    uri = tracking_uri(cfg)
+    try:
+        check_reachable(uri)
+    except TrackingUnavailable as err:
+        print(f"discl report: {err}", file=sys.stderr)
+        return 2
+    experiment = args.experiment or cfg.tracking.experiment_name or cfg.experiment
+    out = Path(args.out) if args.out else RunPaths.from_config(cfg).root / experiment / "report"
+    try:
+        result = write_report(uri, experiment, out, parent_run_id=args.parent, log_to_mlflow=not args.no_log)
+    except ValueError as err:
+        print(f"discl report: {err}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    print(f"wrote {len(result['files'])} files to {out}"
+          + (f"; MLflow report run {result['run_id']}" if result["run_id"] else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_yet("report", "issue 6")
+    return run_stage(argv, "report", "Paper-style tables (mean ± std over seeds) and plots from MLflow runs.",
+                     _body, _args)

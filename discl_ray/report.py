@@ -1,0 +1,239 @@
+"""Paper-style result tables and plots from MLflow runs (mean ± std over seeds).
+
+A finished training run carries final test metrics (see ``discl_ray.training.fit``). Runs are grouped by the
+params that *differ* between runs minus the seed params, so each table row is one configuration (strategy,
+loss, λ set, …) and each cell is the mean ± std over that configuration's seeds:
+
+- long-tail:  columns many / medium / few / overall accuracy (paper Tables 1–2);
+- low-quality: columns OOD / ID macro-F1 (paper Table 3).
+
+``build_tables`` returns numeric DataFrames (``<col>_mean``, ``<col>_std``, ``n``) so callers and tests can
+check values; ``write_report`` renders Markdown and CSV, draws the plots and logs everything to a report run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# table name -> ordered (column label, MLflow metric) pairs.
+TABLES: dict[str, list[tuple[str, str]]] = {
+    "long_tail": [("many", "final_test_many_acc"), ("medium", "final_test_medium_acc"),
+                  ("few", "final_test_few_acc"), ("overall", "final_test_acc")],
+    "low_quality": [("ood_f1", "final_test_ood_f1"), ("id_f1", "final_test_id_f1")],
+}
+# Params that distinguish repetitions, not configurations.
+SEED_PARAMS = ("training.seed",)
+# Params that never define a configuration (paths, bookkeeping).
+IGNORED_PARAMS = ("run_root", "cache_dir", "tracking.", "ray.", "sweep.")
+
+
+def _is_seed(key: str) -> bool:
+    return key in SEED_PARAMS or key.endswith(".seed")
+
+
+def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: Optional[str] = None) -> pd.DataFrame:
+    """All runs of ``experiment`` (optionally only the children of one sweep) as MLflow's DataFrame."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"MLflow experiment {experiment!r} not found at {tracking_uri}; existing: {names}")
+    filt = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=filt, output_format="pandas",
+                              max_results=50000)
+
+
+def config_columns(runs: pd.DataFrame) -> list[str]:
+    """Param keys whose values differ between runs, minus seeds and bookkeeping (the row identity)."""
+    cols = []
+    for col in sorted(c for c in runs.columns if c.startswith("params.")):
+        key = col[len("params."):]
+        if _is_seed(key) or key.startswith(IGNORED_PARAMS):
+            continue
+        if runs[col].fillna("").astype(str).nunique() > 1:
+            cols.append(col)
+    return cols
+
+
+def _std(values: pd.Series) -> float:
+    # Sample std over seeds; a single seed has no spread (0, not NaN, so tables stay readable).
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: pd.DataFrame, table: str) -> pd.DataFrame:
+    """One row per configuration of the runs holding ``table``'s metrics: ``n``, ``<col>_mean/_std``."""
+    spec = TABLES[table]
+    metric_cols = [f"metrics.{m}" for _, m in spec]
+    if any(c not in runs.columns for c in metric_cols):
+        return pd.DataFrame()
+    done = runs.dropna(subset=metric_cols)
+    if done.empty:
+        return pd.DataFrame()
+    keys = config_columns(done)
+    if "params.training.strategy" in done.columns:  # always say which curriculum a row is, first
+        keys = ["params.training.strategy", *[k for k in keys if k != "params.training.strategy"]]
+    groups = done.fillna({k: "" for k in keys}).groupby(keys, sort=True, dropna=False) if keys else [((), done)]
+    rows = []
+    for key, grp in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row: dict[str, Any] = {k[len("params."):]: v for k, v in zip(keys, key, strict=True)}
+        row["n"] = len(grp)
+        for label, metric in spec:
+            vals = grp[f"metrics.{metric}"].astype(float)
+            row[f"{label}_mean"] = float(vals.mean())
+            row[f"{label}_std"] = _std(vals)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def build_tables(tracking_uri: str, experiment: str, parent_run_id: Optional[str] = None) -> dict[str, pd.DataFrame]:
+    """``{"long_tail": df, "low_quality": df}`` for the tables that have finished runs (numeric cells)."""
+    runs = fetch_runs(tracking_uri, experiment, parent_run_id)
+    out = {}
+    for table in TABLES:
+        df = aggregate(runs, table)
+        if not df.empty:
+            out[table] = df
+    return out
+
+
+def format_table(df: pd.DataFrame, table: str, scale: float = 100.0) -> pd.DataFrame:
+    """Display form: configuration columns, n, and ``mean ± std`` cells in percent (as in the paper)."""
+    labels = [label for label, _ in TABLES[table]]
+    config = [c for c in df.columns if c != "n" and not c.endswith(("_mean", "_std"))]
+    shown = df[config + ["n"]].copy()
+    for label in labels:
+        shown[label] = [f"{m * scale:.2f} ± {s * scale:.2f}" for m, s in zip(df[f"{label}_mean"], df[f"{label}_std"], strict=True)]
+    return shown
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def lam_histories(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
+    """Long table ``run_id, strategy, epoch, lam`` from each run's per-epoch ``lam`` metric."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    rows = []
+    strat_col = "params.training.strategy"
+    for _, run in runs.iterrows():
+        hist = client.get_metric_history(run["run_id"], "lam")
+        strategy = run.get(strat_col, "") if strat_col in runs.columns else ""
+        for i, m in enumerate(sorted(hist, key=lambda m: (m.step, m.timestamp))):
+            rows.append({"run_id": run["run_id"], "strategy": strategy, "epoch": m.step if m.step else i,
+                         "lam": float(m.value)})
+    return pd.DataFrame(rows, columns=["run_id", "strategy", "epoch", "lam"])
+
+
+def plot_lams(hist: pd.DataFrame, path: Path) -> Optional[Path]:
+    """λ chosen per epoch, mean over runs of each strategy (the curricula side by side)."""
+    if hist.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for strategy, grp in hist.groupby("strategy"):
+        mean = grp.groupby("epoch")["lam"].mean()
+        ax.plot(mean.index, mean.values, marker=".", label=str(strategy))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("λ (image guidance)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title("λ per epoch by strategy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_groups(df: pd.DataFrame, table: str, path: Path) -> Path:
+    """Grouped bars: one group per configuration, one bar per column (many/medium/few/overall or OOD/ID)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [label for label, _ in TABLES[table]]
+    config = [c for c in df.columns if c != "n" and not c.endswith(("_mean", "_std"))]
+    names = [", ".join(f"{v}" for v in row) or "all" for row in df[config].itertuples(index=False)]
+    x = np.arange(len(df))
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(df) + 2), 3.5))
+    for i, label in enumerate(labels):
+        ax.bar(x + i * width, df[f"{label}_mean"] * 100, width, yerr=df[f"{label}_std"] * 100, label=label)
+    ax.set_xticks(x + width * (len(labels) - 1) / 2, names, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("accuracy (%)" if table == "long_tail" else "macro-F1 (%)")
+    ax.legend(fontsize=7)
+    ax.set_title("accuracy by class group" if table == "long_tail" else "ID / OOD macro-F1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(tracking_uri: str, experiment: str, out_dir: str | Path, parent_run_id: Optional[str] = None,
+                 log_to_mlflow: bool = True) -> dict[str, Any]:
+    """Write ``<table>.md``, ``<table>.csv`` and plots under ``out_dir``; log them to a ``report`` run.
+
+    Returns ``{"tables": {name: numeric df}, "files": [paths], "markdown": str, "run_id": id or None}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = fetch_runs(tracking_uri, experiment, parent_run_id)
+    tables = {t: df for t in TABLES if not (df := aggregate(runs, t)).empty}
+    if not tables:
+        raise ValueError(f"experiment {experiment!r} has no finished training runs (no final_test_* metrics)")
+    files: list[Path] = []
+    parts = [f"# {experiment}: results (mean ± std over seeds, %)\n"]
+    for name, df in tables.items():
+        shown = format_table(df, name)
+        md = to_markdown(shown)
+        parts.append(f"\n## {name.replace('_', '-')}\n\n{md}")
+        (out / f"{name}.md").write_text(md)
+        df.to_csv(out / f"{name}.csv", index=False)
+        files += [out / f"{name}.md", out / f"{name}.csv", plot_groups(df, name, out / f"{name}_groups.png")]
+    trained = runs.dropna(subset=[f"metrics.{m}" for t in tables for _, m in TABLES[t]], how="all")
+    lam_plot = plot_lams(lam_histories(tracking_uri, trained), out / "lam_per_epoch.png")
+    if lam_plot:
+        files.append(lam_plot)
+    markdown = "".join(parts)
+    (out / "report.md").write_text(markdown)
+    files.append(out / "report.md")
+    run_id = _log_report(tracking_uri, experiment, files, parent_run_id) if log_to_mlflow else None
+    return {"tables": tables, "files": files, "markdown": markdown, "run_id": run_id}
+
+
+def _log_report(tracking_uri: str, experiment: str, files: list[Path], parent_run_id: Optional[str]) -> str:
+    import mlflow
+
+    from discl_ray.tracking import git_commit
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    tags = {"stage": "report", "git_commit": git_commit()}
+    if parent_run_id:
+        tags["report.parent_run_id"] = parent_run_id
+    with mlflow.start_run(run_name="report", tags=tags) as run:
+        for f in files:
+            mlflow.log_artifact(str(f), artifact_path="report")
+        return run.info.run_id

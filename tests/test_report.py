@@ -1,0 +1,102 @@
+"""`discl report`: tables from real MLflow runs (tmp sqlite) equal a recomputation from the raw metrics."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from discl_ray.report import build_tables, format_table, to_markdown  # noqa: E402
+
+STRATS = {"diverse_to_specific": [0.0, 0.5, 1.0], "easy_to_hard": [1.0, 0.5, 0.0]}
+
+
+def _log_runs(uri: str, experiment: str) -> dict:
+    """2 strategies × 2 losses × 3 seeds of long-tail runs plus 2 low-quality runs; returns raw finals."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    raw: dict = {}
+    with mlflow.start_run(run_name="sweep", tags={"stage": "sweep"}) as parent:
+        mlflow.log_params({"training.strategy": "grid", "run_root": "/x"})
+    for si, (strategy, lams) in enumerate(STRATS.items()):
+        for li, loss in enumerate(["ce", "balanced_softmax"]):
+            for seed in range(3):
+                finals = {"final_test_many_acc": 0.9 - 0.01 * seed + 0.02 * li,
+                          "final_test_medium_acc": 0.6 + 0.03 * seed - 0.01 * si,
+                          "final_test_few_acc": 0.2 + 0.05 * seed + 0.1 * si + 0.07 * li,
+                          "final_test_acc": 0.55 + 0.01 * seed + 0.02 * si}
+                raw.setdefault((strategy, loss), []).append(finals)
+                tags = {"stage": "train", "mlflow.parentRunId": parent.info.run_id, "seed": str(seed)}
+                with mlflow.start_run(run_name=f"{strategy}-{loss}-{seed}", tags=tags):
+                    mlflow.log_params({"training.strategy": strategy, "training.loss": loss,
+                                       "training.seed": seed, "dataset.name": "digits_lt",
+                                       "run_root": f"/tmp/r{seed}"})
+                    for epoch, lam in enumerate(lams):
+                        mlflow.log_metrics({"epoch": epoch, "lam": lam, "train_loss": 1.0 / (epoch + 1),
+                                            "val_acc": 0.1 * epoch}, step=epoch)
+                    mlflow.log_metrics(finals)
+    for seed in range(2):
+        with mlflow.start_run(tags={"stage": "train"}):
+            mlflow.log_params({"training.strategy": "adaptive", "training.seed": seed, "training.loss": "flyp"})
+            mlflow.log_metrics({"final_test_ood_f1": 0.3 + 0.1 * seed, "final_test_id_f1": 0.7 - 0.1 * seed})
+    return raw
+
+
+def test_tables_equal_recomputation(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = _log_runs(uri, "rep")
+    tables = build_tables(uri, "rep")
+    assert set(tables) == {"long_tail", "low_quality"}
+    lt = tables["long_tail"]
+    # Rows = configurations: seed and bookkeeping params (run_root) are not row keys.
+    assert list(lt.columns[:2]) == ["training.strategy", "training.loss"]
+    assert "training.seed" not in lt.columns and "run_root" not in lt.columns
+    assert len(lt) == 4 and set(lt["n"]) == {3}
+    for (strategy, loss), finals in raw.items():
+        row = lt[(lt["training.strategy"] == strategy) & (lt["training.loss"] == loss)].iloc[0]
+        for label, metric in [("many", "final_test_many_acc"), ("medium", "final_test_medium_acc"),
+                              ("few", "final_test_few_acc"), ("overall", "final_test_acc")]:
+            vals = [f[metric] for f in finals]
+            assert row[f"{label}_mean"] == pytest.approx(statistics.mean(vals))
+            assert row[f"{label}_std"] == pytest.approx(statistics.stdev(vals))
+    lq = tables["low_quality"]
+    assert len(lq) == 1 and lq.iloc[0]["n"] == 2
+    assert lq.iloc[0]["ood_f1_mean"] == pytest.approx(0.35)
+    assert lq.iloc[0]["id_f1_std"] == pytest.approx(statistics.stdev([0.7, 0.6]))
+    md = to_markdown(format_table(lt, "long_tail"))
+    assert md.splitlines()[0] == "| training.strategy | training.loss | n | many | medium | few | overall |"
+    assert "±" in md
+
+
+def test_cli_writes_files_and_logs_report_run(tmp_path, capsys):
+    from jobs.report import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _log_runs(uri, "rep")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"experiment: rep\nrun_root: {tmp_path / 'runs'}\ntracking:\n  tracking_uri: '{uri}'\n")
+    out = tmp_path / "out"
+    assert main(["--config", str(cfg), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "## long-tail" in printed and "## low-quality" in printed
+    for name in ["long_tail.md", "long_tail.csv", "long_tail_groups.png", "low_quality.csv",
+                 "lam_per_epoch.png", "report.md"]:
+        assert (out / name).stat().st_size > 0, name
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("rep")
+    reports = client.search_runs([exp.experiment_id], "tags.stage = 'report'")
+    assert len(reports) == 1
+    logged = {a.path for a in client.list_artifacts(reports[0].info.run_id, "report")}
+    assert "report/lam_per_epoch.png" in logged and "report/long_tail.csv" in logged
+    # A second report ignores the first report run (no final metrics) and gives the same table.
+    assert main(["--config", str(cfg), "--out", str(out), "--no-log"]) == 0
+    assert build_tables(uri, "rep")["long_tail"].shape[0] == 4
+
+
+def test_unknown_experiment_names_existing(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _log_runs(uri, "rep")
+    with pytest.raises(ValueError, match="'nope' not found.*rep"):
+        build_tables(uri, "nope")
