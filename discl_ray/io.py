@@ -6,8 +6,9 @@ import hashlib
 import io
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa

@@ -6,7 +6,8 @@ import contextlib
 import subprocess
 import urllib.error
 import urllib.request
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Optional
 
 from discl_ray.config import to_flat_dict
 from discl_ray.runtime import tracking_uri

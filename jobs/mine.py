@@ -1,0 +1,44 @@
+"""`discl mine`: write the hard-sample table runs/<experiment>/mine/."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from discl_ray.cli_common import run_stage
+from discl_ray.config import ExperimentConfig
+
+
+def _body(cfg: ExperimentConfig, args) -> int:
+    from discl_ray import data, mining
+    from discl_ray.io import replace_parquet_dir
+    from discl_ray.prompts import build_prompts
+    from discl_ray.runtime import RunPaths
+
+    paths = RunPaths.from_config(cfg)
+    train = data.read_rows(cfg, splits=("train",))
+    if train.num_rows == 0:
+        print(f"discl mine: dataset {cfg.dataset.name} has no train rows")
+        return 1
+    if cfg.mining.mode == "frequency":
+        hard = mining.mine_frequency(train, cfg.mining)
+    else:
+        prompts = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
+        probs = mining.true_class_probs(cfg, train, prompts)
+        hard = mining.mine_confidence(train, cfg.mining, probs)
+    out = paths.stage("mine")
+    replace_parquet_dir(hard, out, prefix="hard")
+    groups = mining.class_groups(train["label"].to_pylist(), cfg.mining.few_max, cfg.mining.many_min)
+    summary = {
+        "train_images": train.num_rows, "hard_images": hard.num_rows, "mode": cfg.mining.mode,
+        "hard_per_class": dict(sorted(Counter(hard["label"].to_pylist()).items())),
+        "class_groups": {g: sorted(c for c, v in groups.items() if v == g) for g in ("many", "medium", "few")},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"hard samples: {hard.num_rows} of {train.num_rows} training images ({cfg.mining.mode}) -> {out}")
+    print(f"class groups: {summary['class_groups']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(argv, "mine", __doc__, _body)

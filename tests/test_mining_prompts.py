@@ -1,0 +1,74 @@
+"""Hard-sample mining (both modes on crafted data) and prompt tables."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import pytest
+
+from discl_ray.config import MiningConfig, PromptsConfig
+from discl_ray.mining import class_groups, mine_confidence, mine_frequency, select_low_confidence
+from discl_ray.prompts import build_prompts
+
+
+def _train(counts: dict[int, int]) -> pa.Table:
+    ids, labels = [], []
+    for c, n in counts.items():
+        for i in range(n):
+            ids.append(f"c{c}-{i}")
+            labels.append(c)
+    return pa.table({"image_id": ids, "label": labels, "class_name": [f"n{c}" for c in labels]})
+
+
+def test_class_groups_paper_thresholds():
+    labels = [0] * 150 + [1] * 100 + [2] * 99 + [3] * 20 + [4] * 19 + [5] * 1
+    assert class_groups(labels) == {0: "many", 1: "many", 2: "medium", 3: "medium", 4: "few", 5: "few"}
+
+
+def test_frequency_mining_takes_tail_classes():
+    train = _train({0: 30, 1: 12, 2: 4, 3: 2})
+    hard = mine_frequency(train, MiningConfig(few_max=10, many_min=20, hard_groups=["few"]))
+    assert sorted(set(hard["label"].to_pylist())) == [2, 3]
+    assert hard.num_rows == 6
+    assert set(hard["group"].to_pylist()) == {"few"} and set(hard["reason"].to_pylist()) == {"frequency"}
+    assert all(math.isnan(v) for v in hard["score"].to_pylist())
+    both = mine_frequency(train, MiningConfig(few_max=10, many_min=20, hard_groups=["few", "medium"]))
+    assert both.num_rows == 18
+
+
+def test_confidence_mining_threshold_and_lowest_k():
+    train = _train({0: 4, 1: 4})
+    probs = [0.9, 0.1, 0.5, 0.2, 0.3, 0.8, 0.05, 0.3]
+    hard = mine_confidence(train, MiningConfig(mode="confidence", threshold=0.25), probs)
+    assert hard["image_id"].to_pylist() == ["c0-1", "c0-3", "c1-2"]
+    assert hard["score"].to_pylist() == [0.1, 0.2, 0.05]
+    k = mine_confidence(train, MiningConfig(mode="confidence", lowest_k=2), probs)
+    assert k["image_id"].to_pylist() == ["c0-1", "c0-3", "c1-0", "c1-2"]
+    # ties broken by row order: c1-0 (0.3) precedes c1-3 (0.3)
+    assert select_low_confidence([0, 0, 0], [0.3, 0.3, 0.3], lowest_k=2).tolist() == [0, 1]
+    with pytest.raises(ValueError):
+        select_low_confidence([0], [0.1])
+
+
+def test_prompts_templates_name_map_and_lists(tmp_path):
+    (tmp_path / "names.json").write_text(json.dumps({"Panthera leo": "lion"}))
+    (tmp_path / "lists.json").write_text(json.dumps({"Panthera leo": ["a lion resting on a rock at dusk"]}))
+    cfg = PromptsConfig(template="a photo of {name} in the wild", clip_template="a photo of {name}",
+                        name_map=str(tmp_path / "names.json"), prompts_file=str(tmp_path / "lists.json"))
+    t = build_prompts({0: "Panthera leo", 1: "Bos taurus"}, cfg).to_pylist()
+    assert t[0]["display_name"] == "lion" and t[0]["clip_prompt"] == "a photo of lion"
+    assert t[0]["gen_prompts"] == ["a photo of lion in the wild", "a lion resting on a rock at dusk"]
+    assert t[1]["display_name"] == "Bos taurus" and t[1]["gen_prompts"] == ["a photo of Bos taurus in the wild"]
+
+
+def test_prompts_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="name_map"):
+        build_prompts({0: "a"}, PromptsConfig(name_map=str(tmp_path / "nope.json")))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        build_prompts({0: "a"}, PromptsConfig(prompts_file=str(tmp_path / "bad.json")))
+    (tmp_path / "nolist.json").write_text(json.dumps({"b": ["x"]}))
+    with pytest.raises(ValueError, match="no generation prompt"):
+        build_prompts({0: "a"}, PromptsConfig(prompts_file=str(tmp_path / "nolist.json"), include_template=False))
