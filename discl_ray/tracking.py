@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from discl_ray.config import to_flat_dict
@@ -31,6 +34,36 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                                   "start it (discl ui) or set MLFLOW_TRACKING_URI / tracking.tracking_uri") from None
 
 
+def artifact_root(cfg: "ExperimentConfig", uri: Optional[str] = None) -> Optional[str]:
+    """Where a local (sqlite) store keeps artifacts: ``<run_root>/mlartifacts``; a server decides itself.
+
+    Without this MLflow puts artifacts in ``./mlruns`` of whatever directory the process runs in (a Tune
+    trial directory, a Ray worker's cwd), scattering them away from the run root.
+    """
+    uri = uri or tracking_uri(cfg)
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return str(Path(cfg.run_root).resolve() / "mlartifacts")
+
+
+def ensure_experiment(uri: str, name: str, artifacts: Optional[str] = None) -> str:
+    """The id of MLflow experiment ``name``, created with ``artifacts/<name>`` as its artifact location."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = Path(artifacts, name).as_uri() if artifacts else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another trial
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 def setup(cfg: "ExperimentConfig") -> str:
     """Point MLflow at the experiment's store and experiment; returns the tracking URI."""
     import mlflow
@@ -38,8 +71,42 @@ def setup(cfg: "ExperimentConfig") -> str:
     uri = tracking_uri(cfg)
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.tracking.experiment_name or cfg.experiment)
+    name = cfg.tracking.experiment_name or cfg.experiment
+    ensure_experiment(uri, name, artifact_root(cfg, uri))
+    mlflow.set_experiment(name)
     return uri
+
+
+def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1", artifacts: Optional[str] = None,
+               workers: int = 1) -> list[str]:
+    """The ``mlflow server`` command line serving ``uri`` (a SQL store) on ``host:port``.
+
+    The host defaults to loopback: the UI has no authentication, so reach it through an SSH tunnel or
+    ``kubectl port-forward``, never by binding a public interface.
+    """
+    if uri.startswith(("http://", "https://")):
+        raise ValueError(f"tracking URI {uri} is already a server; open it in a browser instead of 'discl ui'")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+           "--port", str(port), "--workers", str(workers)]
+    if artifacts:
+        cmd += ["--artifacts-destination", artifacts]
+    return cmd
+
+
+def wait_until_up(url: str, timeout: float = 90.0, proc: Optional[subprocess.Popen] = None) -> None:
+    """Poll ``url`` until it answers 200 (MLflow's server takes ~15 s to start on a small machine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before answering at {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def flat_params(cfg: "ExperimentConfig") -> dict[str, str]:
