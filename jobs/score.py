@@ -1,9 +1,31 @@
-"""`discl score`: placeholder until issue 4 lands."""
+"""`discl score`: CLIP-score the spectrum, filter it at ``scoring.threshold``, summarise per λ and class.
+
+Reads ``runs/<exp>/generate/spectrum/``, the train split's real images and ``runs/<exp>/prompts/``;
+writes ``runs/<exp>/score/{scores,errors,filtered}/``, ``summary.json`` and ``hist_*.png``. Rerunning
+resumes (scored ids are skipped) and re-applies the threshold without new CLIP work.
+"""
 
 from __future__ import annotations
 
-from discl_ray.cli_common import not_yet
+import sys
+
+from discl_ray.cli_common import run_stage
+
+
+def _body(cfg, args) -> int:
+    from discl_ray.scoring.job import ScoreInputError, run_score
+
+    try:
+        res = run_score(cfg)
+    except ScoreInputError as err:
+        print(f"discl score: {err}", file=sys.stderr)
+        return 2
+    print(f"scored {res.scored} rows ({res.skipped} already scored, {res.errors} errors); "
+          f"kept {res.kept}/{res.total} at clip_text_cos >= {cfg.scoring.threshold}")
+    print(f"outputs: {res.out_dir} (scores/, filtered/, errors/, summary.json, "
+          f"{', '.join(p.name for p in res.histograms)})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_yet("score", "issue 4")
+    return run_stage(argv, "score", __doc__.splitlines()[0].removeprefix("`discl score`: "), _body)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from discl_ray.config.base import StrictModel
 from discl_ray.config.generation import Device, DType
@@ -25,3 +25,12 @@ class ScoringConfig(StrictModel):
     actors_max: int = Field(1, ge=1, description="Maximum scorer actors.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scorer actor.")
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per scorer actor.")
+    write_every: int = Field(1024, ge=1,
+                             description="Scored rows per parquet part: the resume granularity of an interrupted run.")
+    histogram_bins: int = Field(30, ge=2, description="Bins of the per-λ score histograms (paper Fig. 4/5).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.actors_min > self.actors_max:
+            raise ValueError(f"scoring.actors_min ({self.actors_min}) must be <= scoring.actors_max ({self.actors_max})")
+        return self
