@@ -1,9 +1,89 @@
-"""`discl quickstart`: placeholder until issue 8 lands."""
+"""`discl quickstart`: the whole DisCL method on the built-in toy world.
+
+world (when not cached) → digits-LT: prompts → mine → generate → score → train CE baseline and DisCL
+diverse→specific → digits-LQ: prompts → mine → generate → score → train the FLYP fine-tuning baseline and DisCL
+adaptive → report. Every step is the same stage command a user runs by hand (see the printed commands).
+"""
 
 from __future__ import annotations
 
-from discl_ray.cli_common import not_yet
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Overrides of the smoke profile: the same path through every stage in well under a minute of compute.
+SMOKE = {
+    "generation": ["generation.seeds=[0,1]", "generation.steps=10"],
+    "training": ["training.epochs=2", "training.curriculum_epochs=1", "training.steps_per_epoch=4",
+                 "training.random_real_size=32", "training.guidance_val_size=8", "training.probe_steps=2"],
+}
+
+
+def _config(name: str) -> str:
+    local = Path("configs/toy") / name
+    return str(local if local.is_file() else ROOT / "configs" / "toy" / name)
+
+
+def _step(title: str, command: str, argv: list[str], log: list) -> None:
+    import importlib
+
+    from discl_ray.cli import COMMANDS
+
+    print(f"\n=== {title}\n$ discl {command} {shlex.join(argv)}", flush=True)
+    start = time.perf_counter()
+    rc = int(importlib.import_module(COMMANDS[command][0]).main(argv) or 0)
+    took = time.perf_counter() - start
+    log.append((title, round(took, 1), rc))
+    if rc != 0:
+        raise SystemExit(f"discl quickstart: step '{title}' failed with exit code {rc}")
+
+
+def run(profile: str, run_root: str, extra: list[str]) -> int:
+    log: list = []
+    t0 = time.perf_counter()
+    common = [f"run_root={run_root}"] + extra
+    gen = SMOKE["generation"] if profile == "smoke" else []
+    trn = SMOKE["training"] if profile == "smoke" else []
+    world_args = ["--config", _config("base.yaml"), *common] + (["--budget-s", "20"] if profile == "smoke" else [])
+    _step("toy world models (cached after the first run)", "world", world_args, log)
+    for cfg_name, task, arms in (
+        ("digits_lt.yaml", "digits-LT", [("CE baseline", ["training.strategy=none"]),
+                                         ("DisCL diverse→specific", ["training.strategy=diverse_to_specific"])]),
+        ("digits_lq.yaml", "digits-LQ", [("FLYP fine-tuning baseline", ["training.strategy=none"]),
+                                         ("DisCL adaptive", ["training.strategy=adaptive"])]),
+    ):
+        base = ["--config", _config(cfg_name), *common]
+        _step(f"{task}: prompts", "prompts", base, log)
+        _step(f"{task}: hard samples", "mine", base, log)
+        _step(f"{task}: spectrum", "generate", base + gen, log)
+        _step(f"{task}: CLIP filter", "score", base, log)
+        for arm, over in arms:
+            _step(f"{task}: train {arm}", "train", base + trn + over, log)
+    for exp in ("toy_lt", "toy_lq"):
+        _step(f"report {exp}", "report", ["--experiment", exp, f"run_root={run_root}"], log)
+    total = time.perf_counter() - t0
+    print("\n=== quickstart timings")
+    for title, took, _ in log:
+        print(f"  {took:7.1f} s  {title}")
+    print(f"  {total:7.1f} s  total ({profile} profile)")
+    print(f"\nOpen the runs in the MLflow UI:  discl ui run_root={run_root}   (or: make mlflow-ui)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_yet("quickstart", "issue 8")
+    p = argparse.ArgumentParser(prog="discl quickstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=("full", "smoke"), default="full",
+                   help="full: the toy replication settings; smoke: the same path with tiny budgets (tests)")
+    p.add_argument("--run-root", default="runs", help="where outputs, toy models and MLflow go (default runs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every stage")
+    args = p.parse_args(argv)
+    try:
+        return run(args.profile, args.run_root, args.overrides)
+    except SystemExit as err:
+        print(err, file=sys.stderr)
+        return 1

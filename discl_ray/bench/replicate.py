@@ -1,0 +1,129 @@
+"""`discl bench replicate`: the paper's ablations at toy scale (Tables 1-4 and 5 style), 3 seeds each.
+
+Runs the toy pipeline once per task (world → prompts → mine → generate → score, all cached and resumable), then
+trains every arm × seed with the same trainer a user runs (`discl train`), and prints mean ± std tables.
+``--json PATH`` writes every row's per-seed metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+LT_ARMS: list[tuple[str, list[str]]] = [
+    ("CE", ["training.strategy=none", "training.loss=ce"]),
+    ("BS", ["training.strategy=none", "training.loss=balanced_softmax"]),
+    ("text-only (λ=0)", ["training.strategy=text_only"]),
+    ("all-level", ["training.strategy=all_level"]),
+    ("specific→diverse", ["training.strategy=specific_to_diverse"]),
+    ("diverse→specific", ["training.strategy=diverse_to_specific"]),
+    ("adaptive", ["training.strategy=adaptive", "training.select_metric=val_acc"]),
+    ("BS + diverse→specific", ["training.strategy=diverse_to_specific", "training.loss=balanced_softmax"]),
+]
+LQ_ARMS: list[tuple[str, list[str]]] = [
+    ("FLYP fine-tune", ["training.strategy=none", "training.wise_alphas=[]"]),
+    ("FLYP + WE", ["training.strategy=none", "training.wise_alphas=[0.5]"]),
+    ("text-only (λ=0)", ["training.strategy=text_only", "training.lams=[0.0]", "training.wise_alphas=[]"]),
+    ("all-level", ["training.strategy=all_level", "training.wise_alphas=[]"]),
+    ("easy→hard", ["training.strategy=easy_to_hard", "training.wise_alphas=[]"]),
+    ("random", ["training.strategy=random", "training.wise_alphas=[]"]),
+    ("adaptive", ["training.strategy=adaptive", "training.wise_alphas=[]"]),
+    ("adaptive + WE", ["training.strategy=adaptive", "training.wise_alphas=[0.5]"]),
+]
+LT_COLS = [("few", "final_test_few_acc"), ("medium", "final_test_medium_acc"), ("many", "final_test_many_acc"),
+           ("overall", "final_test_acc")]
+LQ_COLS = [("OOD F1", "final_test_ood_f1"), ("ID F1", "final_test_id_f1")]
+
+
+def _fmt(values: list[float]) -> str:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "n/a"
+    scale = 100.0 if max(abs(v) for v in vals) <= 1.0 else 1.0
+    mean = statistics.fmean(vals) * scale
+    std = statistics.stdev(vals) * scale if len(vals) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def _metric(result: dict, key: str, arm_overrides: list[str]) -> float | None:
+    if "training.wise_alphas=[0.5]" in arm_overrides:
+        wise = key.replace("final_test_", "final_wise_0.5_test_")
+        if wise in result:
+            return float(result[wise])
+    return float(result[key]) if key in result else None
+
+
+def table(rows: dict[str, list[dict]], arms, cols) -> str:
+    head = "| arm | " + " | ".join(c for c, _ in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for name, over in arms:
+        res = rows.get(name, [])
+        cells = [_fmt([_metric(r, key, over) for r in res]) for _, key in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _prepare(config: str, common: list[str]) -> None:
+    """Cached data path up to the filtered spectrum (each stage resumes or reuses its output)."""
+    from jobs import generate, mine, prompts, score, world
+
+    for stage in (world, prompts, mine, generate, score):
+        rc = stage.main(["--config", config, *common])
+        if rc:
+            raise SystemExit(f"bench replicate: {stage.__name__} failed ({rc})")
+
+
+def run_task(config: str, arms, seeds: list[int], common: list[str], experiment: str) -> dict[str, list[dict]]:
+    from discl_ray.config import load_config
+    from discl_ray.training import fit
+
+    _prepare(config, common)
+    rows: dict[str, list[dict]] = {}
+    for name, over in arms:
+        for seed in seeds:
+            cfg = load_config(config, [*common, *over, f"training.seed={seed}",
+                                       f"tracking.experiment_name={experiment}"])
+            start = time.perf_counter()
+            result = fit(cfg, run_name=f"{name} seed{seed}".replace(" ", "_").replace("→", "-to-"))
+            result = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+            result |= {"seed": seed, "seconds": round(time.perf_counter() - start, 1)}
+            rows.setdefault(name, []).append(result)
+            print(f"  {name:24s} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items()
+                                                           if k.startswith("final_test")), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from discl_ray.cli_common import DEFAULT_CONFIG  # noqa: F401  (packaged configs live beside it)
+
+    p = argparse.ArgumentParser(prog="discl bench replicate", description=__doc__)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tasks", nargs="+", choices=("lt", "lq"), default=["lt", "lq"])
+    p.add_argument("--run-root", default="runs")
+    p.add_argument("--json", default=None, help="write per-seed metrics of every row here")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    root = Path(__file__).resolve().parents[2] / "configs" / "toy"
+    common = [f"run_root={args.run_root}", *args.overrides]
+    out: dict = {"seeds": args.seeds, "overrides": args.overrides}
+    t0 = time.perf_counter()
+    if "lt" in args.tasks:
+        out["digits_lt"] = run_task(str(root / "digits_lt.yaml"), LT_ARMS, args.seeds, common, "toy_replicate_lt")
+    if "lq" in args.tasks:
+        out["digits_lq"] = run_task(str(root / "digits_lq.yaml"), LQ_ARMS, args.seeds, common, "toy_replicate_lq")
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    if "digits_lt" in out:
+        print("\ndigits-LT (top-1 %, mean ± std over seeds; balanced test split)\n")
+        print(table(out["digits_lt"], LT_ARMS, LT_COLS))
+    if "digits_lq" in out:
+        print("\ndigits-LQ (macro-F1 %, mean ± std over seeds)\n")
+        print(table(out["digits_lq"], LQ_ARMS, LQ_COLS))
+    print(f"\n{out['seconds']:.0f} s in all")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    return 0
