@@ -12,6 +12,9 @@ from discl_ray.config.generation import check_lams
 Strategy = Literal["none", "diverse_to_specific", "specific_to_diverse", "easy_to_hard", "random",
                    "fixed", "text_only", "all_level", "adaptive"]
 STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
+# Validation metrics a run may select its checkpoint on (first = default); never a test metric.
+SELECT_METRICS = {"long_tail": ("val_acc", "val_few_acc"),
+                  "low_quality": ("val_f1", "val_acc")}
 
 
 class TrainingConfig(StrictModel):
@@ -43,6 +46,11 @@ class TrainingConfig(StrictModel):
     random_real_size: int = Field(30000, ge=1, description="Adaptive: size of the random real set D (Alg. 2).")
     guidance_val_size: int = Field(2000, ge=1, description="Adaptive: guidance-validation images per λ (set V).")
     probe_steps: Optional[int] = Field(None, ge=1, description="Adaptive: cap on optimizer steps over D per probe.")
+    guidance_val_fraction: float = Field(0.5, gt=0, lt=1,
+                                         description="Adaptive: most hard sources held out of training to form V.")
+    image_size: Optional[int] = Field(None, ge=8, description="Training image side (None = dataset.image_size).")
+    eval_batch_size: int = Field(256, ge=1, description="Images per forward pass in evaluation.")
+    log_every_epoch_plots: bool = Field(False, description="Also log a λ-schedule plot at every epoch (default: end).")
     wise_alphas: list[float] = Field([], description="WiSE-FT mixing coefficients to evaluate (CLIP backbone).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker (fractional on small machines).")
@@ -79,4 +87,11 @@ class TrainingConfig(StrictModel):
             raise ValueError("training.loss=flyp needs training.backbone=clip")
         if self.wise_alphas and self.backbone != "clip":
             raise ValueError("training.wise_alphas (WiSE-FT) needs training.backbone=clip")
+        valid = SELECT_METRICS[self.task]
+        if "select_metric" not in self.model_fields_set and self.select_metric != valid[0]:
+            # The default names the long-tail metric; low-quality runs select on macro-F1 unless told.
+            object.__setattr__(self, "select_metric", valid[0])
+        if self.select_metric not in valid:
+            raise ValueError(f"training.select_metric for task={self.task} must be one of {list(valid)} "
+                             f"(validation metrics only; got {self.select_metric!r})")
         return self

@@ -1,0 +1,310 @@
+"""The per-worker training function run by Ray Train (Algorithms 1 and 2, one report per epoch).
+
+Every rank loads the (small) parquet tables and decodes them once; every rank derives the same epoch
+index list from seeded generators and trains on its own equal slice (DDP averages gradients). Rank 0
+talks to the λ selector actor, evaluates, checkpoints and logs to MLflow; the chosen λ is broadcast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from discl_ray.io import stable_seed
+from discl_ray.training import checkpointing as ckpt
+from discl_ray.training import data as D
+from discl_ray.training.losses import classification_loss, flyp_loss, log_class_prior
+from discl_ray.training.metrics import confusion, lt_metrics, macro_f1, to_float, true_class_prob
+from discl_ray.training.models import build_model, class_prompts, unwrap
+from discl_ray.training.schedules import adaptive_gains, lam_key
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """State of one Train worker; ``run()`` is the whole job (see module docstring)."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+        import ray.train.torch
+
+        from discl_ray.config import load_config
+
+        self.cfg = load_config(data=config["cfg"])
+        self.tc = self.cfg.training
+        self.run_name: str = config["run_name"]
+        self.opts = config
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(max(1, int(config.get("torch_threads") or 1)))
+        self.device = str(ray.train.torch.get_device())
+        self.pool = D.load_pool(self.cfg)
+        self.guidance_val: Optional[dict[float, np.ndarray]] = None
+        if self.tc.strategy == "adaptive":
+            self.guidance_val = D.choose_guidance_val(self.cfg, self.pool,
+                                                      np.random.default_rng(stable_seed("V", self.tc.seed)))
+        self.groups = D.class_groups(self.cfg, self.pool.class_counts(self.pool.train_real))
+        torch.manual_seed(self.tc.seed)
+        prompts = class_prompts(self.pool.class_names, self.cfg.prompts.clip_template)
+        net = build_model(self.tc.backbone, self.pool.num_classes, cfg=self.cfg, prompts=prompts,
+                          device=self.device)
+        if self.tc.init_checkpoint:
+            net.load_state_dict(ckpt.load_model_state(self.tc.init_checkpoint))
+        self.zero_shot = copy.deepcopy(net.state_dict()) if self.tc.wise_alphas else None
+        self.model = ray.train.torch.prepare_model(net)
+        self.opt = _optimizer(self.tc, self.model.parameters())
+        self.batch = max(1, self.tc.batch_size // self.world)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _rng(self, *parts) -> np.random.Generator:
+        return np.random.default_rng(stable_seed(self.tc.seed, *parts))
+
+    def _set_lr(self, epoch: int) -> float:
+        # Cosine over epochs (paper Table 8: Adam + cosine); a function of the epoch, so resume needs no state.
+        lr = self.tc.lr * (0.5 * (1 + math.cos(math.pi * epoch / self.tc.epochs))
+                           if self.tc.lr_schedule == "cosine" else 1.0)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _allreduce_mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        if self.world == 1 or not dist.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item() / self.world)
+
+    def train_on(self, idx: np.ndarray, rng: np.random.Generator, max_steps: Optional[int]) -> tuple[float, int]:
+        """One pass over ``idx`` (shuffled, this rank's slice); returns (mean loss over ranks, samples seen)."""
+        mine = D.shard(rng.permutation(idx), self.rank, self.world)
+        counts = self.pool.class_counts(idx)
+        prior = log_class_prior(counts).to(self.device) if self.tc.loss == "balanced_softmax" else None
+        self.model.train()
+        total, n_batches, seen = 0.0, 0, 0
+        steps = math.ceil(len(mine) / self.batch)
+        if max_steps:
+            steps = min(steps, max_steps)
+        fault = self.opts.get("fault")
+        for step in range(steps):
+            sel = mine[step * self.batch:(step + 1) * self.batch]
+            if fault and self._should_fail(fault, step, steps):
+                os._exit(17)   # a real worker death (tests of FailureConfig restarts)
+            x = to_float(self.pool.images[torch.as_tensor(sel)], self.device)
+            y = torch.as_tensor(self.pool.labels[sel], device=self.device)
+            if self.tc.loss == "flyp":
+                img, txt, scale = self.model(x, flyp_labels=y)
+                loss = flyp_loss(img, txt, scale)
+            else:
+                loss = classification_loss(self.tc.loss, self.model(x), y, prior)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += float(loss.detach())
+            n_batches += 1
+            seen += len(sel)
+        return self._allreduce_mean(total / max(n_batches, 1)), seen * self.world
+
+    def _should_fail(self, fault: dict, step: int, steps: int) -> bool:
+        marker = Path(fault["marker"])
+        if (self.rank != fault.get("rank", self.world - 1) or self._epoch != fault["epoch"]
+                or step != steps // 2 or marker.exists()):
+            return False
+        marker.write_text(f"killed rank {self.rank} at epoch {self._epoch} step {step}\n")
+        return True
+
+    def evaluate(self, split: str, model=None) -> tuple[dict[str, float], np.ndarray]:
+        """Validation/test metrics of ``split`` (prefix = split name with ``_id`` for low-quality test)."""
+        cm = confusion(model if model is not None else self.model, self.pool, self.pool.split_idx(split), self.device,
+                       self.tc.eval_batch_size)
+        if self.tc.task == "long_tail":
+            return lt_metrics(cm, self.groups, split), cm
+        f1 = macro_f1(cm)
+        acc = float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan")
+        return {f"{split}_f1": f1, f"{split}_acc": acc}, cm
+
+    def probe_gains(self, epoch: int) -> dict[float, float]:
+        """Algorithm 2 lines 2-5: p_bef on V, train on a random real set D, p_aft on V; robust mean gain per λ."""
+        assert self.guidance_val is not None
+        before = {lam: true_class_prob(self.model, self.pool, idx, self.device, self.tc.eval_batch_size)
+                  for lam, idx in self.guidance_val.items()}
+        d_all = self.pool.train_real
+        rng = self._rng("random-real", epoch)
+        d = rng.choice(d_all, size=min(self.tc.random_real_size, len(d_all)), replace=False)
+        # The paper trains the model itself on D (not a copy): the probe is part of training.
+        self.train_on(d, rng, self.tc.probe_steps)
+        after = {lam: true_class_prob(self.model, self.pool, idx, self.device, self.tc.eval_batch_size)
+                 for lam, idx in self.guidance_val.items()}
+        return adaptive_gains(before, after)
+
+    # -- the job --------------------------------------------------------------------------------
+    def run(self) -> None:
+        import ray
+        import ray.train
+        from ray.train.collective import broadcast_from_rank_zero
+
+        from discl_ray.training.selector import actor_name
+
+        selector = ray.get_actor(actor_name(self.run_name), namespace=self.opts.get("namespace"))
+        state = ckpt.restore(ray.train.get_checkpoint(), unwrap(self.model), self.opt)
+        start = state.get("epoch", -1) + 1
+        if self.rank == 0:
+            # Restore the selector to the checkpoint's epochs: a choice made in an epoch that died is redone.
+            ray.get(selector.load_state.remote(state["selector"], start) if "selector" in state
+                    else selector.load_state.remote(ray.get(selector.state.remote()), 0))
+        best = state.get("best", {"value": -math.inf, "epoch": -1})
+        best_model = state.get("best_model")
+        history: list[dict] = state.get("metrics", [])
+        with self._mlflow(state.get("mlflow_run_id")) as mlrun:
+            for epoch in range(start, self.tc.epochs):
+                self._epoch = epoch
+                lr = self._set_lr(epoch)
+                t0 = time.perf_counter()
+                gains: dict[float, float] = {}
+                adaptive = self.tc.strategy == "adaptive" and epoch < self.tc.curriculum_epochs
+                if adaptive:
+                    gains = self.probe_gains(epoch)
+                probe_s = time.perf_counter() - t0
+                lam = None
+                if self.rank == 0:
+                    lam = ray.get(selector.choose.remote(epoch, gains or None))
+                lam = float(broadcast_from_rank_zero(lam))
+                idx = D.epoch_indices(self.cfg, self.pool, lam, self._rng("epoch-set", epoch))
+                t1 = time.perf_counter()
+                loss, seen = self.train_on(idx, self._rng("shuffle", epoch), self.tc.steps_per_epoch)
+                train_s = time.perf_counter() - t1
+                metrics: dict[str, Any] = {"epoch": epoch, "lam": lam, "train_loss": loss, "lr": lr,
+                                           "n_train": int(len(idx)), "samples_per_s": seen / max(train_s, 1e-9),
+                                           "epoch_train_s": train_s, "adaptive_probe_s": probe_s if adaptive else 0.0}
+                metrics.update({f"gain_lam_{lam_key(k)}": v for k, v in gains.items()})
+                checkpoint = None
+                if self.rank == 0:
+                    val, _ = self.evaluate("val")
+                    metrics.update(val)
+                    value = metrics[self.tc.select_metric]
+                    if value > best["value"] or best_model is None:   # model selection on validation only
+                        best = {"value": float(value), "epoch": epoch}
+                        best_model = ckpt.cpu_state(unwrap(self.model))
+                    history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                    sel_state = ray.get(selector.state.remote())
+                    if mlrun is not None:
+                        _log_metrics(metrics, epoch)
+                    checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=epoch, best=best,
+                                           best_model=best_model, selector=sel_state, metrics=history,
+                                           mlflow_run_id=mlrun.info.run_id if mlrun is not None else None)
+                ray.train.report(metrics, checkpoint=checkpoint)
+                ckpt.cleanup(checkpoint)
+            final, checkpoint = {}, None
+            if self.rank == 0:
+                final = self.finish(best, best_model, history, selector, mlrun)
+                checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=self.tc.epochs - 1, best=best,
+                                       best_model=best_model, selector=ray.get(selector.state.remote()),
+                                       metrics=history, mlflow_run_id=mlrun.info.run_id if mlrun else None)
+            ray.train.report(final, checkpoint=checkpoint)
+            ckpt.cleanup(checkpoint)
+
+    def finish(self, best: dict, best_model: dict, history: list, selector, mlrun) -> dict[str, Any]:
+        """Test metrics of the checkpoint selected on validation (+ WiSE-FT per α), plots, artifacts."""
+        import ray
+
+        net = copy.deepcopy(unwrap(self.model))
+        net.load_state_dict(best_model)
+        final: dict[str, Any] = {"best_epoch": best["epoch"], f"best_{self.tc.select_metric}": best["value"],
+                                 "select_metric": self.tc.select_metric, "n_bad_images": self.pool.n_bad_images}
+        if self.tc.task == "long_tail":
+            m, cm = self.evaluate("test", net)
+            final.update({f"final_{k}": v for k, v in m.items()})
+        else:
+            m, cm = self.evaluate("test", net)
+            final["final_test_id_f1"] = m["test_f1"]
+            if len(self.pool.split_idx("test_ood")):
+                final["final_test_ood_f1"] = self.evaluate("test_ood", net)[0]["test_ood_f1"]
+        if self.zero_shot is not None:
+            from discl_ray.training.losses import wise_interpolate
+
+            for alpha in self.tc.wise_alphas:
+                wnet = copy.deepcopy(net)
+                wnet.load_state_dict(wise_interpolate(self.zero_shot, best_model, alpha))
+                for split, key in (("test", "test_id"), ("test_ood", "test_ood")):
+                    if len(self.pool.split_idx(split)):
+                        final[f"final_wise_{lam_key(alpha)}_{key}_f1"] = self.evaluate(split, wnet)[0][f"{split}_f1"]
+        sel_history = ray.get(selector.get_history.remote())
+        final["lam_history"] = [h["lam"] for h in sel_history]
+        if mlrun is not None:
+            _log_final(self.cfg, final, sel_history, cm, self.pool.class_names, net)
+        return final
+
+    @contextlib.contextmanager
+    def _mlflow(self, run_id: Optional[str]):
+        """MLflow run on rank 0 only (None elsewhere or when tracking is off); a resumed job reopens its run."""
+        if self.rank != 0 or not self.cfg.tracking.enabled:
+            yield None
+            return
+        import mlflow
+
+        from discl_ray import tracking
+
+        if run_id:
+            tracking.setup(self.cfg)
+            with mlflow.start_run(run_id=run_id) as active:
+                yield active
+        else:
+            with tracking.run(self.cfg, "train", run_name=self.run_name,
+                              parent_run_id=self.opts.get("parent_run_id"),
+                              tags={"run_name": self.run_name}) as active:
+                yield active
+
+
+def _optimizer(tc, params):
+    if tc.optimizer == "adam":
+        return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    return torch.optim.SGD(params, lr=tc.lr, momentum=0.9, weight_decay=tc.weight_decay)
+
+
+def _numeric(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def _log_metrics(metrics: dict, step: int) -> None:
+    import mlflow
+
+    mlflow.log_metrics(_numeric(metrics), step=step)
+
+
+def _log_final(cfg, final: dict, sel_history: list, cm: np.ndarray, class_names: list, net) -> None:
+    import mlflow
+    import yaml
+
+    from discl_ray.training.metrics import save_confusion_plot, save_lam_plot
+
+    mlflow.log_metrics(_numeric(final))
+    mlflow.set_tag("lam_history", ",".join(f"{v:g}" for v in final["lam_history"])[:5000])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        save_lam_plot(sel_history, tmp / "lam_schedule.png", cfg.training.curriculum_epochs)
+        save_confusion_plot(cm, class_names, tmp / "confusion_test.png", "test (selected on validation)")
+        for name in ("config.yaml", "lam_schedule.png", "confusion_test.png"):
+            mlflow.log_artifact(str(tmp / name))
+        if cfg.tracking.log_checkpoint:
+            ckpt.save_model_file(net, tmp / "model" / "model.pt")
+            mlflow.log_artifacts(str(tmp / "model"), artifact_path="checkpoint")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point given to ``TorchTrainer``."""
+    Worker(config).run()

@@ -1,0 +1,101 @@
+"""Backbones: ResNet-10 (paper, long-tail), a small CNN (toy digits), and CLIP with a zero-shot text head.
+
+All take float images in [0, 1], shape (B, 3, H, W), and return class logits; the CLIP classifier also
+returns (image, caption) embeddings for the FLYP loss when called with ``flyp_labels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKBONES = ("resnet10", "small_cnn", "clip")
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resnet10(num_classes: int) -> nn.Module:
+    """torchvision ResNet with BasicBlock × [1, 1, 1, 1] (the ResNet-10 of the long-tail literature)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks + linear head: enough for the 16–32 px toy digits, fast on a CPU core."""
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                                 nn.MaxPool2d(2))
+
+        self.features = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class ClipClassifier(nn.Module):
+    """open_clip model whose class logits are cosines to the class-prompt text embeddings (zero-shot head).
+
+    Both towers stay trainable (FLYP fine-tunes the text tower too), so the head is recomputed from the
+    current text tower at every forward."""
+
+    def __init__(self, clip_model: nn.Module, class_tokens: torch.Tensor):
+        super().__init__()
+        self.clip = clip_model
+        self.register_buffer("class_tokens", class_tokens, persistent=False)
+        self.register_buffer("mean", torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        size = getattr(getattr(clip_model, "visual", None), "image_size", None)
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else ((size, size) if size else None)
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        if self.image_size and tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor, flyp_labels: Optional[torch.Tensor] = None):
+        img = self.clip.encode_image(self._images(x))
+        txt = self.clip.encode_text(self.class_tokens)
+        scale = self.clip.logit_scale.exp()
+        if flyp_labels is not None:
+            # FLYP: caption i is the class prompt of image i (one prompt per class, so encode once, index).
+            return img, txt[flyp_labels], scale
+        return scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
+
+
+def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
+    return [template.format(name=n) for n in class_names]
+
+
+def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[Sequence[str]] = None,
+                device: str = "cpu") -> nn.Module:
+    """The classifier for ``training.backbone``; ``clip`` loads the experiment's open_clip model."""
+    if backbone == "resnet10":
+        return resnet10(num_classes)
+    if backbone == "small_cnn":
+        return SmallCNN(num_classes)
+    if backbone == "clip":
+        if cfg is None or prompts is None:
+            raise ValueError("backbone=clip needs the experiment config and one prompt per class")
+        # Contract with the scoring stage: load_clip(scoring_cfg, cache_dir, device) -> (model, preprocess, tok).
+        from discl_ray.runtime import RunPaths
+        from discl_ray.scoring.clip import load_clip
+
+        model, _preprocess, tokenizer = load_clip(cfg.scoring, RunPaths.from_config(cfg).cache, device)
+        return ClipClassifier(model, tokenizer(list(prompts)))
+    raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DistributedDataParallel (eval and checkpoints must bypass DDP's hooks)."""
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,96 @@
+"""Driver side: build the Ray Train V2 ``TorchTrainer`` for an experiment and run it.
+
+    metrics = fit(cfg, run_name="lt-d2s-s0")      # final metrics of the run
+
+A run is identified by (storage_path, run_name): calling ``fit`` again with both unchanged — after a killed
+driver, for instance — restores Ray Train's checkpoint manager from storage and continues from the last
+checkpoint; worker failures are retried in-process up to ``training.max_failures`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from discl_ray.io import stable_seed
+from discl_ray.training.selector import get_selector
+
+log = logging.getLogger(__name__)
+
+
+def default_run_name(cfg) -> str:
+    """Deterministic per config, so rerunning an identical (interrupted) job resumes it instead of duplicating."""
+    spec = json.dumps({k: cfg.model_dump(mode="json")[k] for k in ("dataset", "training", "scoring", "experiment")},
+                      sort_keys=True)
+    return f"train-{cfg.training.strategy}-s{cfg.training.seed}-{stable_seed(spec) % 16**8:08x}"
+
+
+def default_storage(cfg) -> str:
+    from discl_ray.runtime import RunPaths
+
+    path = RunPaths.from_config(cfg).stage("train")
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[list] = None,
+                  mlflow_parent_run_id: Optional[str] = None, storage_path: Optional[str] = None,
+                  fault: Optional[dict] = None, torch_threads: Optional[int] = None):
+    """The ``TorchTrainer`` for ``cfg`` plus its selector actor (Ray must be initialised).
+
+    ``fault`` = {"epoch": e, "marker": path[, "rank": r]} makes one worker exit mid-epoch once (tests of
+    restarts); it is never set by the CLI."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from discl_ray.training.loop import train_loop_per_worker
+
+    tc = cfg.training
+    run_name = run_name or default_run_name(cfg)
+    storage = str(Path(storage_path or default_storage(cfg)).resolve())
+    selector = get_selector(run_name, tc)
+    resources = {"CPU": tc.cpus_per_worker}
+    if tc.gpus_per_worker:
+        resources["GPU"] = tc.gpus_per_worker
+    loop_config: dict[str, Any] = {
+        "cfg": cfg.model_dump(mode="json"), "run_name": run_name, "parent_run_id": mlflow_parent_run_id,
+        "namespace": ray.get_runtime_context().namespace, "fault": fault,
+        "torch_threads": torch_threads or max(1, int(tc.cpus_per_worker)),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=storage, callbacks=callbacks or None,
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer, selector
+
+
+def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
+        mlflow_parent_run_id: str | None = None, storage_path: str | None = None) -> dict:
+    """Run curriculum training for ``cfg`` on Ray Train and return the final metrics (selected on validation)."""
+    import ray
+
+    from discl_ray.runtime import init_ray
+
+    if cfg.tracking.enabled:
+        from discl_ray.runtime import tracking_uri
+        from discl_ray.tracking import check_reachable
+
+        check_reachable(tracking_uri(cfg))   # fail before any training when the server is down
+    init_ray(cfg)
+    trainer, selector = build_trainer(cfg, run_name=run_name, callbacks=callbacks,
+                                      mlflow_parent_run_id=mlflow_parent_run_id, storage_path=storage_path)
+    try:
+        result = trainer.fit()
+    finally:
+        ray.kill(selector)
+    if result.error:
+        raise result.error
+    return dict(result.metrics or {})
