@@ -21,6 +21,13 @@ class SweepConfig(StrictModel):
     max_concurrent_trials: Optional[int] = Field(None, ge=1, description="None = from cluster resources.")
     metric: str = Field("val_acc", description="Metric Tune ranks trials by (validation, never test).")
     mode: Literal["min", "max"] = Field("max", description="Optimize direction of the metric.")
+    name: Optional[str] = Field(None, description="Sweep name (runs/<exp>/sweep/<name>); an existing one resumes. "
+                                                  "None = sweep-<UTC time>.")
+    trial_cpus: float = Field(0.25, gt=0, description="CPUs the trial's driver function holds (it only waits on "
+                                                      "its Train workers, which reserve their own).")
+    reserve_cpus: float = Field(0.5, ge=0, description="CPUs left free when max_concurrent_trials is derived from "
+                                                       "the cluster, so Ray Data and Train controllers never starve.")
+    trial_retries: int = Field(0, ge=0, description="Times Tune reruns a failed trial (Train retries workers too).")
 
     @field_validator("space")
     @classmethod

@@ -1,0 +1,273 @@
+"""Ray Tune sweeps that drive the curriculum trainer (Ray Train V2) and track every trial in MLflow.
+
+Train V2 cannot be handed to a ``Tuner`` as a trainer; instead each Tune trial is a small *driver function*
+that builds the trial's config and calls :func:`discl_ray.training.fit` with a ``TuneReportCallback``, so the
+Train workers' per-epoch reports reach Tune (ranking, schedulers) while the trainer keeps its own MLflow child
+run. The search space is the YAML ``sweep.space`` (dotted key -> ``{grid|choice|uniform|loguniform|randint}``);
+a trial's config is the base config plus its sampled values, validated like a command line, so a bad value
+fails with the field named.
+
+    result = run_sweep(load_config("configs/toy/digits_lt.yaml", ["sweep.space={...}"]))
+
+One MLflow parent run per sweep (flattened base params, the space as a param and a JSON artifact, summary
+metrics at the end), one child run per trial (logged by the trainer with ``mlflow_parent_run_id``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from discl_ray.config import ExperimentConfig, load_config
+from discl_ray.runtime import RunPaths, tracking_uri
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid
+
+log = logging.getLogger(__name__)
+
+# Config keys holding local paths: made absolute so trials resolve them the same from any working directory.
+ALWAYS_ABSOLUTE = ("run_root", "cache_dir", "ray.temp_dir")
+PATH_KEYS = ("dataset.root", "mining.classifier_path", "prompts.name_map", "prompts.prompts_file",
+             "scoring.model_config_path", "scoring.pretrained", "training.init_checkpoint", "generation.model")
+
+
+def to_tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """YAML space -> Tune domains: grid -> grid_search, choice, uniform, loguniform, randint [low, high)."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        (kind, vals), = spec.items()
+        if kind == "grid":
+            out[key] = tune.grid_search(list(vals))
+        elif kind == "choice":
+            out[key] = tune.choice(list(vals))
+        elif kind == "uniform":
+            out[key] = tune.uniform(*vals)
+        elif kind == "loguniform":
+            out[key] = tune.loguniform(*vals)
+        elif kind == "randint":
+            out[key] = tune.randint(*vals)
+        else:  # SweepConfig validates kinds; keep the message in case the schema grows
+            raise ValueError(f"sweep.space.{key}: unknown kind {kind!r}")
+    return out
+
+
+def trial_overrides(params: dict[str, Any]) -> list[str]:
+    """A trial's sampled values as CLI-style overrides (JSON is valid YAML, so types survive)."""
+    return [f"{key}={json.dumps(val)}" for key, val in sorted(params.items())]
+
+
+def trial_config(base: dict, params: dict[str, Any]) -> ExperimentConfig:
+    """Base config data + a trial's sampled values, validated (raises ConfigError naming the field)."""
+    return load_config(data=base, overrides=trial_overrides(params))
+
+
+def grid_size(space: dict[str, dict[str, Any]], num_samples: int) -> int:
+    """Number of trials Tune will run: grid product × num_samples."""
+    return math.prod(len(spec["grid"]) for spec in space.values() if "grid" in spec) * num_samples
+
+
+def resolve_metric(cfg: ExperimentConfig) -> str:
+    """The validation metric trials report: low-quality runs report ``val_f1``, long-tail ``val_acc``."""
+    metric = cfg.sweep.metric
+    if cfg.training.task == "low_quality" and metric == "val_acc":
+        return "val_f1"
+    return metric
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one trial holds while running: its driver function plus its Train workers."""
+    t = cfg.training
+    return {"CPU": cfg.sweep.trial_cpus + t.num_workers * t.cpus_per_worker,
+            "GPU": t.num_workers * t.gpus_per_worker}
+
+
+def max_concurrent(cfg: ExperimentConfig, resources: Optional[dict[str, float]] = None) -> int:
+    """``sweep.max_concurrent_trials`` or as many trials as the cluster's CPUs/GPUs hold at once.
+
+    ``sweep.reserve_cpus`` stays free so a Ray Data transform inside a trial always gets a CPU (the 2-core
+    deadlock: workers holding every CPU starve Data forever). At least 1, so an autoscaling cluster grows.
+    """
+    if cfg.sweep.max_concurrent_trials:
+        return cfg.sweep.max_concurrent_trials
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    need = trial_resources(cfg)
+    n = math.floor((resources.get("CPU", 0.0) - cfg.sweep.reserve_cpus) / need["CPU"] + 1e-9)
+    if need["GPU"] > 0:
+        n = min(n, math.floor(resources.get("GPU", 0.0) / need["GPU"] + 1e-9))
+    return max(1, n)
+
+
+def absolute_paths(data: dict, cwd: Optional[Path] = None) -> dict:
+    """Copy of config data with local relative paths made absolute (trials run in other directories)."""
+    import copy
+
+    from discl_ray.config import set_dotted, to_flat_dict
+
+    cwd = cwd or Path.cwd()
+    data = copy.deepcopy(data)
+    flat = to_flat_dict(data)
+    for key in ALWAYS_ABSOLUTE + PATH_KEYS:
+        val = flat.get(key)
+        if not isinstance(val, str) or not val or "://" in val or Path(val).is_absolute():
+            continue
+        if key in ALWAYS_ABSOLUTE or (cwd / val).exists():
+            set_dotted(data, key, str((cwd / val).resolve()))
+    return data
+
+
+def _trial(params: dict[str, Any], *, base: dict, parent_run_id: Optional[str], storage: str, sweep: str) -> None:
+    """The Tune trial: build the trial config and run the trainer, forwarding its reports to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from discl_ray.training import fit
+
+    # Tune moves trials into their own directory; resolve anything relative from where the sweep started.
+    orig = os.environ.get("TUNE_ORIG_WORKING_DIR")
+    if orig and Path(orig).is_dir():
+        os.chdir(orig)
+    cfg = trial_config(base, params)
+    trial_id = tune.get_context().get_trial_id()
+    label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(params.items()))
+    log.info("trial %s: %s", trial_id, label)
+    # The run name names the Train run's folder and selector actor too: keep it path- and actor-safe.
+    fit(cfg, run_name=f"{sweep}-{trial_id}", callbacks=[TuneReportCallback()],
+        mlflow_parent_run_id=parent_run_id, storage_path=storage)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced: its name and folder, the MLflow parent run, Tune's results."""
+
+    name: str
+    path: Path
+    parent_run_id: Optional[str]
+    results: "ResultGrid"
+    num_trials: int
+    num_errors: int
+    best_params: Optional[dict[str, Any]]
+    best_metric: Optional[float]
+
+
+def run_sweep(cfg: ExperimentConfig, name: Optional[str] = None) -> SweepResult:
+    """Run (or resume, when ``runs/<exp>/sweep/<name>`` exists) a Tune sweep over ``cfg.sweep.space``."""
+    from discl_ray import tracking
+    from discl_ray.runtime import init_ray
+
+    uri = tracking_uri(cfg)
+    tracking.check_reachable(uri)  # before any Ray or training work
+    name = name or cfg.sweep.name or datetime.now(timezone.utc).strftime("sweep-%Y%m%d-%H%M%S")
+    base = absolute_paths(cfg.model_dump(mode="json"))
+    if cfg.tracking.enabled:
+        base["tracking"]["tracking_uri"] = uri  # every trial logs to the sweep's store
+    base_cfg = load_config(data=base)
+    for params in _grid_points(cfg.sweep.space):  # a bad grid value fails now, not in trial 7
+        trial_config(base, params)
+    sweep_dir = RunPaths.from_config(base_cfg).stage("sweep")
+    init_ray(base_cfg)
+    if not cfg.tracking.enabled:
+        return _summarize(base_cfg, name, sweep_dir / name, None, _tune(base_cfg, base, name, sweep_dir, None))
+    with _parent_run(base_cfg, name, sweep_dir / name) as parent_id:
+        results = _tune(base_cfg, base, name, sweep_dir, parent_id)
+        return _summarize(base_cfg, name, sweep_dir / name, parent_id, results)
+
+
+def _grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    import itertools
+
+    grid = {k: spec["grid"] for k, spec in space.items() if "grid" in spec}
+    return [dict(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())]
+
+
+@contextlib.contextmanager
+def _parent_run(cfg: ExperimentConfig, name: str, path: Path) -> Iterator[str]:
+    """The sweep's MLflow parent run, open while Tune runs (reopened when resuming; id kept beside Tune's state)."""
+    import mlflow
+
+    from discl_ray import tracking
+
+    marker = path / "mlflow_parent_run.json"
+    if marker.is_file():
+        tracking.setup(cfg)
+        with mlflow.start_run(run_id=json.loads(marker.read_text())["run_id"]) as run:
+            yield run.info.run_id
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    space = cfg.sweep.space
+    tags = {"sweep.name": name, "sweep.space": json.dumps(space)[:5000]}
+    with tracking.run(cfg, "sweep", run_name=name, tags=tags) as run:
+        mlflow.log_dict(space, "sweep_space.json")
+        mlflow.log_param("sweep.num_trials", grid_size(space, cfg.sweep.num_samples))
+        marker.write_text(json.dumps({"run_id": run.info.run_id}))
+        yield run.info.run_id
+
+
+def _tune(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: Path, parent_id: Optional[str]) -> "ResultGrid":
+    from ray import tune
+
+    trials_dir = sweep_dir / name / "trials"
+    trainable = tune.with_parameters(_trial, base=base, parent_run_id=parent_id, storage=str(trials_dir), sweep=name)
+    trainable = tune.with_resources(trainable, {"cpu": cfg.sweep.trial_cpus})
+    exp_path = sweep_dir / name
+    if tune.Tuner.can_restore(str(exp_path)):
+        log.info("resuming sweep %s from %s (finished trials are kept, others rerun)", name, exp_path)
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True)
+    else:
+        n = max_concurrent(cfg)
+        log.info("sweep %s: %d trials, up to %d at once", name, grid_size(cfg.sweep.space, cfg.sweep.num_samples), n)
+        tuner = tune.Tuner(
+            trainable, param_space=to_tune_space(cfg.sweep.space),
+            # No metric here: the trainer's last report holds final test metrics only, and Tune rejects a
+            # result without its metric. Ranking happens in _summarize over every epoch's report.
+            tune_config=tune.TuneConfig(num_samples=cfg.sweep.num_samples, max_concurrent_trials=n,
+                                        trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_retries),
+                                      verbose=1))
+    return tuner.fit()
+
+
+def _summarize(cfg: ExperimentConfig, name: str, path: Path, parent_id: Optional[str],
+               results: "ResultGrid") -> SweepResult:
+    """Write ``trials.csv`` and log the sweep's outcome (trials, errors, best) to the parent run."""
+    space_keys = list(cfg.sweep.space)
+    best_params, best_metric = None, None
+    try:
+        metric = resolve_metric(cfg)
+        best = results.get_best_result(metric=metric, mode=cfg.sweep.mode, scope="all")
+        best_params = {k: best.config.get(k) for k in space_keys}
+        df_best = best.metrics_dataframe
+        if df_best is not None and metric in df_best:
+            col = df_best[metric].dropna()
+            best_metric = float(col.max() if cfg.sweep.mode == "max" else col.min())
+    except (RuntimeError, ValueError, KeyError):  # no trial reported the metric
+        pass
+    df = results.get_dataframe()
+    path.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path / "trials.csv", index=False)
+    if parent_id:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+        client.log_metric(parent_id, "num_trials", len(results))
+        client.log_metric(parent_id, "num_errors", len(results.errors))
+        if best_metric is not None:
+            client.log_metric(parent_id, f"best_{resolve_metric(cfg)}", float(best_metric))
+            client.set_tag(parent_id, "sweep.best_params", json.dumps(best_params)[:5000])
+        client.log_artifact(parent_id, str(path / "trials.csv"))
+    return SweepResult(name=name, path=path, parent_run_id=parent_id, results=results, num_trials=len(results),
+                       num_errors=len(results.errors), best_params=best_params, best_metric=best_metric)
