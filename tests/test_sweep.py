@@ -13,8 +13,15 @@ import pyarrow as pa
 import pytest
 
 from discl_ray.config import ConfigError, load_config
-from discl_ray.sweep import (absolute_paths, grid_size, max_concurrent, resolve_metric, to_tune_space,
-                             trial_config, trial_overrides)
+from discl_ray.sweep import (
+    absolute_paths,
+    grid_size,
+    max_concurrent,
+    resolve_metric,
+    to_tune_space,
+    trial_config,
+    trial_overrides,
+)
 
 SPACE = {"training.strategy": {"grid": ["diverse_to_specific", "specific_to_diverse"]}, "training.seed": {"grid": [0, 1]}}
 
