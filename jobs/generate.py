@@ -1,9 +1,26 @@
-"""`discl generate`: placeholder until issue 3 lands."""
+"""`discl generate`: the synthetic-to-real spectrum (hard images × λ × seeds) on Ray Data.
+
+Reads ``<exp>/mine/`` and ``<exp>/prompts/``, writes ``<exp>/generate/spectrum/`` (+ ``errors/``,
+``summary.json``, ``spectrum_grid.png``). Rerunning resumes: keys already written are skipped.
+"""
 
 from __future__ import annotations
 
-from discl_ray.cli_common import not_yet
+import json
+
+from discl_ray.cli_common import run_stage
+
+
+def _body(cfg, args) -> int:
+    from discl_ray.generation.job import run_generate
+
+    summary = run_generate(cfg)
+    print(f"generate: generated {summary['generated']}, skipped {summary['skipped']} (already written), "
+          f"failed {summary['failed']} of {summary['planned']} keys in {summary['wall_s']:.1f} s "
+          f"({summary['outputs_per_s']:.2f} outputs/s)")
+    print(json.dumps({k: summary[k] for k in ("spectrum_dir", "errors_dir", "grid")}, indent=1))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_yet("generate", "issue 3")
+    return run_stage(argv, "generate", __doc__, _body)

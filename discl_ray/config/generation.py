@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from discl_ray.config.base import StrictModel
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["float32", "float16", "bfloat16"]
+# float64 is a CPU reference mode: bit-identical pixels whatever the batch size (float32 kernels pick a
+# different summation order per batch shape, which moves a rare pixel by one 8-bit level).
+GenDType = Literal["float32", "float16", "bfloat16", "float64"]
 
 
 def check_lams(values: list[float], field: str) -> list[float]:
@@ -34,7 +37,8 @@ class GenerationConfig(StrictModel):
     guidance_scale: float = Field(10.0, ge=0, description="Text (classifier-free) guidance w; paper: 10.")
     scheduler: Literal["ddim", "ddpm", "euler", "dpm"] = Field("ddim", description="Noise scheduler; paper: DDIM.")
     device: Device = Field("auto", description="auto = cuda when available, else cpu.")
-    dtype: DType = Field("float16", description="Weights/activations dtype on GPU (CPU always float32).")
+    dtype: GenDType = Field("float16", description="Weights/activations dtype on GPU (CPU: float32, or float64 "
+                                                   "for batch-size-independent bits).")
     height: Optional[int] = Field(None, ge=8, description="Resize sources to this height (None = keep).")
     width: Optional[int] = Field(None, ge=8, description="Resize sources to this width (None = keep).")
     batch_size: int = Field(8, ge=1, description="Output images per pipeline call (seeds of a source batched).")
@@ -61,3 +65,13 @@ class GenerationConfig(StrictModel):
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be unique; got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _steps_cover_lams(self):
+        empty = [lam for lam in self.lams if lam < 1.0 and int(self.steps * round(1.0 - lam, 6)) < 1]
+        if empty:
+            raise ValueError(f"generation.steps={self.steps} runs int(steps × (1 − λ)) = 0 denoising steps for "
+                             f"λ in {empty}; raise generation.steps or drop those λ")
+        if self.actors_min > self.actors_max:
+            raise ValueError(f"generation.actors_min ({self.actors_min}) must be <= actors_max ({self.actors_max})")
+        return self

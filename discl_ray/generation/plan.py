@@ -1,0 +1,148 @@
+"""Planning a spectrum run: which (source, λ, seed) keys to make, and the cheap CPU fan-out step.
+
+Inputs are the hard-sample table (``<exp>/mine/``), the canonical training rows (image bytes or path) and
+the prompts table (``<exp>/prompts/``). ``plan_sources`` joins them into one row per hard source;
+``fan_out`` (run as a Ray Data CPU ``map_batches`` step) validates and decodes each source once, resizes
+it, and emits one work row per (λ, seed) key not yet written. Sources that cannot be loaded become work
+rows with an ``error`` reason, so they flow to the error table instead of stopping the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import pyarrow as pa
+
+from discl_ray.generation.engine import output_key
+from discl_ray.io import ImageLoadError, load_image, parquet_files, png_bytes, read_parquet_dir, stable_seed
+
+if TYPE_CHECKING:
+    from discl_ray.config import ExperimentConfig, GenerationConfig
+
+SPECTRUM_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("source_image_id", pa.string()), ("label", pa.int64()),
+    ("class_name", pa.string()), ("lam", pa.float64()), ("seed", pa.int64()), ("prompt", pa.string()),
+    ("image", pa.binary()), ("width", pa.int64()), ("height", pa.int64()), ("generator", pa.string()),
+    ("steps", pa.int64()), ("guidance_scale", pa.float64()),
+])
+ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source_image_id", pa.string()), ("reason", pa.string())])
+SOURCES_SCHEMA = pa.schema([
+    ("source_image_id", pa.string()), ("label", pa.int64()), ("class_name", pa.string()),
+    ("image", pa.binary()), ("path", pa.string()), ("gen_prompts", pa.list_(pa.string())),
+    ("error", pa.string()),
+])
+# Work rows: one output image to make (``source`` = resized PNG bytes; ``error`` != "" = cannot be made).
+WORK_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source_image_id", pa.string()), ("label", pa.int64()), ("class_name", pa.string()),
+    ("lam", pa.float64()), ("seed", pa.int64()), ("prompt", pa.string()), ("source", pa.binary()),
+    ("error", pa.string()),
+])
+
+
+def spectrum_lams(gen: "GenerationConfig") -> list[float]:
+    """The λ levels to generate: the configured ones minus λ = 1 (the real image itself)."""
+    return [float(lam) for lam in gen.lams if lam < 1.0]
+
+
+def pick_prompt(gen_prompts: list[str], source_image_id: str, seed: int) -> str:
+    """The prompt of an output: a stable choice among the class's prompts per (source, seed)."""
+    return gen_prompts[stable_seed(source_image_id, int(seed)) % len(gen_prompts)]
+
+
+def done_keys(directory: str | Path) -> set[str]:
+    """Keys already written to a spectrum directory (finished part files only)."""
+    if not parquet_files(directory):
+        return set()
+    return set(read_parquet_dir(directory, columns=["image_id"])["image_id"].to_pylist())
+
+
+def plan_sources(hard: pa.Table, rows: pa.Table, prompts: pa.Table) -> pa.Table:
+    """One row per hard source with its image bytes/path and its class's generation prompts.
+
+    A hard id missing from the canonical rows, or a class without prompts, gets an ``error`` reason."""
+    by_id = {iid: i for i, iid in enumerate(rows["image_id"].to_pylist())}
+    prompt_of = dict(zip(prompts["label"].to_pylist(), prompts["gen_prompts"].to_pylist()))
+    images, paths = rows["image"], rows["path"]
+    out: dict[str, list] = {k: [] for k in SOURCES_SCHEMA.names}
+    seen = set()
+    for iid, label, name in zip(hard["image_id"].to_pylist(), hard["label"].to_pylist(),
+                                hard["class_name"].to_pylist()):
+        if iid in seen:
+            continue
+        seen.add(iid)
+        i = by_id.get(iid)
+        gp = [p for p in (prompt_of.get(label) or []) if p]
+        error = ""
+        if i is None:
+            error = "missing: source image_id not in the dataset's train split"
+        elif not gp:
+            error = f"no generation prompts for label {label} in the prompts table"
+        out["source_image_id"].append(iid)
+        out["label"].append(int(label))
+        out["class_name"].append(name)
+        out["image"].append(images[i].as_py() if i is not None else None)
+        out["path"].append(paths[i].as_py() if i is not None else None)
+        out["gen_prompts"].append(gp)
+        out["error"].append(error)
+    return pa.table(out, schema=SOURCES_SCHEMA)
+
+
+def load_source(image: Optional[bytes], path: Optional[str], root: Optional[str],
+                width: Optional[int], height: Optional[int]) -> bytes:
+    """Decode one source (bytes or path), resize to the configured size, return RGB PNG bytes."""
+    from PIL import Image
+
+    img = load_image(image, path, root)
+    if width or height:
+        size = (width or img.width, height or img.height)
+        if img.size != size:
+            img = img.resize(size, Image.BICUBIC)
+    return png_bytes(img)
+
+
+def fan_out(batch: pa.Table, lams: list[float], seeds: list[int], skip: Iterable[str] = (),
+            root: Optional[str] = None, width: Optional[int] = None, height: Optional[int] = None) -> pa.Table:
+    """Sources → one work row per (λ, seed) key not in ``skip``; each source is decoded once."""
+    skip = skip if isinstance(skip, (set, frozenset)) else set(skip)
+    out: dict[str, list] = {k: [] for k in WORK_SCHEMA.names}
+    for row in batch.to_pylist():
+        sid = row["source_image_id"]
+        keys = [(lam, seed, output_key(sid, lam, seed)) for lam in lams for seed in seeds]
+        keys = [k for k in keys if k[2] not in skip]
+        if not keys:
+            continue
+        error, source = row["error"] or "", None
+        if not error:
+            try:
+                source = load_source(row["image"], row["path"], root, width, height)
+            except ImageLoadError as err:
+                error = str(err)
+        for lam, seed, key in keys:
+            out["key"].append(key)
+            out["source_image_id"].append(sid)
+            out["label"].append(row["label"])
+            out["class_name"].append(row["class_name"])
+            out["lam"].append(lam)
+            out["seed"].append(seed)
+            out["prompt"].append(pick_prompt(row["gen_prompts"], sid, seed) if row["gen_prompts"] else "")
+            out["source"].append(source)
+            out["error"].append(error)
+    return pa.table(out, schema=WORK_SCHEMA)
+
+
+def read_inputs(cfg: "ExperimentConfig") -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(hard samples, canonical train rows, prompts) of the experiment; clear errors when a stage is missing."""
+    from discl_ray.data import read_rows
+    from discl_ray.runtime import RunPaths
+
+    paths = RunPaths.from_config(cfg)
+    tables = []
+    for stage, cmd in (("mine", "discl mine"), ("prompts", "discl prompts")):
+        try:
+            tables.append(read_parquet_dir(paths.stage(stage)))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {stage} table at {paths.stage(stage)}; run `{cmd}` first") from None
+    hard, prompts = tables
+    return hard, read_rows(cfg, splits=("train",)), prompts
