@@ -42,11 +42,18 @@ def build_clip_tokenizer(out_dir: str | Path):
     return CLIPTokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), model_max_length=77)
 
 
+_TOKENIZER_CACHE: list = []
+
+
 def _tokenizer():
+    """Build the tokenizer once per process (parsing 49k merges is the slow part of a tiny build)."""
+    import copy
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        return build_clip_tokenizer(tmp)
+    if not _TOKENIZER_CACHE:
+        with tempfile.TemporaryDirectory() as tmp:
+            _TOKENIZER_CACHE.append(build_clip_tokenizer(tmp))
+    return copy.deepcopy(_TOKENIZER_CACHE[0])
 
 
 def _tiny_vae():

@@ -1,0 +1,151 @@
+"""Spectrum generation on tiny random SD and SDXL img2img pipelines (real diffusers, real Ray Data)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from discl_ray.config import ConfigError, load_config
+from discl_ray.generation.actor import SpectrumGenerator
+from discl_ray.generation.engine import SpectrumEngine, WorkItem, output_key, steps_for
+from discl_ray.generation.pipeline import fix_aesthetics_flag, is_sdxl, load_img2img
+from discl_ray.generation.plan import fan_out, plan_sources, read_inputs
+from discl_ray.io import read_parquet_dir
+from gen_fixtures import source_images, tiny_sd_dir, tiny_sdxl_dir, write_experiment
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen-models")
+    return {"sd": tiny_sd_dir(root), "sdxl": tiny_sdxl_dir(root)}
+
+
+def _keys(cfg, sources):
+    return {output_key(s, lam, seed) for s in sources for lam in cfg.generation.lams if lam < 1
+            for seed in cfg.generation.seeds}
+
+
+def _items(n_sources=2, lams=(0.0, 0.5, 0.9), seeds=(0, 1, 2, 3)):
+    imgs = [Image.fromarray(a) for a in source_images(n_sources)]
+    return [WorkItem(output_key(f"s{i}", lam, s), f"s{i}", lam, s, f"a photo of the digit {i}", imgs[i])
+            for i in range(n_sources) for lam in lams for s in seeds]
+
+
+def test_config_rejects_bad_lams_and_empty_seeds():
+    with pytest.raises(ConfigError, match=r"generation\.lams.*\[0, 1\]"):
+        load_config(data={"generation": {"lams": [0.0, 1.5]}, "training": {"strategy": "none"}})
+    with pytest.raises(ConfigError, match=r"generation\.seeds"):
+        load_config(data={"generation": {"seeds": []}})
+    with pytest.raises(ConfigError, match=r"0 denoising steps.*0\.95"):
+        load_config(data={"generation": {"lams": [0.0, 0.95], "steps": 10}, "training": {"strategy": "none"}})
+    with pytest.raises(ConfigError, match=r"generation\.dtype"):
+        load_config(data={"generation": {"dtype": "float8"}})
+
+
+def test_loader_fixes_sdxl_aesthetics_flag(models):
+    pipe = load_img2img(str(models["sdxl"]), "cpu", "float16", "ddim")
+    assert is_sdxl(pipe) and pipe.unet.dtype == torch.float32          # half types become float32 on CPU
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    pipe.register_to_config(requires_aesthetics_score=False)            # a checkpoint saved with the wrong flag
+    fix_aesthetics_flag(pipe)
+    assert pipe.config.requires_aesthetics_score is True
+    with pytest.raises(ValueError, match="scheduler.*valid: ddim"):
+        load_img2img(str(models["sdxl"]), "cpu", "float32", "nope")
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_engine_every_key_and_step_count(models, kind):
+    """All (source, λ, seed) outputs, λ = 0.9 included; executed steps = Σ int(steps × (1 − λ))."""
+    pipe = load_img2img(str(models[kind]), "cpu", "float32", "ddim")
+    engine = SpectrumEngine(pipe, steps=10, guidance_scale=3.0, batch_size=8)
+    items = _items(lams=(0.0, 0.9), seeds=(0, 1))
+    images = engine.generate(items)
+    assert len(images) == len(items) and all(im.size == (32, 32) for im in images)
+    assert engine.steps_run == sum(steps_for(10, it.lam) for it in items) == 2 * 2 * (10 + 1)
+    assert engine.calls == 2                                  # one call per λ: both sources and seeds batched
+    assert len(engine._prompts) == 2                          # each prompt encoded once
+    arrays = [np.asarray(im, dtype=np.int16) for im in images]
+    assert np.abs(arrays[0] - arrays[1]).mean() > 1           # seeds differ
+
+
+def test_determinism_across_batch_sizes(models):
+    """Same key → same noise; float64 gives identical bits for batch 1 vs 4, float32 within one level."""
+    items = _items(n_sources=1, lams=(0.0, 0.5), seeds=(0, 1, 2, 3))[1:]
+    pipe64 = load_img2img(str(models["sd"]), "cpu", "float64", "ddim")
+    a = SpectrumEngine(pipe64, steps=2, guidance_scale=3.0, batch_size=1).generate(items)
+    b = SpectrumEngine(pipe64, steps=2, guidance_scale=3.0, batch_size=4).generate(items[::-1])[::-1]
+    for x, y in zip(a, b):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    pipe32 = load_img2img(str(models["sd"]), "cpu", "float32", "ddim")
+    c = SpectrumEngine(pipe32, steps=2, guidance_scale=3.0, batch_size=1).generate(items)
+    d = SpectrumEngine(pipe32, steps=2, guidance_scale=3.0, batch_size=4).generate(items)
+    e = SpectrumEngine(pipe32, steps=2, guidance_scale=3.0, batch_size=4).generate(items)
+    for x, y, z in zip(c, d, e):
+        x, y, z = (np.asarray(v, dtype=np.int16) for v in (x, y, z))
+        assert np.array_equal(y, z)                           # same layout: bit-identical run to run
+        assert np.abs(x - y).max() <= 1 and (x == y).mean() > 0.99
+
+
+def test_generator_actor_class_rows(models, tmp_path):
+    """The callable class turns work rows into schema rows (in-process, SDXL), passing error rows on."""
+    cfg = write_experiment(tmp_path / "runs", models["sdxl"], n_sources=2, corrupt=True)
+    hard, rows, prompts = read_inputs(cfg)
+    work = fan_out(plan_sources(hard, rows, prompts), [0.0, 0.9], [0, 1], skip={"src0|l0.000|s0"})
+    assert work.num_rows == 3 * 4 - 1
+    gen = SpectrumGenerator(cfg.generation.model_dump(mode="json"), threads=1)
+    out = gen(work)
+    ok = out.filter(pa.compute.equal(out["error"], ""))
+    assert ok.num_rows == 2 * 4 - 1
+    assert set(out.filter(pa.compute.not_equal(out["error"], ""))["source_image_id"].to_pylist()) == {"bad0"}
+    img = Image.open(io.BytesIO(ok["image"][0].as_py()))
+    assert img.size == (32, 32) and ok["width"][0].as_py() == 32 and ok["generator"][0].as_py() == str(models["sdxl"])
+    prompt = ok.filter(pa.compute.equal(ok["source_image_id"], "src1"))["prompt"][0].as_py()
+    assert prompt == "a photo of the digit one"
+
+
+def test_job_on_ray_resume_and_errors(models, tmp_path, ray_local):
+    """Ray Data job: interrupted run + rerun = exactly the full key set; bad sources become error rows."""
+    from discl_ray.generation.job import run_generate
+
+    cfg = write_experiment(tmp_path / "runs", models["sd"], n_sources=3, corrupt=True, missing=True,
+                           lams=[0.0, 0.9, 1.0], overrides={"rows_per_block": 4})
+    parts = []
+
+    def crash(generated, failed):
+        parts.append(generated)
+        if generated:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(cfg, on_part=crash)
+    out_dir = tmp_path / "runs" / "gt" / "generate" / "spectrum"
+    first = read_parquet_dir(out_dir)["image_id"].to_pylist()
+    full = _keys(cfg, ["src0", "src1", "src2"])
+    assert 0 < len(first) < len(full)
+
+    summary = run_generate(cfg)
+    table = read_parquet_dir(out_dir)
+    ids = table["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == full
+    assert summary["skipped"] == len(first) and summary["generated"] == len(full) - len(first)
+    assert summary["failed"] == 2 * 2 * 2                       # corrupt + missing source, every key
+    errors = read_parquet_dir(tmp_path / "runs" / "gt" / "generate" / "errors")
+    reasons = dict(zip(errors["source_image_id"].to_pylist(), errors["reason"].to_pylist()))
+    assert "cannot decode" in reasons["bad0"] and "missing" in reasons["gone0"]
+    row = table.filter(pa.compute.equal(table["image_id"], "src1|l0.900|s1")).to_pylist()[0]
+    assert (row["lam"], row["seed"], row["steps"], row["guidance_scale"]) == (0.9, 1, 10, 3.0)
+    assert json.loads((tmp_path / "runs" / "gt" / "generate" / "summary.json").read_text())["failed"] == 8
+    grid = Image.open(tmp_path / "runs" / "gt" / "generate" / "spectrum_grid.png")
+    assert grid.width == 5 * 34 and grid.height == 12 + 2 * 34     # real + 2 λ × 2 seeds; 2 sources
+
+    again = run_generate(cfg)                                     # nothing left: no duplicates appear
+    assert again["generated"] == 0 and again["skipped"] == len(full)
+    assert read_parquet_dir(out_dir).num_rows == len(full)
