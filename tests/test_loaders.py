@@ -14,6 +14,7 @@ from discl_ray.config import DatasetConfig
 from discl_ray.data import CANONICAL_SCHEMA, get_loader, load_rows
 from discl_ray.data.loaders import DatasetError, class_groups
 from discl_ray.data.loaders.cifar100_lt import lt_counts
+from discl_ray.data.loaders.common import balanced_holdout
 from discl_ray.io import load_image
 
 
@@ -37,6 +38,20 @@ def test_class_groups_boundaries():
     assert class_groups([7, 7, 7], few_max=2, many_min=3) == {7: "many"}
     with pytest.raises(ValueError, match="few_max"):
         class_groups([0], few_max=5, many_min=5)
+
+
+def test_balanced_holdout_is_balanced_seeded_and_respects_pools():
+    labels = np.array([2, 0, 1, 0, 2, 2, 0, 1, 2, 0, 3])  # counts: 0→4, 1→2, 2→4, 3→1
+    out = balanced_holdout(labels, per_class=2, seed=0, min_keep=1)
+    assert np.bincount(labels[out], minlength=4).tolist() == [2, 0, 2, 0]  # class 1 would be emptied, 3 too small
+    assert out.tolist() == sorted(out.tolist())
+    assert balanced_holdout(labels, 2, seed=0, min_keep=1).tolist() == out.tolist()
+    draws = {tuple(balanced_holdout(labels, 2, seed=s).tolist()) for s in range(8)}
+    assert len(draws) > 1
+    pool = np.array([0, 1, 2, 3, 4, 7])
+    held = balanced_holdout(labels, per_class=1, seed=1, candidates=pool)
+    assert set(held.tolist()) <= set(pool.tolist()) and np.bincount(labels[held]).tolist() == [1, 1, 1]
+    assert balanced_holdout(labels, per_class=0, seed=0).size == 0
 
 
 # ---------------------------------------------------------------- ImageNet-LT
