@@ -273,3 +273,21 @@ def test_inat2018_malformed(tmp_path):
     (root / "train2018.json").write_text("{not json")
     with pytest.raises(DatasetError, match="train2018.json: not valid JSON"):
         load_rows(DatasetConfig(name="inat2018", root=str(root)))
+
+
+def test_shipped_config_materializes_a_fake_root(tmp_path):
+    """configs/imagenet_lt + a fake root → runs/<exp>/dataset parquet readable by split (the stage contract)."""
+    from pathlib import Path
+
+    from discl_ray.config import load_config
+    from discl_ray.data import materialize, read_rows
+
+    root = _imagenet_root(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs/imagenet_lt/discl_d2s.yaml"
+    cfg = load_config(config, [f"dataset.root={root}", f"run_root={tmp_path / 'runs'}"])
+    out = materialize(cfg)
+    assert out == tmp_path / "runs" / "imagenet_lt_ce_discl_d2s" / "dataset"
+    train = read_rows(cfg, splits=("train",))
+    assert train.num_rows == 10 and set(train["split"].to_pylist()) == {"train"}
+    groups = class_groups(train["label"].to_pylist(), cfg.mining.few_max, cfg.mining.many_min)
+    assert set(groups.values()) == {"few"}  # 6, 3, 1 images: all below the paper's 20
