@@ -275,8 +275,8 @@ def _optimizer(tc, params):
 
 
 def _numeric(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    # NaN is kept (MLflow stores it): λ of an all_level epoch is NaN by convention.
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _log_metrics(metrics: dict, step: int) -> None:

@@ -1,0 +1,130 @@
+"""End-to-end: the real Ray Train V2 trainer on crafted parquet tables, 2 workers, MLflow in sqlite, and a
+worker killed mid-epoch (a real process exit) that the run survives with an unbroken λ history."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from discl_ray.config import load_config
+from discl_ray.training import fit
+from discl_ray.training.fixture import write_fixture
+from discl_ray.training.schedules import REAL_ONLY, schedule
+
+
+def lt_config(run_root, *extra):
+    return load_config(None, [
+        f"run_root={run_root}", "experiment=fx", "dataset.image_size=16", "mining.few_max=10",
+        "mining.many_min=30", "generation.lams=[0.0,0.5,0.9]", "training.lams=[0.0,0.5,1.0]",
+        "scoring.threshold=0.3", "training.backbone=small_cnn", "training.strategy=diverse_to_specific",
+        "training.epochs=4", "training.curriculum_epochs=3", "training.cpus_per_worker=0.5",
+        "training.batch_size=16", "training.lr=0.003", f"tracking.tracking_uri=sqlite:///{run_root}/mlflow.db",
+        *extra])
+
+
+def mlflow_runs(run_root):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{run_root}/mlflow.db")
+    return mlflow, mlflow.MlflowClient(), mlflow.search_runs(search_all_experiments=True)
+
+
+def test_two_workers_survive_a_killed_worker_and_log_to_mlflow(ray_local, run_root, tmp_path):
+    cfg = lt_config(run_root, "training.num_workers=2", "training.max_failures=2")
+    write_fixture(cfg, corrupt=1)
+    marker = tmp_path / "killed.txt"
+    from discl_ray.training import build_trainer
+
+    trainer, selector = build_trainer(cfg, run_name="e2e", fault={"epoch": 1, "marker": str(marker), "rank": 1})
+    try:
+        result = trainer.fit()
+        history = ray_local.get(selector.get_history.remote())
+    finally:
+        ray_local.kill(selector)
+    assert result.error is None
+    assert marker.exists(), "the fault was never injected"            # rank 1 really died mid-epoch 1
+    final = result.metrics
+    expected = schedule("diverse_to_specific", epochs=4, curriculum_epochs=3, lams=[0.0, 0.5, 1.0])
+    assert expected == [0.0, 0.5, 1.0, REAL_ONLY]
+    assert final["lam_history"] == expected                             # no gap, no duplicate after restart
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    for key in ("final_test_acc", "final_test_many_acc", "final_test_medium_acc", "final_test_few_acc"):
+        assert 0.0 <= final[key] <= 1.0
+    assert final["n_bad_images"] == 1
+    assert final["final_test_acc"] > 0.3                                # 5 classes: well above chance
+    assert final["select_metric"] == "val_acc" and 0 <= final["best_epoch"] < 4
+
+    mlflow, client, runs = mlflow_runs(run_root)
+    assert len(runs) == 1                                               # the restarted worker reopened its run
+    run = runs.iloc[0]
+    assert run.status == "FINISHED"
+    assert run["params.training.strategy"] == "diverse_to_specific"
+    lam_steps = [(m.step, m.value) for m in client.get_metric_history(run.run_id, "lam")]
+    assert sorted(lam_steps) == list(enumerate(expected))               # one λ per epoch, each once
+    assert len(client.get_metric_history(run.run_id, "val_acc")) == 4
+    assert run["metrics.final_test_acc"] == pytest.approx(final["final_test_acc"])
+    arts = {a.path for a in client.list_artifacts(run.run_id)}
+    assert {"config.yaml", "lam_schedule.png", "confusion_test.png", "checkpoint"} <= arts
+
+
+def test_adaptive_low_quality_logs_gains_and_f1(ray_local, run_root):
+    cfg = load_config(None, [
+        f"run_root={run_root}", "experiment=lq", "dataset.image_size=16", "generation.lams=[0.5,0.7,0.9]",
+        "training.lams=[0.5,0.9,1.0]", "scoring.threshold=0.2", "training.backbone=small_cnn",
+        "training.task=low_quality", "training.strategy=adaptive", "training.epochs=3",
+        "training.curriculum_epochs=2", "training.cpus_per_worker=0.5", "training.batch_size=16",
+        "training.guidance_val_size=8", "training.random_real_size=16", "training.probe_steps=2",
+        "tracking.enabled=false"])
+    write_fixture(cfg, low_quality=True, train_counts=(12, 12, 12))
+    final = fit(cfg, run_name="lq-adaptive")
+    assert final["select_metric"] == "val_f1"
+    assert 0 <= final["final_test_id_f1"] <= 1 and 0 <= final["final_test_ood_f1"] <= 1
+    lams = final["lam_history"]
+    assert len(lams) == 3 and lams[2] == REAL_ONLY and all(v in (0.5, 0.9, 1.0) for v in lams[:2])
+    assert not (run_root / "mlflow.db").exists()                        # tracking.enabled=false respected
+
+
+DRIVER = textwrap.dedent("""
+    import sys, ray
+    from discl_ray.config import load_config
+    from discl_ray.training import fit
+    cfg = load_config(None, sys.argv[2:])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    print("FINAL", fit(cfg, run_name="driver-kill", storage_path=sys.argv[1]))
+""")
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_from_last_checkpoint(run_root, tmp_path):
+    """Kill the driver process after its first checkpoint; the same run name + storage path continues."""
+    overrides = [f"run_root={run_root}", "experiment=fx", "dataset.image_size=16", "mining.few_max=10",
+                 "mining.many_min=30", "generation.lams=[0.0,0.5]", "training.lams=[0.0,0.5,1.0]",
+                 "scoring.threshold=0.3", "training.backbone=small_cnn", "training.epochs=6",
+                 "training.curriculum_epochs=4", "training.strategy=random", "training.cpus_per_worker=0.5",
+                 "training.batch_size=16", "tracking.enabled=false"]
+    cfg = load_config(None, overrides)
+    write_fixture(cfg)
+    storage = tmp_path / "storage"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    proc = subprocess.Popen([sys.executable, str(script), str(storage), *overrides])
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and len(list(storage.glob("driver-kill/checkpoint_*"))) < 2:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the first driver finished before it could be killed"
+    finally:
+        proc.kill()
+        proc.wait()
+    done = len(list(storage.glob("driver-kill/checkpoint_*")))
+    out = subprocess.run([sys.executable, str(script), str(storage), *overrides], capture_output=True, text=True,
+                         timeout=500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = eval(out.stdout.split("FINAL", 1)[1].strip(), {"nan": math.nan})
+    assert final["lam_history"] == schedule("random", epochs=6, curriculum_epochs=4, lams=[0.0, 0.5, 1.0])
+    assert done >= 1
