@@ -27,6 +27,8 @@ class ScoringConfig(StrictModel):
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per scorer actor.")
     write_every: int = Field(1024, ge=1,
                              description="Scored rows per parquet part: the resume granularity of an interrupted run.")
+    retry_errors: bool = Field(False, description="Rerun also retries image_ids in score/errors/ (after the spectrum "
+                               "was repaired); by default they are skipped like scored ids.")
     histogram_bins: int = Field(30, ge=2, description="Bins of the per-λ score histograms (paper Fig. 4/5).")
 
     @model_validator(mode="after")

@@ -108,7 +108,7 @@ def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """L2-normalised text embeddings, ``(len(texts), D)`` float32 on the model's device."""
     device, _ = _device_dtype(model)
@@ -121,7 +121,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256) 
     return torch.cat(out)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def encode_images(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised image embeddings of preprocessed images ``(B, 3, H, W)``, float32 on the model's device."""
     device, dtype = _device_dtype(model)
@@ -139,7 +139,7 @@ def preprocess_images(preprocess: Callable, images: Sequence["Image.Image"]) -> 
     return torch.stack([preprocess(img) for img in images])
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def zero_shot_probs(model, tokenizer, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Class probabilities ``(B, len(prompts))``: softmax over prompts of logit_scale·cosine (CLIP zero-shot)."""
     image_emb = encode_images(model, images)

@@ -32,6 +32,18 @@ def clip_score(cos: np.ndarray) -> np.ndarray:
     return 2.5 * np.maximum(np.asarray(cos, dtype=np.float64), 0.0)
 
 
+def reference_items(prompts: list[str], sources: pa.Table) -> pa.Table:
+    """``REFERENCE_SCHEMA`` rows: one per filter prompt, one per real source (``image_id, image, path``)."""
+    n = sources.num_rows
+    texts = pa.table({"kind": ["text"] * len(prompts), "key": prompts, "text": prompts,
+                      "image": pa.nulls(len(prompts), pa.binary()), "path": pa.nulls(len(prompts), pa.string())},
+                     schema=REFERENCE_SCHEMA)
+    images = pa.table({"kind": ["image"] * n, "key": sources["image_id"], "text": pa.nulls(n, pa.string()),
+                       "image": sources["image"].cast(pa.binary()), "path": sources["path"].cast(pa.string())},
+                      schema=REFERENCE_SCHEMA)
+    return pa.concat_tables([texts, images])
+
+
 def decode_images(preprocess, images: list[Optional[bytes]], paths: Optional[list[Optional[str]]] = None,
                   root: Optional[str] = None) -> tuple[Optional[torch.Tensor], list[Optional[str]]]:
     """Preprocessed batch of the readable images and one error reason (or None) per input row."""
@@ -127,9 +139,10 @@ def score_batch(model, preprocess, batch: pa.Table, refs: ReferenceIndex, clip_m
         emb = encode_images(model, images).cpu()
         labels = np.asarray(batch["label"].to_pylist())[ok].tolist()
         sources = np.asarray(batch["source_image_id"].to_pylist(), dtype=object)[ok].tolist()
-        text_cos[ok] = (emb * refs.text_rows(labels)).sum(-1).numpy()
+        # float32 rounding can put a unit-vector dot product a hair outside [-1, 1]; a cosine cannot be.
+        text_cos[ok] = (emb * refs.text_rows(labels)).sum(-1).clamp(-1.0, 1.0).numpy()
         src, found = refs.image_rows(sources)
-        cos = (emb * src).sum(-1).numpy().astype(np.float64)
+        cos = (emb * src).sum(-1).clamp(-1.0, 1.0).numpy().astype(np.float64)
         cos[~found] = np.nan  # real source unreadable or absent: no image–image score, still filterable
         image_cos[ok] = cos
     return pa.table({
@@ -181,3 +194,14 @@ class SpectrumScorer(_ClipActor):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return score_batch(self.model, self.preprocess, batch, self.refs, self.clip_model)
+
+
+def score_in_process(model, preprocess, tokenizer, spectrum: pa.Table, references: pa.Table,
+                     label_prompts: dict[int, str], clip_model: str, batch_size: int = 64,
+                     root: Optional[str] = None) -> pa.Table:
+    """Both passes in this process (tests, benchmark): ``references`` are ``REFERENCE_SCHEMA`` items."""
+    refs = pa.concat_tables([embed_references(model, preprocess, tokenizer, references.slice(i, batch_size), root)
+                             for i in range(0, references.num_rows, batch_size)])
+    index = ReferenceIndex(refs.filter(refs["error"].is_null()), label_prompts)
+    return pa.concat_tables([score_batch(model, preprocess, spectrum.slice(i, batch_size), index, clip_model)
+                             for i in range(0, spectrum.num_rows, batch_size)])

@@ -7,8 +7,8 @@ Two Ray Data passes share one actor-pool shape (``scoring.actors_*``, ``num_gpus
 2. the not-yet-scored spectrum rows → :class:`SpectrumScorer`, which encodes only the synthetic images.
 
 Resumable like generation: scores are written in atomic parquet parts every ``scoring.write_every`` rows;
-a rerun skips image_ids already in ``scores/`` and retries the ids recorded in ``errors/`` (their old
-error rows are replaced, never duplicated). A change of CLIP model starts the scores over. The filtered
+a rerun skips image_ids already in ``scores/`` or ``errors/`` (with ``scoring.retry_errors`` it retries
+the latter, replacing their old error rows, never duplicating them). A change of CLIP model starts the scores over. The filtered
 spectrum, summary and histograms are rebuilt from all scores on every run, so a new threshold costs no
 CLIP work.
 """
@@ -30,11 +30,11 @@ from discl_ray.io import parquet_files, read_parquet_dir, replace_parquet_dir, w
 from discl_ray.runtime import RunPaths
 from discl_ray.scoring.clip import clip_model_id, resolve_clip_source
 from discl_ray.scoring.embed import (
-    REFERENCE_SCHEMA,
     SCORE_COLUMNS,
     SPECTRUM_INPUT_COLUMNS,
     ReferenceEmbedder,
     SpectrumScorer,
+    reference_items,
 )
 from discl_ray.scoring.report import filter_scores, plot_histograms, summarize
 
@@ -146,13 +146,7 @@ def _reference_items(cfg: "ExperimentConfig", prompts: list[str], sources: list[
         writer.add_errors(pa.table({"image_id": missing,
                                     "reason": [f"source image not in the train split of {cfg.dataset.name}"]
                                     * len(missing)}))
-    texts = pa.table({"kind": ["text"] * len(prompts), "key": prompts, "text": prompts,
-                      "image": pa.nulls(len(prompts), pa.binary()), "path": pa.nulls(len(prompts), pa.string())},
-                     schema=REFERENCE_SCHEMA)
-    images = pa.table({"kind": ["image"] * rows.num_rows, "key": rows["image_id"],
-                       "text": pa.nulls(rows.num_rows, pa.string()), "image": rows["image"].cast(pa.binary()),
-                       "path": rows["path"].cast(pa.string())}, schema=REFERENCE_SCHEMA)
-    return pa.concat_tables([texts, images])
+    return reference_items(prompts, rows)
 
 
 def _pool_args(cfg: "ExperimentConfig") -> dict:
@@ -199,7 +193,7 @@ def _score_todo(cfg: "ExperimentConfig", paths: RunPaths, files: list[Path], tod
     ds = ds.map_batches(SpectrumScorer, fn_constructor_kwargs=common | dict(
         references=[refs_ref], label_prompts={lbl: label_prompts[lbl] for lbl in todo_labels},
         clip_model=clip_model), **_pool_args(cfg))
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=cfg.scoring.write_every):
         writer.add(batch)
     writer.flush()
 
@@ -245,11 +239,14 @@ def run_score(cfg: "ExperimentConfig") -> ScoreResult:
     keys = read_parquet_dir(spectrum_dir, ["image_id", "source_image_id", "label", "class_name"])
     label_prompts = read_label_prompts(paths, set(keys["label"].to_pylist()))
     scored = _read_optional(scores_dir, ["image_id"])
-    done = pc.unique(scored["image_id"]) if scored is not None else pa.array([], pa.string())
+    old_errors = _read_optional(errors_dir)
+    done = [scored["image_id"]] if scored is not None else []
+    if old_errors is not None and not cfg.scoring.retry_errors:
+        done.append(old_errors["image_id"])
+    done = pc.unique(pa.chunked_array(done, pa.string())) if done else pa.array([], pa.string())
     todo = keys.filter(pc.invert(pc.is_in(keys["image_id"], value_set=done)))
     writer = _PartWriter(scores_dir, errors_dir, cfg.scoring.write_every)
     if todo.num_rows:
-        old_errors = _read_optional(errors_dir)
         if old_errors is not None:  # these ids are retried now: drop their old rows
             retry = pa.concat_arrays([todo["image_id"].combine_chunks(),
                                       pc.unique(todo["source_image_id"])])
