@@ -1,0 +1,163 @@
+"""Submit any stage as a Ray job (``JobSubmissionClient``) and follow it to the end.
+
+    job_id = submit_stage("train", "http://127.0.0.1:8265", config="configs/iwildcam/discl.yaml",
+                          overrides=["training.epochs=20"])
+    status = follow(job_id, "http://127.0.0.1:8265")          # streams logs, returns the final status
+
+The job's entry point is ``python -m discl_ray.cli STAGE --config … overrides`` run inside a runtime env whose
+``working_dir`` is this checkout (minus run outputs, virtualenvs, data and caches), so the cluster runs exactly
+the code on disk here. The config is resolved and validated *before* submitting; a config file that lives
+outside the working dir travels as resolved YAML in an env var (``DISCL_CONFIG_YAML``) and
+``python -m discl_ray.submit STAGE …`` writes it out on the cluster side.
+
+Token auth: Ray 2.60 clusters require a bearer token; a client talking to an explicit address only sends it
+when ``RAY_AUTH_MODE=token`` (the token comes from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+``~/.ray/auth_token``). We set that mode unless the caller chose one.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Optional, TextIO
+
+import yaml
+
+# Never uploaded with the working dir: outputs, environments, datasets, caches, VCS. Top-level folders are
+# anchored with '/' (gitignore syntax): a bare "data/" would also drop the discl_ray/data package.
+EXCLUDES = ["/runs/", "/.venv/", "/venv/", "/data/", "/.git/", "/mlruns/", "/mlartifacts/", "/.ray/", "/build/",
+            "/dist/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/", "*.parquet", "*.pt",
+            "*.ckpt", "*.safetensors", "*.db"]
+CONFIG_ENV = "DISCL_CONFIG_YAML"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def enable_token_auth() -> None:
+    """Send the cluster token with every request (Ray 2.60 only does so for explicit addresses when asked)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def auth_headers() -> dict[str, str]:
+    """``Authorization: Bearer <token>`` from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+
+    Passed explicitly because Ray reads ``RAY_AUTH_MODE`` once per process: a process that imported Ray
+    before (a notebook, a test session) would otherwise send no token. Empty when auth is disabled.
+    """
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def resolve_config_yaml(config: Optional[str], overrides: Iterable[str] = ()) -> str:
+    """The validated, fully resolved config (base chain and overrides applied) as YAML text."""
+    from discl_ray.cli_common import DEFAULT_CONFIG
+    from discl_ray.config import load_config
+
+    path = config or DEFAULT_CONFIG
+    cfg = load_config(path, list(overrides))  # ConfigError here means nothing was submitted
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def entrypoint(stage: str, config: Optional[str], overrides: Iterable[str], working_dir: Path) -> tuple[str, dict]:
+    """The job's shell command and extra env vars for ``stage`` with ``config`` and ``overrides``."""
+    from discl_ray.cli import COMMANDS
+
+    if stage not in COMMANDS or stage in ("submit", "ui"):
+        valid = [c for c in COMMANDS if c not in ("submit", "ui")]
+        raise ValueError(f"stage {stage!r} cannot be submitted; choose from: {', '.join(valid)}")
+    overrides = list(overrides)
+    env: dict[str, str] = {}
+    if config is None:
+        cmd = ["python", "-m", "discl_ray.cli", stage]
+    else:
+        cfg_path = Path(config).resolve()
+        try:
+            rel = cfg_path.relative_to(working_dir.resolve())
+            cmd = ["python", "-m", "discl_ray.cli", stage, "--config", rel.as_posix()]
+        except ValueError:  # outside the uploaded tree: ship the resolved config itself
+            env[CONFIG_ENV] = resolve_config_yaml(config, overrides)
+            cmd, overrides = ["python", "-m", "discl_ray.submit", stage], []
+    return shlex.join(cmd + overrides), env
+
+
+def runtime_env(working_dir: Path, env_vars: Optional[dict] = None, excludes: Iterable[str] = EXCLUDES) -> dict:
+    """Runtime env: the checkout as working_dir minus outputs/data, plus env vars the stages expect."""
+    env = {"PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    for key in ("MLFLOW_TRACKING_URI", "RAY_AUTH_MODE"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    env.update(env_vars or {})
+    return {"working_dir": str(working_dir), "excludes": list(excludes), "env_vars": env}
+
+
+def submit_stage(stage: str, address: str, *, config: Optional[str] = None, overrides: Iterable[str] = (),
+                 working_dir: str | Path = ".", submission_id: Optional[str] = None,
+                 num_cpus: Optional[float] = None, num_gpus: Optional[float] = None,
+                 env_vars: Optional[dict] = None) -> str:
+    """Validate the config, submit ``stage`` as a Ray job at ``address``; returns the submission id."""
+    enable_token_auth()  # before Ray is imported in this process
+    from ray.job_submission import JobSubmissionClient
+
+    overrides = list(overrides)
+    resolve_config_yaml(config, overrides)  # fail here, not on the cluster
+    wd = Path(working_dir).resolve()
+    cmd, extra_env = entrypoint(stage, config, overrides, wd)
+    client = JobSubmissionClient(address, headers=auth_headers())
+    kwargs = {}
+    if num_cpus is not None:
+        kwargs["entrypoint_num_cpus"] = num_cpus
+    if num_gpus is not None:
+        kwargs["entrypoint_num_gpus"] = num_gpus
+    return client.submit_job(entrypoint=cmd, runtime_env=runtime_env(wd, {**(env_vars or {}), **extra_env}),
+                             submission_id=submission_id, metadata={"stage": stage, "tool": "discl"}, **kwargs)
+
+
+def follow(submission_id: str, address: str, out: Optional[TextIO] = None) -> str:
+    """Stream the job's logs to ``out`` (stdout) until it ends; returns its final status name."""
+    import asyncio
+
+    out = out or sys.stdout
+    enable_token_auth()
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address, headers=auth_headers())
+
+    async def _tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(_tail())
+    status = client.get_job_status(submission_id)
+    while str(status.value) not in TERMINAL:  # logs can close a moment before the status settles
+        import time
+
+        time.sleep(0.5)
+        status = client.get_job_status(submission_id)
+    return str(status.value)
+
+
+def _run_shipped_config(argv: list[str]) -> int:
+    """Cluster side of a job whose config travelled in ``DISCL_CONFIG_YAML``: write it, run the stage."""
+    from discl_ray.cli import main as cli_main
+
+    text = os.environ.get(CONFIG_ENV)
+    if not argv or text is None:
+        print(f"usage: python -m discl_ray.submit STAGE  (with {CONFIG_ENV} set)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "config.yaml")
+        path.write_text(text)
+        return cli_main([argv[0], "--config", str(path), *argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(_run_shipped_config(sys.argv[1:]))
