@@ -8,27 +8,25 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
+from discl_ray.data.loaders.groups import class_groups
+
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, MiningConfig
+
+__all__ = ["HARD_SCHEMA", "class_groups", "mine_confidence", "mine_frequency", "select_low_confidence",
+           "true_class_probs"]
 
 HARD_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("label", pa.int64()), ("class_name", pa.string()),
     ("group", pa.string()), ("reason", pa.string()), ("score", pa.float64()),
 ])
-
-
-def class_groups(train_labels: Iterable[int], few_max: int = 20, many_min: int = 100) -> dict[int, str]:
-    """label → 'few' | 'medium' | 'many' from training counts (few: n < few_max; many: n ≥ many_min)."""
-    counts = Counter(int(v) for v in train_labels)
-    return {c: ("few" if n < few_max else "many" if n >= many_min else "medium") for c, n in sorted(counts.items())}
 
 
 def mine_frequency(train: pa.Table, cfg: "MiningConfig") -> pa.Table:

@@ -22,8 +22,17 @@ PROMPTS_SCHEMA = pa.schema([
 ])
 
 
-def _read_json(path: str, what: str) -> dict:
+def resolve_asset(path: str) -> Path:
+    """A config file path: as given (absolute or relative to the working dir), else relative to the repo root."""
     p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    packaged = Path(__file__).resolve().parent.parent / p
+    return packaged if packaged.exists() else p
+
+
+def _read_json(path: str, what: str) -> dict:
+    p = resolve_asset(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts.{what}: file not found: {p}")
     try:

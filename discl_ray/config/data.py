@@ -45,6 +45,9 @@ class DatasetConfig(StrictModel):
     image_size: int = Field(32, ge=8, le=4096, description="Toy images are upsampled to this side (pixels).")
     imbalance_ratio: float = Field(30.0, ge=1.0,
                                    description="n_max / n_min for synthetically long-tailed sets (digits-LT, CIFAR-100-LT).")
+    val_per_class: Optional[int] = Field(None, ge=1,
+                                         description="Real datasets: validation images per class held out of train "
+                                                     "(None = the loader's default: CIFAR 10, iNat 1).")
     embed_images: bool = Field(False, description="Real datasets: embed PNG bytes in parquet instead of paths.")
     toy: ToyDataConfig = Field(default_factory=ToyDataConfig)
 
