@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from gen_fixtures import source_images, tiny_sd_dir, tiny_sdxl_dir, write_experiment
 from PIL import Image
 
 from discl_ray.config import ConfigError, load_config
@@ -17,7 +18,6 @@ from discl_ray.generation.engine import SpectrumEngine, WorkItem, output_key, st
 from discl_ray.generation.pipeline import fix_aesthetics_flag, is_sdxl, load_img2img
 from discl_ray.generation.plan import fan_out, plan_sources, read_inputs
 from discl_ray.io import read_parquet_dir
-from gen_fixtures import source_images, tiny_sd_dir, tiny_sdxl_dir, write_experiment
 
 torch.set_num_threads(1)
 
