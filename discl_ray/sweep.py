@@ -97,6 +97,8 @@ def max_concurrent(cfg: ExperimentConfig, resources: Optional[dict[str, float]] 
 
     ``sweep.reserve_cpus`` stays free so a Ray Data transform inside a trial always gets a CPU (the 2-core
     deadlock: workers holding every CPU starve Data forever). At least 1, so an autoscaling cluster grows.
+    On an autoscaling cluster the resources are those up *now* (often no GPU at all): set
+    ``sweep.max_concurrent_trials`` to the GPU count the cluster may grow to.
     """
     if cfg.sweep.max_concurrent_trials:
         return cfg.sweep.max_concurrent_trials

@@ -160,3 +160,50 @@ def test_sweep_2x2_children_under_parent(tmp_path, ray_local, capsys):
         for name in ("final_test_acc", "final_test_many_acc", "final_test_medium_acc", "final_test_few_acc"):
             assert 0.0 <= child.data.metrics[name] <= 1.0
     assert (run_root / "sweeptest" / "sweep" / "s1" / "trials.csv").is_file()
+
+    # The report over this sweep equals a recomputation from the children's raw final metrics.
+    import statistics
+
+    from discl_ray.report import build_tables
+
+    lt = build_tables(uri, "sweeptest", parent_run_id=parent.info.run_id)["long_tail"]
+    assert len(lt) == 2 and set(lt["n"]) == {2}
+    for _, row in lt.iterrows():
+        mine = [c for c in children if c.data.params["training.strategy"] == row["training.strategy"]]
+        vals = [c.data.metrics["final_test_few_acc"] for c in mine]
+        assert row["few_mean"] == pytest.approx(statistics.mean(vals))
+        assert row["few_std"] == pytest.approx(statistics.stdev(vals))
+
+
+def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, capsys, monkeypatch):
+    import socket
+    import time
+
+    import yaml
+
+    from jobs.sweep import main
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = _cfg_data(tmp_path / "runs") | {"tracking": {"tracking_uri": f"http://127.0.0.1:{port}"}}
+    cfg_path = tmp_path / "s.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    start = time.monotonic()
+    assert main(["--config", str(cfg_path)]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert f"http://127.0.0.1:{port}" in err and "cannot be reached" in err
+    assert not (tmp_path / "runs" / "sweeptest" / "sweep").exists()  # nothing started
+
+
+def test_empty_space_is_refused(tmp_path, capsys):
+    import yaml
+
+    from jobs.sweep import main
+
+    cfg_path = tmp_path / "s.yaml"
+    cfg_path.write_text(yaml.safe_dump(_cfg_data(tmp_path / "runs") | {"sweep": {"space": {}}}))
+    assert main(["--config", str(cfg_path)]) == 2
+    assert "sweep.space is empty" in capsys.readouterr().err
