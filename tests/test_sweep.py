@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from discl_ray.config import ConfigError, load_config
+from discl_ray.config import ConfigError, load_config, to_flat_dict
 from discl_ray.sweep import (
     absolute_paths,
     grid_size,
@@ -207,3 +207,24 @@ def test_empty_space_is_refused(tmp_path, capsys):
     cfg_path.write_text(yaml.safe_dump(_cfg_data(tmp_path / "runs") | {"sweep": {"space": {}}}))
     assert main(["--config", str(cfg_path)]) == 2
     assert "sweep.space is empty" in capsys.readouterr().err
+
+
+def test_every_shipped_sweep_config_has_valid_trials():
+    """Every grid point of every shipped sweep config is a valid trial config (what `discl sweep` checks first)."""
+    from pathlib import Path
+
+    from discl_ray.sweep import _grid_points
+
+    repo = Path(__file__).resolve().parent.parent
+    paths = sorted(repo.glob("configs/**/sweep_*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.sweep.space, path
+        base = cfg.model_dump(mode="json")
+        points = _grid_points(cfg.sweep.space)
+        assert len(points) * cfg.sweep.num_samples == grid_size(cfg.sweep.space, cfg.sweep.num_samples)
+        for params in points:
+            flat = to_flat_dict(trial_config(base, params).model_dump())
+            for key, val in params.items():
+                assert flat[key] == val, (path, key)
