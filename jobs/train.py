@@ -1,9 +1,47 @@
-"""`discl train`: placeholder until issue 5 lands."""
+"""`discl train`: curriculum training on Ray Train V2 with a λ selector actor (paper Algorithms 1 and 2).
+
+    discl train --config configs/toy/digits_lt.yaml training.strategy=diverse_to_specific training.epochs=10
+
+Reads the experiment's canonical rows, hard samples and scored spectrum from parquet, applies the trainer's
+own CLIP threshold and λ set, trains, selects the checkpoint on validation and prints the test metrics.
+Rerunning with the same ``--run-name`` (default: derived from the config) resumes an interrupted run.
+"""
 
 from __future__ import annotations
 
-from discl_ray.cli_common import not_yet
+import argparse
+import json
+import math
+import sys
+
+from discl_ray.cli_common import run_stage
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-name", default=None, help="Ray Train run name (default: from strategy, seed, config hash)")
+    p.add_argument("--storage-path", default=None, help="checkpoint storage (default: runs/<experiment>/train)")
+    p.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this parent run")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the final metrics as JSON")
+
+
+def _body(cfg, args) -> int:
+    from discl_ray.training import fit
+
+    try:
+        metrics = fit(cfg, run_name=args.run_name, storage_path=args.storage_path,
+                      mlflow_parent_run_id=args.parent_run_id)
+    except FileNotFoundError as err:
+        print(f"discl train: {err}", file=sys.stderr)
+        return 2
+    width = max(len(k) for k in metrics) if metrics else 0
+    for key, val in metrics.items():
+        shown = f"{val:.4f}" if isinstance(val, float) and math.isfinite(val) else val
+        print(f"{key:<{width}}  {shown}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(metrics, fh, indent=1, default=str)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_yet("train", "issue 5")
+    return run_stage(argv, "train", __doc__.splitlines()[0], _body, _args)

@@ -113,6 +113,21 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
     return out
 
 
+def preflight(cfg) -> None:
+    """Fail in the driver, before any worker starts, when an input table the strategy needs is missing."""
+    from discl_ray.io import parquet_files
+    from discl_ray.runtime import RunPaths
+
+    paths = RunPaths.from_config(cfg)
+    needed = [] if cfg.training.strategy == "none" else [("mine", paths.stage("mine"), "discl mine")]
+    if cfg.training.strategy != "none" and any(v < 1.0 for v in cfg.training.lams):
+        needed += [("spectrum", paths.stage("generate", "spectrum"), "discl generate"),
+                   ("scores", paths.stage("score", "scores"), "discl score")]
+    missing = [f"{what} ({where}; run {cmd} first)" for what, where, cmd in needed if not parquet_files(where)]
+    if missing:
+        raise FileNotFoundError(f"training.strategy={cfg.training.strategy} needs: " + "; ".join(missing))
+
+
 def load_pool(cfg, image_size: Optional[int] = None) -> Pool:
     """Read the experiment's parquet (real rows, hard samples, spectrum + scores) and decode it once."""
     from discl_ray.data import read_rows

@@ -100,7 +100,10 @@ class Worker:
         for step in range(steps):
             sel = mine[step * self.batch:(step + 1) * self.batch]
             if fault and self._should_fail(fault, step, steps):
-                os._exit(17)   # a real worker death (tests of FailureConfig restarts)
+                # A real worker death (tests of FailureConfig restarts); the pause lets the controller
+                # register the previous epoch's checkpoint first, as it would in any epoch longer than its poll.
+                time.sleep(float(fault.get("delay_s", 3.0)))
+                os._exit(17)
             x = to_float(self.pool.images[torch.as_tensor(sel)], self.device)
             y = torch.as_tensor(self.pool.labels[sel], device=self.device)
             if self.tc.loss == "flyp":
@@ -158,7 +161,9 @@ class Worker:
 
         selector = ray.get_actor(actor_name(self.run_name), namespace=self.opts.get("namespace"))
         state = ckpt.restore(ray.train.get_checkpoint(), unwrap(self.model), self.opt)
-        start = state.get("epoch", -1) + 1
+        start = self._start = state.get("epoch", -1) + 1
+        if start:
+            log.info("resuming %s from its checkpoint at epoch %d", self.run_name, start)
         if self.rank == 0:
             # Restore the selector to the checkpoint's epochs: a choice made in an epoch that died is redone.
             ray.get(selector.load_state.remote(state["selector"], start) if "selector" in state
@@ -166,6 +171,7 @@ class Worker:
         best = state.get("best", {"value": -math.inf, "epoch": -1})
         best_model = state.get("best_model")
         history: list[dict] = state.get("metrics", [])
+        loop_t0, samples_total = time.perf_counter(), 0
         with self._mlflow(state.get("mlflow_run_id")) as mlrun:
             for epoch in range(start, self.tc.epochs):
                 self._epoch = epoch
@@ -184,6 +190,7 @@ class Worker:
                 t1 = time.perf_counter()
                 loss, seen = self.train_on(idx, self._rng("shuffle", epoch), self.tc.steps_per_epoch)
                 train_s = time.perf_counter() - t1
+                samples_total += seen
                 metrics: dict[str, Any] = {"epoch": epoch, "lam": lam, "train_loss": loss, "lr": lr,
                                            "n_train": int(len(idx)), "samples_per_s": seen / max(train_s, 1e-9),
                                            "epoch_train_s": train_s, "adaptive_probe_s": probe_s if adaptive else 0.0}
@@ -206,8 +213,12 @@ class Worker:
                 ray.train.report(metrics, checkpoint=checkpoint)
                 ckpt.cleanup(checkpoint)
             final, checkpoint = {}, None
+            # Throughput of this attempt's epoch loop (training, probes, validation, reports, checkpoints).
+            loop_s = time.perf_counter() - loop_t0
             if self.rank == 0:
                 final = self.finish(best, best_model, history, selector, mlrun)
+                final.update(loop_s=loop_s, loop_samples=samples_total,
+                             loop_samples_per_s=samples_total / max(loop_s, 1e-9))
                 checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=self.tc.epochs - 1, best=best,
                                        best_model=best_model, selector=ray.get(selector.state.remote()),
                                        metrics=history, mlflow_run_id=mlrun.info.run_id if mlrun else None)
@@ -221,6 +232,7 @@ class Worker:
         net = copy.deepcopy(unwrap(self.model))
         net.load_state_dict(best_model)
         final: dict[str, Any] = {"best_epoch": best["epoch"], f"best_{self.tc.select_metric}": best["value"],
+                                 "resumed_at_epoch": self._start,
                                  "select_metric": self.tc.select_metric, "n_bad_images": self.pool.n_bad_images}
         if self.tc.task == "long_tail":
             m, cm = self.evaluate("test", net)

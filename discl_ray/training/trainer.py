@@ -84,6 +84,11 @@ def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
         from discl_ray.tracking import check_reachable
 
         check_reachable(tracking_uri(cfg))   # fail before any training when the server is down
+    from discl_ray.data import materialize
+    from discl_ray.training.data import preflight
+
+    preflight(cfg)
+    materialize(cfg)          # canonical rows written once here, not raced by the workers
     init_ray(cfg)
     trainer, selector = build_trainer(cfg, run_name=run_name, callbacks=callbacks,
                                       mlflow_parent_run_id=mlflow_parent_run_id, storage_path=storage_path)
