@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -39,7 +40,7 @@ from discl_ray.scoring.embed import (
 from discl_ray.scoring.report import filter_scores, plot_histograms, summarize
 
 if TYPE_CHECKING:
-    from discl_ray.config import ExperimentConfig
+    from discl_ray.config import ExperimentConfig, ScoringConfig
 
 log = logging.getLogger(__name__)
 ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("reason", pa.string())])
@@ -149,25 +150,54 @@ def _reference_items(cfg: "ExperimentConfig", prompts: list[str], sources: list[
     return reference_items(prompts, rows)
 
 
-def _pool_args(cfg: "ExperimentConfig") -> dict:
+def _pool_args(scoring: "ScoringConfig") -> dict:
     import ray
 
-    sc = cfg.scoring
-    return dict(compute=ray.data.ActorPoolStrategy(min_size=sc.actors_min, max_size=sc.actors_max),
-                num_gpus=sc.num_gpus_per_actor, num_cpus=sc.num_cpus_per_actor, batch_size=sc.batch_size,
-                batch_format="pyarrow")
+    return dict(compute=ray.data.ActorPoolStrategy(min_size=scoring.actors_min, max_size=scoring.actors_max),
+                num_gpus=scoring.num_gpus_per_actor, num_cpus=scoring.num_cpus_per_actor,
+                batch_size=scoring.batch_size, batch_format="pyarrow")
 
 
-def _drop_ids(done: pa.Array):
-    def drop(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.invert(pc.is_in(batch["image_id"], value_set=done)))
-    return drop
+def _read_todo(done: pa.Array):
+    """A map_batches function: spectrum file paths → their rows (scoring columns) not yet in ``done``."""
+    def read(batch: pa.Table) -> pa.Table:
+        parts = [pq.read_table(path, columns=SPECTRUM_INPUT_COLUMNS) for path in batch["path"].to_pylist()]
+        table = pa.concat_tables(parts)
+        return table.filter(pc.invert(pc.is_in(table["image_id"], value_set=done))) if len(done) else table
+    return read
+
+
+def ray_embed_references(scoring: "ScoringConfig", cache_dir: Path, items: pa.Table,
+                         root: Optional[str] = None) -> pa.Table:
+    """Pass 1 on Ray Data: ``REFERENCE_SCHEMA`` items → ``kind, key, embedding, error`` (each item once)."""
+    import ray
+
+    ds = ray.data.from_arrow(items).map_batches(
+        ReferenceEmbedder, fn_constructor_kwargs=dict(scoring_cfg=scoring, cache_dir=str(cache_dir), root=root),
+        **_pool_args(scoring))
+    return pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+
+
+def ray_score_files(scoring: "ScoringConfig", cache_dir: Path, files: list[Path], references: pa.Table,
+                    label_prompts: dict[int, str], clip_model: str, done: Optional[pa.Array] = None):
+    """Pass 2 on Ray Data: a dataset of score rows (``SCORE_COLUMNS`` + ``error``) for the spectrum files.
+
+    One read task per spectrum part file (plain pyarrow, rows not in ``done``); the reference embeddings
+    go to the object store once and every actor fetches them once.
+    """
+    import ray
+
+    done = done if done is not None else pa.array([], pa.string())
+    refs_ref = ray.put(references)
+    ds = ray.data.from_items([{"path": str(f)} for f in files]).map_batches(
+        _read_todo(done), batch_size=1, batch_format="pyarrow")
+    return ds.map_batches(SpectrumScorer, fn_constructor_kwargs=dict(
+        scoring_cfg=scoring, cache_dir=str(cache_dir), references=[refs_ref], label_prompts=label_prompts,
+        clip_model=clip_model), **_pool_args(scoring))
 
 
 def _score_todo(cfg: "ExperimentConfig", paths: RunPaths, files: list[Path], todo: pa.Table, done: pa.Array,
                 label_prompts: dict[int, str], clip_model: str, writer: _PartWriter) -> None:
-    import ray
-
     from discl_ray.runtime import init_ray
 
     sources = sorted(set(todo["source_image_id"].to_pylist()))
@@ -175,27 +205,21 @@ def _score_todo(cfg: "ExperimentConfig", paths: RunPaths, files: list[Path], tod
     prompts = sorted({label_prompts[lbl] for lbl in todo_labels})
     items = _reference_items(cfg, prompts, sources, writer)
     init_ray(cfg)
-    common = dict(scoring_cfg=cfg.scoring, cache_dir=str(paths.cache), root=cfg.dataset.root)
-    ref_ds = ray.data.from_arrow(items).map_batches(ReferenceEmbedder, fn_constructor_kwargs=common,
-                                                    **_pool_args(cfg))
-    refs = pa.concat_tables(list(ref_ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+    t0 = time.perf_counter()
+    refs = ray_embed_references(cfg.scoring, paths.cache, items, cfg.dataset.root)
     failed = refs["error"].is_valid()
     bad = refs.filter(failed)
     writer.add_errors(pa.table({"image_id": bad["key"],
                                 "reason": pc.binary_join_element_wise("source image: ", bad["error"], "")}))
-    refs_ref = ray.put(refs.filter(pc.invert(failed)))
-    log.info("embedded %d prompts and %d source images once; scoring %d synthetic rows",
-             len(prompts), items.num_rows - len(prompts), todo.num_rows)
-
-    ds = ray.data.read_parquet([str(f) for f in files], columns=SPECTRUM_INPUT_COLUMNS)
-    if len(done):
-        ds = ds.map_batches(_drop_ids(done), batch_format="pyarrow")
-    ds = ds.map_batches(SpectrumScorer, fn_constructor_kwargs=common | dict(
-        references=[refs_ref], label_prompts={lbl: label_prompts[lbl] for lbl in todo_labels},
-        clip_model=clip_model), **_pool_args(cfg))
+    log.info("embedded %d prompts and %d source images once in %.1f s; scoring %d synthetic rows",
+             len(prompts), items.num_rows - len(prompts), time.perf_counter() - t0, todo.num_rows)
+    t0 = time.perf_counter()
+    ds = ray_score_files(cfg.scoring, paths.cache, files, refs.filter(pc.invert(failed)),
+                         {lbl: label_prompts[lbl] for lbl in todo_labels}, clip_model, done)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=cfg.scoring.write_every):
         writer.add(batch)
     writer.flush()
+    log.info("scored %d rows (%d errors) in %.1f s", writer.n_ok, writer.n_bad, time.perf_counter() - t0)
 
 
 def write_filtered(files: list[Path], kept: pa.Table, out_dir: Path) -> int:
