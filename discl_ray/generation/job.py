@@ -53,8 +53,10 @@ def pending_sources(sources: pa.Table, lams: list[float], seeds: list[int], done
     return sources.filter(pa.array(keep, pa.bool_())), skipped
 
 
-def build_dataset(cfg: "ExperimentConfig", sources: pa.Table, done: set[str]):
-    """The lazy Ray Data pipeline: sources → fan_out (CPU) → SpectrumGenerator actor pool."""
+def build_dataset(cfg: "ExperimentConfig", sources: pa.Table, done: set[str], generator_cls=SpectrumGenerator):
+    """The lazy Ray Data pipeline: sources → fan_out (CPU) → SpectrumGenerator actor pool.
+
+    ``generator_cls`` lets a benchmark swap in an instrumented subclass; the job always uses the default."""
     import ray
 
     gen = cfg.generation
@@ -78,7 +80,7 @@ def build_dataset(cfg: "ExperimentConfig", sources: pa.Table, done: set[str]):
                         fn_kwargs=dict(lams=lams, seeds=list(gen.seeds), skip=skip, root=cfg.dataset.root,
                                        width=gen.width, height=gen.height))
     threads = max(1, int(gen.num_cpus_per_actor))
-    return ds.map_batches(SpectrumGenerator, batch_size=gen.rows_per_block, batch_format="pyarrow",
+    return ds.map_batches(generator_cls, batch_size=gen.rows_per_block, batch_format="pyarrow",
                           fn_constructor_kwargs=dict(generation=gen.model_dump(mode="json"),
                                                      cache_dir=str(paths.cache), threads=threads),
                           compute=ray.data.ActorPoolStrategy(min_size=gen.actors_min, max_size=gen.actors_max),
