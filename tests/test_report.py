@@ -44,9 +44,16 @@ def _log_runs(uri: str, experiment: str) -> dict:
     return raw
 
 
-def test_tables_equal_recomputation(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    raw = _log_runs(uri, "rep")
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module (creating MLflow's schema takes seconds): (uri, raw finals)."""
+    path = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{path / 'mlflow.db'}"
+    return uri, _log_runs(uri, "rep"), path
+
+
+def test_tables_equal_recomputation(store):
+    uri, raw, _ = store
     tables = build_tables(uri, "rep")
     assert set(tables) == {"long_tail", "low_quality"}
     lt = tables["long_tail"]
@@ -70,11 +77,11 @@ def test_tables_equal_recomputation(tmp_path):
     assert "±" in md
 
 
-def test_cli_writes_files_and_logs_report_run(tmp_path, capsys):
+def test_cli_writes_files_and_logs_report_run(store, tmp_path, capsys, monkeypatch):
     from jobs.report import main
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _log_runs(uri, "rep")
+    uri = store[0]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"experiment: rep\nrun_root: {tmp_path / 'runs'}\ntracking:\n  tracking_uri: '{uri}'\n")
     out = tmp_path / "out"
@@ -95,8 +102,7 @@ def test_cli_writes_files_and_logs_report_run(tmp_path, capsys):
     assert build_tables(uri, "rep")["long_tail"].shape[0] == 4
 
 
-def test_unknown_experiment_names_existing(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _log_runs(uri, "rep")
+def test_unknown_experiment_names_existing(store):
+    uri = store[0]
     with pytest.raises(ValueError, match="'nope' not found.*rep"):
         build_tables(uri, "nope")

@@ -66,9 +66,10 @@ def ray_head():
         _wait_port(dash, proc)
         yield f"http://127.0.0.1:{dash}"
     finally:
+        # SIGTERM lets raylet/GCS exit cleanly; the blocking `ray start` parent ignores it, hence the KILL.
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
