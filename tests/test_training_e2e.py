@@ -130,3 +130,28 @@ def test_killed_driver_resumes_from_last_checkpoint(run_root, tmp_path):
     final = eval(out.stdout.split("FINAL", 1)[1].strip(), {"nan": math.nan})
     assert final["lam_history"] == schedule("random", epochs=6, curriculum_epochs=4, lams=[0.0, 0.5, 1.0])
     assert done >= 1
+
+
+@pytest.mark.slow
+def test_clip_flyp_with_wise_ft(ray_local, run_root, tmp_path):
+    """CLIP backbone through the scoring stage's loader (tiny custom open_clip), FLYP loss, WiSE-FT per α."""
+    arch = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16,
+                                            "patch_size": 8},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = tmp_path / "discl-e2e-clip.json"
+    path.write_text(__import__("json").dumps(arch))
+    cfg = load_config(None, [
+        f"run_root={run_root}", "experiment=lqclip", "dataset.image_size=16", "generation.lams=[0.5,0.9]",
+        "training.lams=[0.5,0.9,1.0]", "scoring.threshold=0.2", "scoring.model=discl-e2e-clip",
+        f"scoring.model_config_path={path}", "scoring.pretrained=null", "training.backbone=clip",
+        "training.loss=flyp", "training.wise_alphas=[0.0,0.5,1.0]", "training.task=low_quality",
+        "training.strategy=easy_to_hard", "training.epochs=2", "training.curriculum_epochs=1",
+        "training.cpus_per_worker=0.5", "training.batch_size=16", "training.lr=0.0005", "tracking.enabled=false"])
+    write_fixture(cfg, low_quality=True, train_counts=(10, 10, 10))
+    final = fit(cfg, run_name="clip-flyp")
+    for alpha in ("0.0", "0.5", "1.0"):
+        for split in ("test_id", "test_ood"):
+            assert 0 <= final[f"final_wise_{alpha}_{split}_f1"] <= 1
+    # α = 1 is the selected fine-tuned model itself.
+    assert final["final_wise_1.0_test_id_f1"] == pytest.approx(final["final_test_id_f1"])
+    assert final["lam_history"] == [0.5, REAL_ONLY]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -117,11 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         s = args.scale
         write_fixture(cfg, train_counts=(60 * s, 40 * s, 25 * s, 8 * s, 5 * s), val_per_class=10,
                       test_per_class=10, seeds=(0, 1, 2, 3), size=32)
-    plain = plain_loop(cfg)
-    init_ray(cfg) if not ray.is_initialized() else None
+    load_before = os.getloadavg()[0]
+    plain_a = plain_loop(cfg)
+    if not ray.is_initialized():
+        init_ray(cfg)
     storage = str(root / "bench-storage")
     stamp = time.strftime("%H%M%S")
     ray1 = ray_run(cfg, f"bench-plain-vs-ray-{stamp}", storage)
+    # The plain loop runs before and after the Ray run and the faster one counts: on a shared machine the
+    # load changes by minutes, and crediting the baseline with its best run keeps the ratio conservative.
+    plain_b = plain_loop(cfg)
+    plain = max(plain_a, plain_b, key=lambda r: r["samples_per_s"])
     lq = load_config(args.config, base + common + [
         "training.task=low_quality", "training.strategy=adaptive", "training.lams=[0.5,0.7,0.9,1.0]",
         f"training.random_real_size={args.random_real_size}", "training.guidance_val_size=200"] + args.overrides)
@@ -140,12 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         "ray_e2e_s": ray1["e2e_s"], "samples": plain["samples"], "ray_samples": ray1["samples"],
         "epochs": args.epochs, "plain_val_acc": plain["val_acc"],
         "ray_final_test_acc": ray1["final"].get("final_test_acc"),
+        "plain_samples_per_s_runs": [plain_a["samples_per_s"], plain_b["samples_per_s"]],
+        "load_avg_1m": [load_before, os.getloadavg()[0]],
         "machine": "see docs/benchmarks/train.md",
     }
     width = max(len(k) for k in out)
     print(f"{'metric':<{width}}  value")
     for key, val in out.items():
-        print(f"{key:<{width}}  {val:.4f}" if isinstance(val, float) else f"{key:<{width}}  {val}")
+        shown = f"{val:.4f}" if isinstance(val, float) else (
+            "[" + ", ".join(f"{v:.2f}" for v in val) + "]" if isinstance(val, list) else val)
+        print(f"{key:<{width}}  {shown}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     ok = out["ray_over_plain"] >= 0.7

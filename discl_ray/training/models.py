@@ -91,8 +91,10 @@ def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[
         from discl_ray.runtime import RunPaths
         from discl_ray.scoring.clip import load_clip
 
-        model, _preprocess, tokenizer = load_clip(cfg.scoring, RunPaths.from_config(cfg).cache, device)
-        return ClipClassifier(model, tokenizer(list(prompts)))
+        # Fine-tuning keeps float32 master weights whatever dtype the scoring stage runs CLIP in.
+        scoring = cfg.scoring.model_copy(update={"dtype": "float32"})
+        model, _preprocess, tokenizer = load_clip(scoring, RunPaths.from_config(cfg).cache, device)
+        return ClipClassifier(model.float(), tokenizer(list(prompts)))
     raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
 
 
