@@ -15,6 +15,10 @@ STRATS = {"diverse_to_specific": [0.0, 0.5, 1.0], "easy_to_hard": [1.0, 0.5, 0.0
 
 def _log_runs(uri: str, experiment: str) -> dict:
     """2 strategies × 2 losses × 3 seeds of long-tail runs plus 2 low-quality runs; returns raw finals."""
+    from discl_ray.tracking import ensure_experiment
+
+    # Artifacts next to the store, not in ./mlruns of the current directory.
+    ensure_experiment(uri, experiment, uri.removeprefix("sqlite:///").rsplit("/", 1)[0] + "/mlartifacts")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)
     raw: dict = {}
@@ -96,6 +100,7 @@ def test_cli_writes_files_and_logs_report_run(store, tmp_path, capsys, monkeypat
     reports = client.search_runs([exp.experiment_id], "tags.stage = 'report'")
     assert len(reports) == 1
     logged = {a.path for a in client.list_artifacts(reports[0].info.run_id, "report")}
+    assert (store[2] / "mlartifacts" / "rep").is_dir()
     assert "report/lam_per_epoch.png" in logged and "report/long_tail.csv" in logged
     # A second report ignores the first report run (no final metrics) and gives the same table.
     assert main(["--config", str(cfg), "--out", str(out), "--no-log"]) == 0

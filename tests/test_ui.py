@@ -28,6 +28,9 @@ def test_ui_serves_mlflow_on_loopback(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     (tmp_path / "runs").mkdir()
+    from discl_ray.tracking import ensure_experiment
+
+    ensure_experiment(uri, "uitest", str(tmp_path / "runs" / "mlartifacts"))
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("uitest")
     with mlflow.start_run(run_name="r1"):
