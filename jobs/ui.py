@@ -18,6 +18,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server to answer")
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (from a supervisor or a test) stops the server like Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -41,8 +46,7 @@ def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"discl ui: WARNING binding {args.host}: the MLflow UI has no authentication", file=sys.stderr)
     proc = subprocess.Popen(cmd)
-    # SIGTERM (e.g. from a test or a supervisor) stops the server too, not only Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     url = f"http://{args.host}:{args.port}"
     try:
         wait_until_up(url + "/health", timeout=args.timeout, proc=proc)
