@@ -34,34 +34,38 @@ def mlflow_runs(run_root):
     return mlflow, mlflow.MlflowClient(), mlflow.search_runs(search_all_experiments=True)
 
 
-def test_two_workers_survive_a_killed_worker_and_log_to_mlflow(ray_local, run_root, tmp_path):
+def run_lt(ray_local, run_root, tmp_path, fault_epoch=None):
+    """A 2-worker long-tail run on the fixture; optionally rank 1 exits for real in the middle of an epoch."""
+    from discl_ray.training import build_trainer
+
     cfg = lt_config(run_root, "training.num_workers=2", "training.max_failures=2")
     write_fixture(cfg, corrupt=1)
     marker = tmp_path / "killed.txt"
-    from discl_ray.training import build_trainer
-
-    trainer, selector = build_trainer(cfg, run_name="e2e", fault={"epoch": 2, "marker": str(marker), "rank": 1})
+    fault = {"epoch": fault_epoch, "marker": str(marker), "rank": 1} if fault_epoch is not None else None
+    trainer, selector = build_trainer(cfg, run_name="e2e", fault=fault)
     try:
         result = trainer.fit()
         history = ray_local.get(selector.get_history.remote())
     finally:
         ray_local.kill(selector)
     assert result.error is None
-    assert marker.exists(), "the fault was never injected"            # rank 1 really died mid-epoch 2
-    final = result.metrics
-    assert 1 <= final["resumed_at_epoch"] <= 2                          # restarted from a checkpoint, not epoch 0
+    assert marker.exists() == (fault_epoch is not None)
+    return result.metrics, history
+
+
+def check_run(run_root, final, history):
     expected = schedule("diverse_to_specific", epochs=4, curriculum_epochs=3, lams=[0.0, 0.5, 1.0])
     assert expected == [0.0, 0.5, 1.0, REAL_ONLY]
-    assert final["lam_history"] == expected                             # no gap, no duplicate after restart
+    assert final["lam_history"] == expected                             # no gap, no duplicate
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     for key in ("final_test_acc", "final_test_many_acc", "final_test_medium_acc", "final_test_few_acc"):
         assert 0.0 <= final[key] <= 1.0
-    assert final["n_bad_images"] == 1
+    assert final["n_bad_images"] == 1                                   # the corrupt row was skipped
     assert final["final_test_acc"] > 0.3                                # 5 classes: well above chance
     assert final["select_metric"] == "val_acc" and 0 <= final["best_epoch"] < 4
 
     mlflow, client, runs = mlflow_runs(run_root)
-    assert len(runs) == 1                                               # the restarted worker reopened its run
+    assert len(runs) == 1                                               # a restarted rank 0 reopens its run
     run = runs.iloc[0]
     assert run.status == "FINISHED"
     assert run["params.training.strategy"] == "diverse_to_specific"
@@ -71,6 +75,21 @@ def test_two_workers_survive_a_killed_worker_and_log_to_mlflow(ray_local, run_ro
     assert run["metrics.final_test_acc"] == pytest.approx(final["final_test_acc"])
     arts = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config.yaml", "lam_schedule.png", "confusion_test.png", "checkpoint"} <= arts
+
+
+def test_two_workers_finish_and_log_to_mlflow(ray_local, run_root, tmp_path):
+    final, history = run_lt(ray_local, run_root, tmp_path)
+    assert final["resumed_at_epoch"] == 0
+    check_run(run_root, final, history)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_with_unbroken_lam_history(ray_local, run_root, tmp_path):
+    """Rank 1 exits (os._exit) in the middle of epoch 2; FailureConfig restarts the group from the last
+    checkpoint with the selector's history restored (~2.5 min here: a second worker-group start)."""
+    final, history = run_lt(ray_local, run_root, tmp_path, fault_epoch=2)
+    assert 1 <= final["resumed_at_epoch"] <= 2                          # restarted from a checkpoint, not 0
+    check_run(run_root, final, history)
 
 
 @pytest.mark.slow
