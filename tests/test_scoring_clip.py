@@ -21,7 +21,7 @@ from discl_ray.scoring.clip import (
     preprocess_images,
     zero_shot_probs,
 )
-from discl_ray.scoring.embed import clip_score, reference_items, score_in_process
+from discl_ray.scoring.embed import clip_score, score_in_process
 from discl_ray.scoring.report import filter_scores, keep_mask, plot_histograms, summarize
 
 torch.set_num_threads(1)
@@ -116,11 +116,9 @@ def test_references_are_encoded_once_and_scores_match_a_direct_computation(tmp_p
     spectrum, sources = _spectrum(n_sources=3, per_source=4)
     prompts = {0: "a photo of zero", 1: "a photo of one"}
     counter = _Counter(model)
-    out = score_in_process(model, preprocess, tokenizer, spectrum, reference_items(sorted(set(prompts.values())),
-                                                                                    sources),
-                           prompts, "tiny", batch_size=5)
+    out = score_in_process(model, preprocess, tokenizer, spectrum, sources, prompts, "tiny", batch_size=5)
     assert counter.texts == 2                      # one per class prompt, not one per synthetic row
-    assert counter.images == 3 + 12                # one per source + one per synthetic row
+    assert counter.images == 3 + 12                # one per source (though split over batches) + one per row
     assert out.num_rows == 12 and out["error"].null_count == 12
     text_cos, image_cos = np.array(out["clip_text_cos"]), np.array(out["clip_image_cos"])
     assert np.all((text_cos >= -1) & (text_cos <= 1)) and np.all((image_cos >= -1) & (image_cos <= 1))
@@ -137,13 +135,19 @@ def test_references_are_encoded_once_and_scores_match_a_direct_computation(tmp_p
     assert np.allclose(np.array(out["clip_score"]), 2.5 * np.maximum(text_cos, 0))
 
 
-def test_unreadable_image_becomes_an_error_not_a_crash(tiny):
+def test_unreadable_images_become_errors_not_a_crash(tiny):
     cfg, model, preprocess, tokenizer = tiny
-    spectrum, sources = _spectrum(n_sources=1, per_source=2)
-    spectrum = spectrum.set_column(5, "image", pa.array([b"not a png", spectrum["image"][1].as_py()], pa.binary()))
-    out = score_in_process(model, preprocess, tokenizer, spectrum, reference_items(["p"], sources), {0: "p"}, "m")
+    spectrum, sources = _spectrum(n_sources=2, per_source=2)
+    spectrum = spectrum.set_column(5, "image", pa.array([b"not a png", *spectrum["image"].to_pylist()[1:]]))
+    sources = sources.set_column(1, "image", pa.array([sources["image"][0].as_py(), b"broken source"]))
+    out = score_in_process(model, preprocess, tokenizer, spectrum, sources, {0: "p", 1: "q"}, "m", batch_size=3)
     assert out["error"][0].as_py().startswith("cannot decode image")
-    assert np.isnan(out["clip_text_cos"][0].as_py()) and out["error"][1].as_py() is None
+    assert np.isnan(out["clip_text_cos"][0].as_py()) and out["error"].null_count == 3
+    # src1 cannot be decoded: its rows keep their text score (the filter) but get no image–image cosine.
+    assert out["source_error"].to_pylist()[2:] == [out["source_error"][2].as_py()] * 2
+    assert "cannot decode image" in out["source_error"][2].as_py()
+    assert np.isnan(out["clip_image_cos"].to_pylist()[2:]).all()
+    assert not np.isnan(out["clip_text_cos"].to_pylist()[1:]).any()
 
 
 def test_threshold_filter_is_inclusive_and_exact():

@@ -31,10 +31,11 @@ def make_experiment(root: Path, threshold: float = 0.0, **scoring) -> tuple[dict
     cfg = load_config(data=data)
     paths = RunPaths.from_config(cfg)
     sources = {f"train-{i}": png_bytes(digit_image(i % 2, i)) for i in range(N_SOURCES)}
-    canon = pa.table({"image_id": [*sources, "test-0"], "image": [*sources.values(), png_bytes(digit_image(1, 99))],
-                      "path": pa.nulls(N_SOURCES + 1, pa.string()), "label": [i % 2 for i in range(N_SOURCES)] + [1],
-                      "class_name": [["zero", "one"][i % 2] for i in range(N_SOURCES)] + ["one"],
-                      "split": ["train"] * N_SOURCES + ["test"], "domain": [""] * (N_SOURCES + 1)})
+    extra = {"test-0": png_bytes(digit_image(1, 99)), "train-bad": b"corrupt source"}
+    canon = pa.table({"image_id": [*sources, *extra], "image": [*sources.values(), *extra.values()],
+                      "path": pa.nulls(N_SOURCES + 2, pa.string()), "label": [i % 2 for i in range(N_SOURCES)] + [1, 1],
+                      "class_name": [["zero", "one"][i % 2] for i in range(N_SOURCES)] + ["one", "one"],
+                      "split": ["train"] * N_SOURCES + ["test", "train"], "domain": [""] * (N_SOURCES + 2)})
     write_parquet_part(canon, paths.dataset, prefix="rows")
     (paths.dataset / "_dataset_config.json").write_text(json.dumps(cfg.dataset.model_dump(mode="json")))
     write_parquet_part(pa.table({"label": [0, 1], "class_name": ["zero", "one"], "display_name": ["zero", "one"],
@@ -52,6 +53,7 @@ def make_experiment(root: Path, threshold: float = 0.0, **scoring) -> tuple[dict
                              "guidance_scale": 10.0})
     rows[3]["image"] = b"corrupt"   # an unreadable synthetic image → error row
     rows.append(dict(rows[0], image_id="ghost|l0.000|s0", source_image_id="ghost"))  # source not in train split
+    rows.append(dict(rows[1], image_id="train-bad|l0.000|s0", source_image_id="train-bad"))  # unreadable source
     spec = pa.Table.from_pylist(rows)
     write_parquet_part(spec.slice(0, 10), paths.stage("generate", "spectrum"))
     write_parquet_part(spec.slice(10), paths.stage("generate", "spectrum"))
@@ -80,17 +82,19 @@ def test_score_job_end_to_end_then_resume(tmp_path, ray_local):
     for i in range(N_SOURCES):
         assert by_id[f"train-{i}|l0.500|s0"] == pytest.approx(1.0, abs=1e-6)
     # Every synthetic row joins to its source: a real image cosine unless the source is not in the train split.
-    assert np.isnan(by_id.pop("ghost|l0.000|s0"))
+    assert np.isnan(by_id.pop("ghost|l0.000|s0")) and np.isnan(by_id.pop("train-bad|l0.000|s0"))
     assert all(-1 <= v <= 1 for v in by_id.values())
     errors = read_parquet_dir(out / "errors")
-    assert sorted(errors["image_id"].to_pylist()) == sorted(["ghost", ids[3]])
-    assert "cannot decode image" in dict(zip(errors["image_id"].to_pylist(), errors["reason"].to_pylist()))[ids[3]]
+    assert sorted(errors["image_id"].to_pylist()) == sorted(["ghost", "train-bad", ids[3]])
+    reasons = dict(zip(errors["image_id"].to_pylist(), errors["reason"].to_pylist()))
+    assert "cannot decode image" in reasons[ids[3]] and reasons["train-bad"].startswith("source image: cannot decode")
+    assert "not in the train split" in reasons["ghost"]
     # threshold 0 keeps exactly the non-negative cosines; filtered rows are spectrum rows plus their scores.
     filtered = read_parquet_dir(out / "filtered")
     assert filtered.num_rows == res.kept == int((text_cos >= 0).sum())
     assert {"image", "prompt", "steps", "clip_text_cos"} <= set(filtered.column_names)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["total"] == n - 1 and summary["errors"] == 2 and summary["kept"] == res.kept
+    assert summary["total"] == n - 1 and summary["errors"] == 3 and summary["kept"] == res.kept
     assert sum(g["total"] for g in summary["per_lam"].values()) == n - 1
     assert set(summary["per_lam"]) == {"0.000", "0.500"} and set(summary["per_class"]) == {"0", "1"}
     assert [p.name for p in res.histograms] == ["hist_clip_text_cos.png", "hist_clip_image_cos.png"]
@@ -107,10 +111,10 @@ def test_score_job_end_to_end_then_resume(tmp_path, ray_local):
     lost = pq.read_table(parts[0])["image_id"].to_pylist()
     parts[0].unlink()
     third = run_score(load_config(data=data, overrides=["scoring.retry_errors=true"]))
-    # errors: the corrupt row, plus the missing 'ghost' source again if its row was in the lost part.
+    # errors: the corrupt row, plus a bad source again if its row was in the lost part.
     assert (third.scored, third.skipped) == (len(lost), n - 1 - len(lost))
-    assert third.errors == 1 + ("ghost|l0.000|s0" in lost)
-    assert sorted(read_parquet_dir(out / "errors")["image_id"].to_pylist()) == sorted(["ghost", ids[3]])
+    assert third.errors == 1 + ("ghost|l0.000|s0" in lost) + ("train-bad|l0.000|s0" in lost)
+    assert sorted(read_parquet_dir(out / "errors")["image_id"].to_pylist()) == sorted(["ghost", "train-bad", ids[3]])
     merged = _scores(cfg)
     assert merged.num_rows == n - 1 and pc.count_distinct(merged["image_id"]).as_py() == n - 1
     new = dict(zip(merged["image_id"].to_pylist(), merged["clip_text_cos"].to_pylist()))

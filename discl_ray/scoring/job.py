@@ -1,10 +1,10 @@
 """``discl score`` end to end: spectrum + real sources + prompts → scores, filtered spectrum, summary, plots.
 
-Two Ray Data passes share one actor-pool shape (``scoring.actors_*``, ``num_gpus_per_actor``):
-
-1. the unique references (one filter prompt per class, one real image per source) → embeddings,
-   collected on the driver (a few MB even for ImageNet-LT) and ``ray.put`` once;
-2. the not-yet-scored spectrum rows → :class:`SpectrumScorer`, which encodes only the synthetic images.
+One Ray Data pass: spectrum part files → :class:`~discl_ray.scoring.embed.SpectrumScorer` actors
+(``scoring.actors_*``, ``num_gpus_per_actor``). The real source rows the spectrum needs are read on the
+driver (``read_rows(cfg, splits=("train",))``) and ``ray.put`` once; each actor embeds every class prompt
+once and each source the first time it sees it (see :mod:`discl_ray.scoring.embed`), then encodes only
+the synthetic images.
 
 Resumable like generation: scores are written in atomic parquet parts every ``scoring.write_every`` rows;
 a rerun skips image_ids already in ``scores/`` or ``errors/`` (with ``scoring.retry_errors`` it retries
@@ -30,13 +30,7 @@ import pyarrow.parquet as pq
 from discl_ray.io import parquet_files, read_parquet_dir, replace_parquet_dir, write_parquet_part
 from discl_ray.runtime import RunPaths
 from discl_ray.scoring.clip import clip_model_id, resolve_clip_source
-from discl_ray.scoring.embed import (
-    SCORE_COLUMNS,
-    SPECTRUM_INPUT_COLUMNS,
-    ReferenceEmbedder,
-    SpectrumScorer,
-    reference_items,
-)
+from discl_ray.scoring.embed import SCORE_COLUMNS, SOURCE_COLUMNS, SPECTRUM_INPUT_COLUMNS, SpectrumScorer
 from discl_ray.scoring.report import filter_scores, plot_histograms, summarize
 
 if TYPE_CHECKING:
@@ -104,6 +98,7 @@ class _PartWriter:
         self.ok: list[pa.Table] = []
         self.bad: list[pa.Table] = []
         self.n_ok = self.n_bad = self.pending = 0
+        self.bad_sources: set[str] = set()
 
     def add_errors(self, table: pa.Table) -> None:
         if table.num_rows:
@@ -111,6 +106,11 @@ class _PartWriter:
             self.n_bad += table.num_rows
 
     def add(self, batch: pa.Table) -> None:
+        bad_src = batch.filter(batch["source_error"].is_valid())
+        for sid, reason in zip(bad_src["source_image_id"].to_pylist(), bad_src["source_error"].to_pylist()):
+            if sid not in self.bad_sources:  # many rows (and maybe several actors) report the same source
+                self.bad_sources.add(sid)
+                self.add_errors(pa.table({"image_id": [sid], "reason": [f"source image: {reason}"]}))
         failed = batch["error"].is_valid()
         self.add_errors(batch.filter(failed).select(["image_id", "error"]).rename_columns(["image_id", "reason"]))
         good = batch.filter(pc.invert(failed)).select(SCORE_COLUMNS)
@@ -130,12 +130,11 @@ class _PartWriter:
         self.ok, self.bad, self.pending = [], [], 0
 
 
-def _reference_items(cfg: "ExperimentConfig", prompts: list[str], sources: list[str],
-                     writer: _PartWriter) -> pa.Table:
-    """Unique prompts and the needed real source rows; sources absent from the train split become errors."""
+def _source_rows(cfg: "ExperimentConfig", sources: list[str], writer: _PartWriter) -> pa.Table:
+    """The needed real source rows; sources absent from the train split become error rows."""
     from discl_ray.data import read_rows
 
-    rows = read_rows(cfg, splits=("train",)).select(["image_id", "image", "path"])
+    rows = read_rows(cfg, splits=("train",)).select(SOURCE_COLUMNS)
     rows = rows.filter(pc.is_in(rows["image_id"], pa.array(sources, pa.string())))
     ids = rows["image_id"].to_pylist()
     if len(set(ids)) != len(ids):
@@ -147,7 +146,7 @@ def _reference_items(cfg: "ExperimentConfig", prompts: list[str], sources: list[
         writer.add_errors(pa.table({"image_id": missing,
                                     "reason": [f"source image not in the train split of {cfg.dataset.name}"]
                                     * len(missing)}))
-    return reference_items(prompts, rows)
+    return rows.combine_chunks()
 
 
 def _pool_args(scoring: "ScoringConfig") -> dict:
@@ -167,59 +166,40 @@ def _read_todo(done: pa.Array):
     return read
 
 
-def ray_embed_references(scoring: "ScoringConfig", cache_dir: Path, items: pa.Table,
-                         root: Optional[str] = None) -> pa.Table:
-    """Pass 1 on Ray Data: ``REFERENCE_SCHEMA`` items → ``kind, key, embedding, error`` (each item once)."""
-    import ray
+def ray_score_files(scoring: "ScoringConfig", cache_dir: Path, files: list[Path], sources: pa.Table,
+                    label_prompts: dict[int, str], clip_model: str, done: Optional[pa.Array] = None,
+                    root: Optional[str] = None):
+    """A Ray Data dataset of score rows (``SCORE_COLUMNS`` + ``error``, ``source_error``) for spectrum files.
 
-    ds = ray.data.from_arrow(items).map_batches(
-        ReferenceEmbedder, fn_constructor_kwargs=dict(scoring_cfg=scoring, cache_dir=str(cache_dir), root=root),
-        **_pool_args(scoring))
-    return pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
-
-
-def ray_score_files(scoring: "ScoringConfig", cache_dir: Path, files: list[Path], references: pa.Table,
-                    label_prompts: dict[int, str], clip_model: str, done: Optional[pa.Array] = None):
-    """Pass 2 on Ray Data: a dataset of score rows (``SCORE_COLUMNS`` + ``error``) for the spectrum files.
-
-    One read task per spectrum part file (plain pyarrow, rows not in ``done``); the reference embeddings
-    go to the object store once and every actor fetches them once.
+    One read per spectrum part file (plain pyarrow, rows not in ``done``, fused into the scorer actor);
+    the real source rows go to the object store once and each actor fetches them once.
     """
     import ray
 
     done = done if done is not None else pa.array([], pa.string())
-    refs_ref = ray.put(references)
+    sources_ref = ray.put(sources)
     ds = ray.data.from_items([{"path": str(f)} for f in files]).map_batches(
         _read_todo(done), batch_size=1, batch_format="pyarrow")
     return ds.map_batches(SpectrumScorer, fn_constructor_kwargs=dict(
-        scoring_cfg=scoring, cache_dir=str(cache_dir), references=[refs_ref], label_prompts=label_prompts,
-        clip_model=clip_model), **_pool_args(scoring))
+        scoring_cfg=scoring, cache_dir=str(cache_dir), sources=[sources_ref], label_prompts=label_prompts,
+        clip_model=clip_model, root=root), **_pool_args(scoring))
 
 
 def _score_todo(cfg: "ExperimentConfig", paths: RunPaths, files: list[Path], todo: pa.Table, done: pa.Array,
                 label_prompts: dict[int, str], clip_model: str, writer: _PartWriter) -> None:
     from discl_ray.runtime import init_ray
 
-    sources = sorted(set(todo["source_image_id"].to_pylist()))
-    todo_labels = sorted(set(todo["label"].to_pylist()))
-    prompts = sorted({label_prompts[lbl] for lbl in todo_labels})
-    items = _reference_items(cfg, prompts, sources, writer)
+    sources = _source_rows(cfg, sorted(set(todo["source_image_id"].to_pylist())), writer)
+    labels = sorted(set(todo["label"].to_pylist()))
     init_ray(cfg)
     t0 = time.perf_counter()
-    refs = ray_embed_references(cfg.scoring, paths.cache, items, cfg.dataset.root)
-    failed = refs["error"].is_valid()
-    bad = refs.filter(failed)
-    writer.add_errors(pa.table({"image_id": bad["key"],
-                                "reason": pc.binary_join_element_wise("source image: ", bad["error"], "")}))
-    log.info("embedded %d prompts and %d source images once in %.1f s; scoring %d synthetic rows",
-             len(prompts), items.num_rows - len(prompts), time.perf_counter() - t0, todo.num_rows)
-    t0 = time.perf_counter()
-    ds = ray_score_files(cfg.scoring, paths.cache, files, refs.filter(pc.invert(failed)),
-                         {lbl: label_prompts[lbl] for lbl in todo_labels}, clip_model, done)
+    ds = ray_score_files(cfg.scoring, paths.cache, files, sources, {lbl: label_prompts[lbl] for lbl in labels},
+                         clip_model, done, cfg.dataset.root)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=cfg.scoring.write_every):
         writer.add(batch)
     writer.flush()
-    log.info("scored %d rows (%d errors) in %.1f s", writer.n_ok, writer.n_bad, time.perf_counter() - t0)
+    log.info("scored %d rows from %d sources (%d error rows) in %.1f s", writer.n_ok, sources.num_rows,
+             writer.n_bad, time.perf_counter() - t0)
 
 
 def write_filtered(files: list[Path], kept: pa.Table, out_dir: Path) -> int:
