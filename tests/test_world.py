@@ -1,0 +1,137 @@
+"""The world job on a reduced budget (tiny step counts): artifacts, their loaders, gates, exit codes.
+
+One module-scoped run (~30-60 s on 2 idle cores) is shared by the tests; the full-budget gate check is
+``slow``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from discl_ray import toyworld
+
+SMOKE_BUDGET_S = 12.0
+
+
+@pytest.fixture(scope="module")
+def smoke_world(tmp_path_factory):
+    from discl_ray.toyworld.train import train_world
+
+    torch.set_num_threads(2)
+    cache = tmp_path_factory.mktemp("cache")
+    man = train_world(cache, seed=0, image_size=32, budget_s=SMOKE_BUDGET_S, check_gates=True, progress=False)
+    return cache, man
+
+
+def test_world_writes_all_artifacts_and_manifest(smoke_world):
+    cache, man = smoke_world
+    assert (toyworld.generator_dir(cache) / "model_index.json").is_file()
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (toyworld.generator_dir(cache) / sub).is_dir(), sub
+    js, pt = toyworld.clip_files(cache)
+    assert js.is_file() and pt.is_file() and js.name == "toy-clip.json"
+    assert toyworld.classifier_file(cache).is_file()
+    disk = json.loads((toyworld.toy_dir(cache) / "manifest.json").read_text())
+    assert disk["settings"]["seed"] == 0 and disk["settings"]["image_size"] == 32
+    assert set(disk["gates"]) >= {"classifier", "clip", "generator", "clip_scores"}
+    assert isinstance(man["passed"], bool)
+    assert man["timing"]["unet"]["steps"] >= 1
+    # a few MB at most (what we may ship)
+    assert sum(man["size_mb"].values()) < 25
+
+
+def test_generator_loads_through_auto_pipeline_and_runs_img2img(smoke_world):
+    from diffusers import AutoPipelineForImage2Image, StableDiffusionImg2ImgPipeline
+
+    cache, _ = smoke_world
+    pipe = AutoPipelineForImage2Image.from_pretrained(str(toyworld.generator_dir(cache)), local_files_only=True)
+    assert isinstance(pipe, StableDiffusionImg2ImgPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    src = torch.rand(1, 3, 32, 32)
+    outs = {}
+    for strength in (1.0, 0.1):
+        res = pipe(prompt=["a photo of the digit seven"], image=src, strength=strength, guidance_scale=3.0,
+                   num_inference_steps=10, generator=[torch.Generator().manual_seed(0)], output_type="np")
+        im = res.images[0]
+        assert im.shape == (32, 32, 3) and np.isfinite(im).all() and 0 <= im.min() <= im.max() <= 1
+        outs[strength] = im
+    # strength 0.1 (λ = 0.9) stays much closer to the source than strength 1.0 (λ = 0)
+    src_np = src[0].permute(1, 2, 0).numpy()
+    assert np.abs(outs[0.1] - src_np).mean() < np.abs(outs[1.0] - src_np).mean() + 1e-6
+
+
+def test_clip_loads_from_json_and_weights_and_embeds(smoke_world):
+    import open_clip
+
+    cache, _ = smoke_world
+    js, pt = toyworld.clip_files(cache)
+    open_clip.add_model_config(str(js))
+    model, _, preprocess = open_clip.create_model_and_transforms(toyworld.TOY_CLIP, pretrained=str(pt))
+    tok = open_clip.get_tokenizer(toyworld.TOY_CLIP)
+    with torch.no_grad():
+        img = model.encode_image(torch.rand(2, 3, 32, 32))
+        txt = model.encode_text(tok(["a photo of the digit seven", "a photo of the digit one"]))
+    assert img.shape == (2, 32) and txt.shape == (2, 32)
+    assert torch.isfinite(img).all() and not torch.allclose(txt[0], txt[1])
+
+
+def test_torchscript_classifier_loads_and_predicts(smoke_world):
+    from discl_ray.toyworld.data import heldout
+
+    cache, man = smoke_world
+    judge = torch.jit.load(str(toyworld.classifier_file(cache)))
+    x, y = heldout(0, 32)
+    with torch.no_grad():
+        logits = judge(x[:64])
+    assert logits.shape == (64, 10)
+    # even 20 steps beat chance by far on held-out digits
+    assert float((logits.argmax(1) == y[:64]).float().mean()) > 0.3
+    assert man["gates"]["classifier"]["n"] == len(y)
+
+
+def test_cache_is_reused_and_force_retrains(smoke_world, monkeypatch):
+    from discl_ray.toyworld import train
+
+    cache, man = smoke_world
+    again = train.train_world(cache, seed=0, image_size=32, budget_s=SMOKE_BUDGET_S, progress=False)
+    assert again["reused"] is True and again["gates"] == man["gates"]
+    # other settings do not match the cached manifest
+    assert train._cached(cache, train._settings(1, 32, 0.5, train.WorldPlan.for_budget(SMOKE_BUDGET_S),
+                                                True)) is None
+
+
+def test_world_cli_reports_failed_gate_with_nonzero_exit(smoke_world, tmp_path, capsys):
+    """The CLI on a cached smoke world: a failing gate exits 1 with a FAIL line; a passing one exits 0."""
+    from jobs import world
+
+    cache, man = smoke_world
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"experiment: w\nrun_root: {tmp_path / 'runs'}\ncache_dir: {cache}\n"
+                   "dataset:\n  name: digits_lt\n  seed: 0\n  image_size: 32\n")
+    rc = world.main(["--config", str(cfg), "--budget-s", str(SMOKE_BUDGET_S)])
+    out = capsys.readouterr()
+    assert "reused cache" in out.out and "CLIP zero-shot" in out.out
+    assert rc == (0 if man["passed"] else 1)
+    if not man["passed"]:
+        assert "FAIL" in out.out and "gate FAILED" in out.err
+
+
+def test_bad_image_size_is_a_clear_error(tmp_path):
+    from discl_ray.toyworld.train import train_world
+
+    with pytest.raises(ValueError, match="image_size must be a multiple of 16"):
+        train_world(tmp_path, image_size=40, budget_s=1)
+
+
+@pytest.mark.slow
+def test_full_budget_world_passes_its_gates(tmp_path):
+    from discl_ray.toyworld.train import train_world
+
+    man = train_world(tmp_path, seed=0, image_size=32, progress=False)
+    g = man["gates"]
+    assert g["clip"]["zero_shot_acc"] >= 0.90
+    assert g["generator"]["lam0_acc"] >= 0.60 and g["generator"]["agreement_rises"]
+    assert man["passed"] is True
