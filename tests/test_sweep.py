@@ -161,6 +161,13 @@ def test_sweep_2x2_children_under_parent(tmp_path, ray_local, capsys):
             assert 0.0 <= child.data.metrics[name] <= 1.0
     assert (run_root / "sweeptest" / "sweep" / "s1" / "trials.csv").is_file()
 
+    # Submitting the same sweep again resumes it: nothing reruns, no second parent, no extra children.
+    assert main(["--config", str(cfg_path)]) == 0
+    assert "4 trials, 0 failed" in capsys.readouterr().out
+    assert len(client.search_runs([exp.experiment_id], "tags.stage = 'sweep'")) == 1
+    again = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_id for c in again) == sorted(c.info.run_id for c in children)
+
     # The report over this sweep equals a recomputation from the children's raw final metrics.
     import statistics
 
