@@ -95,7 +95,7 @@ class SpectrumEngine:
         if gen.compile_unet and str(pipe.device).startswith("cuda"):
             import torch
 
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
+            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")  # varying batch shapes
         return cls(pipe, steps=gen.steps, guidance_scale=gen.guidance_scale, batch_size=gen.batch_size,
                    negative_prompt=gen.negative_prompt, aesthetic_score=gen.aesthetic_score,
                    negative_aesthetic_score=gen.negative_aesthetic_score)

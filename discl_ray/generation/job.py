@@ -74,7 +74,7 @@ def build_dataset(cfg: "ExperimentConfig", sources: pa.Table, done: set[str], ge
     src_per_block = max(1, gen.rows_per_block // per_source)
     blocks = [sources.slice(i, src_per_block) for i in range(0, sources.num_rows, src_per_block)]
     ids = set(sources["source_image_id"].to_pylist())
-    skip = {k for k in done if k.split("|", 1)[0] in ids}
+    skip = {k for k in done if k.rsplit("|", 2)[0] in ids}
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(fan_out, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
                         fn_kwargs=dict(lams=lams, seeds=list(gen.seeds), skip=skip, root=cfg.dataset.root,
