@@ -76,6 +76,17 @@ def test_undersampling_keeps_ratio_at_every_stage(run_root, ratio):
     assert len(set(sizes)) > 1          # stages differ in size, the ratio does not
 
 
+def test_tail_ratio_only_on_curriculum_stages(run_root):
+    cfg = make_cfg(run_root, "training.tail_ratio_stages=curriculum")
+    write_fixture(cfg)
+    pool = D.load_pool(cfg)
+    real_only = D.epoch_indices(cfg, pool, REAL_ONLY, np.random.default_rng(0))
+    assert set(real_only) == set(pool.train_real)                    # all real data in real-only epochs
+    at0 = D.epoch_indices(cfg, pool, 0.0, np.random.default_rng(0))
+    tail = np.isin(pool.labels[at0], [3, 4]).sum()
+    assert tail / (len(at0) - tail) == pytest.approx(0.4, abs=0.02)
+
+
 def test_undersample_prefers_real_hard_when_tail_is_cut():
     rng = np.random.default_rng(0)
     tail, nontail = np.arange(100), np.arange(100, 110)

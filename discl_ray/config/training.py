@@ -43,6 +43,9 @@ class TrainingConfig(StrictModel):
     use_real_hard: bool = Field(True, description="Long-tail: include real hard images D_h at every stage (Alg. 1).")
     keep_tail_ratio: bool = Field(True, description="Long-tail: undersample non-tail rows so tail:non-tail stays constant.")
     tail_ratio: Optional[float] = Field(None, gt=0, description="Tail:non-tail ratio to keep (None = from data; paper 13.6%).")
+    tail_ratio_stages: Literal["all", "curriculum"] = Field(
+        "all", description="Where keep_tail_ratio undersamples: every stage (issue 5, A.3.1) or only stages with "
+                           "synthetic rows (real-only epochs and strategy=none then keep all real data).")
     random_real_size: int = Field(30000, ge=1, description="Adaptive: size of the random real set D (Alg. 2).")
     guidance_val_size: int = Field(2000, ge=1, description="Adaptive: guidance-validation images per λ (set V).")
     probe_steps: Optional[int] = Field(None, ge=1, description="Adaptive: cap on optimizer steps over D per probe.")
@@ -50,7 +53,6 @@ class TrainingConfig(StrictModel):
                                          description="Adaptive: most hard sources held out of training to form V.")
     image_size: Optional[int] = Field(None, ge=8, description="Training image side (None = dataset.image_size).")
     eval_batch_size: int = Field(256, ge=1, description="Images per forward pass in evaluation.")
-    log_every_epoch_plots: bool = Field(False, description="Also log a λ-schedule plot at every epoch (default: end).")
     wise_alphas: list[float] = Field([], description="WiSE-FT mixing coefficients to evaluate (CLIP backbone).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker (fractional on small machines).")

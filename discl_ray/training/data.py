@@ -246,7 +246,7 @@ def epoch_indices(cfg, pool: Pool, lam: float, rng: np.random.Generator) -> np.n
             parts = [syn, nonhard]
         chosen = np.unique(np.concatenate(parts).astype(np.int64))
     chosen = np.unique(chosen.astype(np.int64))
-    if task == "long_tail" and tc.keep_tail_ratio:
+    if task == "long_tail" and tc.keep_tail_ratio and (tc.tail_ratio_stages == "all" or lam != REAL_ONLY):
         is_tail = np.isin(pool.labels[chosen], sorted(pool.tail_labels))
         chosen = np.sort(undersample_to_ratio(chosen[is_tail], chosen[~is_tail], target_tail_ratio(cfg, pool),
                                               rng, keep_first=hard))
