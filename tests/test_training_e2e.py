@@ -63,6 +63,7 @@ def check_run(run_root, final, history):
     assert final["n_bad_images"] == 1                                   # the corrupt row was skipped
     assert final["final_test_acc"] > 0.3                                # 5 classes: well above chance
     assert final["select_metric"] == "val_acc" and 0 <= final["best_epoch"] < 4
+    assert final["val_acc"] == final["best_val_acc"]                    # the selected epoch's validation score
 
     mlflow, client, runs = mlflow_runs(run_root)
     assert len(runs) == 1                                               # a restarted rank 0 reopens its run
@@ -175,3 +176,12 @@ def test_clip_flyp_with_wise_ft(ray_local, run_root, tmp_path):
     # α = 1 is the selected fine-tuned model itself.
     assert final["final_wise_1.0_test_id_f1"] == pytest.approx(final["final_test_id_f1"])
     assert final["lam_history"] == [0.5, REAL_ONLY]
+
+
+@pytest.mark.gpu
+def test_gpu_worker_trains(ray_local, run_root):
+    """One GPU worker (needs a CUDA device in the Ray cluster)."""
+    cfg = lt_config(run_root, "training.gpus_per_worker=1", "tracking.enabled=false")
+    write_fixture(cfg)
+    final = fit(cfg, run_name="gpu")
+    assert final["lam_history"] == [0.0, 0.5, 1.0, REAL_ONLY] and final["final_test_acc"] > 0.3

@@ -234,6 +234,10 @@ class Worker:
         final: dict[str, Any] = {"best_epoch": best["epoch"], f"best_{self.tc.select_metric}": best["value"],
                                  "resumed_at_epoch": self._start,
                                  "select_metric": self.tc.select_metric, "n_bad_images": self.pool.n_bad_images}
+        # The validation metrics of the selected epoch, under their per-epoch names, so a Tune sweep ranking
+        # trials by e.g. ``val_acc`` reads the selected model's score from the last report.
+        chosen = next((h for h in history if h.get("epoch") == best["epoch"]), {})
+        final.update({k: v for k, v in chosen.items() if k.startswith("val_")})
         if self.tc.task == "long_tail":
             m, cm = self.evaluate("test", net)
             final.update({f"final_{k}": v for k, v in m.items()})
@@ -303,7 +307,8 @@ def _log_final(cfg, final: dict, sel_history: list, cm: np.ndarray, class_names:
 
     from discl_ray.training.metrics import save_confusion_plot, save_lam_plot
 
-    mlflow.log_metrics(_numeric(final))
+    # val_* are already in MLflow per epoch; repeating the selected epoch's values would add a step-0 point.
+    mlflow.log_metrics({k: v for k, v in _numeric(final).items() if not k.startswith("val_")})
     mlflow.set_tag("lam_history", ",".join(f"{v:g}" for v in final["lam_history"])[:5000])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
