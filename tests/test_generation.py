@@ -146,6 +146,21 @@ def test_job_on_ray_resume_and_errors(models, tmp_path, ray_local):
     grid = Image.open(tmp_path / "runs" / "gt" / "generate" / "spectrum_grid.png")
     assert grid.width == 5 * 34 and grid.height == 12 + 2 * 34     # real + 2 λ × 2 seeds; 2 sources
 
-    again = run_generate(cfg)                                     # nothing left: no duplicates appear
+    tracked = cfg.model_copy(deep=True)                           # nothing left: no duplicates appear
+    tracked.tracking.enabled = True
+    tracked.tracking.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    again = run_generate(tracked)
     assert again["generated"] == 0 and again["skipped"] == len(full)
     assert read_parquet_dir(out_dir).num_rows == len(full)
+
+    other = cfg.model_copy(deep=True)                             # resuming with other settings is refused
+    other.generation.steps = 20
+    with pytest.raises(ValueError, match="already holds outputs made with"):
+        run_generate(other)
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["gt"], output_format="list")
+    assert len(runs) == 1 and runs[0].data.metrics["skipped"] == len(full)
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
+    assert {"spectrum_grid.png", "generate_summary.json"} <= arts

@@ -27,6 +27,7 @@ from discl_ray.generation.grid import spectrum_grid
 from discl_ray.generation.plan import (
     ERRORS_SCHEMA,
     SPECTRUM_SCHEMA,
+    check_existing,
     done_keys,
     fan_out,
     load_source,
@@ -109,6 +110,7 @@ def run_generate(cfg: "ExperimentConfig", on_part: Optional[Callable[[int, int],
     lams = spectrum_lams(gen)
     hard, rows, prompts = read_inputs(cfg)
     sources = plan_sources(hard, rows, prompts)
+    check_existing(out_dir, gen)
     done = done_keys(out_dir)
     todo, skipped = pending_sources(sources, lams, list(gen.seeds), done)
     planned = sources.num_rows * len(lams) * len(gen.seeds)

@@ -58,6 +58,22 @@ def done_keys(directory: str | Path) -> set[str]:
     return set(read_parquet_dir(directory, columns=["image_id"])["image_id"].to_pylist())
 
 
+def check_existing(directory: str | Path, gen: "GenerationConfig") -> None:
+    """Refuse to resume into a spectrum written with another model, step count or guidance scale.
+
+    Keys name only (source, λ, seed), so mixing settings would silently skip keys made differently."""
+    if not parquet_files(directory):
+        return
+    table = read_parquet_dir(directory, columns=["generator", "steps", "guidance_scale"])
+    found = {(g, s, w) for g, s, w in zip(table["generator"].to_pylist(), table["steps"].to_pylist(),
+                                          table["guidance_scale"].to_pylist())}
+    want = (gen.model, gen.steps, float(gen.guidance_scale))
+    other = sorted(f for f in found if f != want)
+    if other:
+        raise ValueError(f"{directory} already holds outputs made with (generation.model, steps, guidance_scale) = "
+                         f"{other}, not {want}; use another experiment name or remove that directory")
+
+
 def plan_sources(hard: pa.Table, rows: pa.Table, prompts: pa.Table) -> pa.Table:
     """One row per hard source with its image bytes/path and its class's generation prompts.
 
