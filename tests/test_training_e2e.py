@@ -91,6 +91,10 @@ def test_killed_worker_resumes_with_unbroken_lam_history(ray_local, run_root, tm
     final, history = run_lt(ray_local, run_root, tmp_path, fault_epoch=2)
     assert 1 <= final["resumed_at_epoch"] <= 2                          # restarted from a checkpoint, not 0
     check_run(run_root, final, history)
+    # Rerunning a finished run (same name and storage) returns its result and logs nothing twice.
+    again = fit(lt_config(run_root, "training.num_workers=2"), run_name="e2e")
+    assert again["final_test_acc"] == final["final_test_acc"] and again["lam_history"] == final["lam_history"]
+    check_run(run_root, again, history)
 
 
 @pytest.mark.slow

@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULTS = ["experiment=bench", "dataset.image_size=32", "mining.few_max=100", "mining.many_min=300",
-            "generation.lams=[0.0,0.5,0.7,0.9]", "scoring.threshold=0.2", "training.backbone=small_cnn",
+DEFAULTS = ["experiment=bench", "dataset.image_size=32", "generation.lams=[0.0,0.5,0.7,0.9]", "scoring.threshold=0.2", "training.backbone=small_cnn",
             "training.batch_size=64", "training.lr=0.002", "training.num_workers=1", "training.cpus_per_worker=1",
             "tracking.enabled=false"]
 
@@ -110,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     root = Path(args.run_root or tempfile.mkdtemp(prefix="discl-bench-train-"))
-    base = [] if args.config else [f"run_root={root}", *DEFAULTS]
+    # Fixture classes have 60/40/25/8/5 × scale images: the last two are "few" at any scale.
+    base = [] if args.config else [f"run_root={root}", *DEFAULTS, f"mining.few_max={10 * args.scale}",
+                                   f"mining.many_min={30 * args.scale}"]
     common = [f"training.epochs={args.epochs}", f"training.curriculum_epochs={max(1, args.epochs - 1)}"]
     cfg = load_config(args.config, base + common + ["training.strategy=diverse_to_specific",
                                                    "training.lams=[0.0,0.5,1.0]"] + args.overrides)

@@ -102,6 +102,9 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
         raise FileNotFoundError(f"training.strategy={tc.strategy} needs the spectrum and its scores: {err} "
                                 "(run discl generate and discl score first)") from None
     threshold = tc.threshold if tc.threshold is not None else cfg.scoring.threshold
+    if spec.num_rows == 0 or scores.num_rows == 0:
+        raise ValueError(f"training.strategy={tc.strategy}: the spectrum ({spec.num_rows} rows) or its scores "
+                         f"({scores.num_rows} rows) are empty; nothing synthetic to train on")
     joined = spec.join(scores, "image_id", join_type="inner")
     lam_col = pc.round(joined["lam"], 6)
     keep = pc.and_(pc.is_in(lam_col, pa.array([round(v, 6) for v in lams])),

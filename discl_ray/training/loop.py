@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
@@ -168,6 +169,10 @@ class Worker:
             # Restore the selector to the checkpoint's epochs: a choice made in an epoch that died is redone.
             ray.get(selector.load_state.remote(state["selector"], start) if "selector" in state
                     else selector.load_state.remote(ray.get(selector.state.remote()), 0))
+        if state.get("final"):
+            # The run already finished (rerun of the same name): return its result, log nothing twice.
+            ray.train.report(state["final"] if self.rank == 0 else {})
+            return
         best = state.get("best", {"value": -math.inf, "epoch": -1})
         best_model = state.get("best_model")
         history: list[dict] = state.get("metrics", [])
@@ -221,7 +226,8 @@ class Worker:
                              loop_samples_per_s=samples_total / max(loop_s, 1e-9))
                 checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=self.tc.epochs - 1, best=best,
                                        best_model=best_model, selector=ray.get(selector.state.remote()),
-                                       metrics=history, mlflow_run_id=mlrun.info.run_id if mlrun else None)
+                                       metrics=history, mlflow_run_id=mlrun.info.run_id if mlrun else None,
+                                       final=final)
             ray.train.report(final, checkpoint=checkpoint)
             ckpt.cleanup(checkpoint)
 
@@ -315,7 +321,8 @@ def _log_final(cfg, final: dict, sel_history: list, cm: np.ndarray, class_names:
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         save_lam_plot(sel_history, tmp / "lam_schedule.png", cfg.training.curriculum_epochs)
         save_confusion_plot(cm, class_names, tmp / "confusion_test.png", "test (selected on validation)")
-        for name in ("config.yaml", "lam_schedule.png", "confusion_test.png"):
+        (tmp / "lam_history.json").write_text(json.dumps(sel_history, indent=1))
+        for name in ("config.yaml", "lam_history.json", "lam_schedule.png", "confusion_test.png"):
             mlflow.log_artifact(str(tmp / name))
         if cfg.tracking.log_checkpoint:
             ckpt.save_model_file(net, tmp / "model" / "model.pt")
