@@ -111,27 +111,15 @@ def test_generator_actor_class_rows(models, tmp_path):
     assert prompt == "a photo of the digit one"
 
 
-def test_job_on_ray_resume_and_errors(models, tmp_path, ray_local):
-    """Ray Data job: interrupted run + rerun = exactly the full key set; bad sources become error rows."""
-    from discl_ray.generation.job import run_generate
+def _job_cfg(tmp_path, models):
+    return write_experiment(tmp_path / "runs", models["sd"], n_sources=3, corrupt=True, missing=True,
+                            lams=[0.0, 0.9, 1.0], overrides={"rows_per_block": 4})
 
-    cfg = write_experiment(tmp_path / "runs", models["sd"], n_sources=3, corrupt=True, missing=True,
-                           lams=[0.0, 0.9, 1.0], overrides={"rows_per_block": 4})
-    parts = []
 
-    def crash(generated, failed):
-        parts.append(generated)
-        if generated:
-            raise KeyboardInterrupt("simulated kill")
-
-    with pytest.raises(KeyboardInterrupt):
-        run_generate(cfg, on_part=crash)
+def _check_complete(cfg, tmp_path, summary, first):
+    """Exactly the full key set, no duplicates, the rest generated now, bad sources as error rows."""
     out_dir = tmp_path / "runs" / "gt" / "generate" / "spectrum"
-    first = read_parquet_dir(out_dir)["image_id"].to_pylist()
     full = _keys(cfg, ["src0", "src1", "src2"])
-    assert 0 < len(first) < len(full)
-
-    summary = run_generate(cfg)
     table = read_parquet_dir(out_dir)
     ids = table["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) and set(ids) == full
@@ -140,6 +128,25 @@ def test_job_on_ray_resume_and_errors(models, tmp_path, ray_local):
     errors = read_parquet_dir(tmp_path / "runs" / "gt" / "generate" / "errors")
     reasons = dict(zip(errors["source_image_id"].to_pylist(), errors["reason"].to_pylist()))
     assert "cannot decode" in reasons["bad0"] and "missing" in reasons["gone0"]
+    return full, table
+
+
+def test_job_on_ray_resumes_and_records_errors(models, tmp_path, ray_local):
+    """Ray Data job on top of an earlier run's part file: only missing keys are made; bad sources become
+    error rows; the grid, summary and MLflow run are written; other settings cannot resume."""
+    from discl_ray.generation.job import run_generate
+    from discl_ray.io import write_parquet_part
+
+    cfg = _job_cfg(tmp_path, models)
+    hard, rows, prompts = read_inputs(cfg)
+    work = fan_out(plan_sources(hard, rows, prompts).slice(0, 1), [0.0, 0.9], [0, 1])
+    earlier = SpectrumGenerator(cfg.generation.model_dump(mode="json"), threads=1)(work)
+    out_dir = tmp_path / "runs" / "gt" / "generate" / "spectrum"
+    write_parquet_part(earlier.drop_columns(["error"]), out_dir)
+    first = earlier["image_id"].to_pylist()
+
+    summary = run_generate(cfg)
+    full, table = _check_complete(cfg, tmp_path, summary, first)
     row = table.filter(pa.compute.equal(table["image_id"], "src1|l0.900|s1")).to_pylist()[0]
     assert (row["lam"], row["seed"], row["steps"], row["guidance_scale"]) == (0.9, 1, 10, 3.0)
     assert json.loads((tmp_path / "runs" / "gt" / "generate" / "summary.json").read_text())["failed"] == 8
@@ -164,3 +171,21 @@ def test_job_on_ray_resume_and_errors(models, tmp_path, ray_local):
     assert len(runs) == 1 and runs[0].data.metrics["skipped"] == len(full)
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
     assert {"spectrum_grid.png", "generate_summary.json"} <= arts
+
+
+@pytest.mark.slow
+def test_job_killed_midway_then_rerun(models, tmp_path, ray_local):
+    """A Ray run interrupted after its first part file, rerun: exactly the full key set, no duplicates."""
+    from discl_ray.generation.job import run_generate
+
+    cfg = _job_cfg(tmp_path, models)
+
+    def crash(generated, failed):
+        if generated:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(cfg, on_part=crash)
+    first = read_parquet_dir(tmp_path / "runs" / "gt" / "generate" / "spectrum")["image_id"].to_pylist()
+    assert 0 < len(first) < len(_keys(cfg, ["src0", "src1", "src2"]))
+    _check_complete(cfg, tmp_path, run_generate(cfg), first)
