@@ -140,8 +140,18 @@ def test_cli_scores_and_reports_missing_inputs(tmp_path, ray_local, capsys):
     assert "kept 8/8" not in capsys.readouterr().out  # sanity: the message reports real counts
     out = Path(data["run_root"]) / "t" / "score"
     assert read_parquet_dir(out / "filtered").num_rows == len(ids) - 1
-    assert main(["--config", str(cfg_path)]) == 0       # threshold 1.0 from the file: nothing kept
+    # threshold 1.0 from the file: nothing kept (no CLIP work); this time logged to MLflow (sqlite in run_root).
+    assert main(["--config", str(cfg_path), "tracking.enabled=true"]) == 0
     assert json.loads((out / "summary.json").read_text())["kept"] == 0
     assert read_parquet_dir(out / "filtered").num_rows == 0
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{Path(data['run_root']).resolve() / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.data.tags["stage"] == "score" and run.data.params["scoring.threshold"] == "1.0"
+    assert run.data.metrics["kept"] == 0 and run.data.metrics["total"] == len(ids) - 1
+    assert "kept_frac_lam_0.500" in run.data.metrics
+    logged = {f.path for f in client.list_artifacts(run.info.run_id, "score")}
+    assert logged == {"score/summary.json", "score/hist_clip_text_cos.png", "score/hist_clip_image_cos.png"}
     assert main(["--config", str(cfg_path), "experiment=other"]) == 2
     assert "run `discl generate` first" in capsys.readouterr().err

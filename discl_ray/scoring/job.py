@@ -178,7 +178,8 @@ def ray_score_files(scoring: "ScoringConfig", cache_dir: Path, files: list[Path]
 
     done = done if done is not None else pa.array([], pa.string())
     sources_ref = ray.put(sources)
-    ds = ray.data.from_items([{"path": str(f)} for f in files]).map_batches(
+    # One block per file, so files spread over actors and results stream back file by file.
+    ds = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=len(files)).map_batches(
         _read_todo(done), batch_size=1, batch_format="pyarrow")
     return ds.map_batches(SpectrumScorer, fn_constructor_kwargs=dict(
         scoring_cfg=scoring, cache_dir=str(cache_dir), sources=[sources_ref], label_prompts=label_prompts,
