@@ -18,7 +18,10 @@ from discl_ray.config import ExperimentConfig
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=None,
-                   help="wall-clock budget in seconds (default 360 = the full plan; less = fewer steps)")
+                   help="time budget in seconds on 2 idle cores: 360 (default) = the full plan; less = "
+                        "proportionally fewer steps (smoke runs)")
+    p.add_argument("--max-wall-s", type=float, default=None,
+                   help="also stop each model early once its share of this wall-clock time is spent")
     p.add_argument("--force", action="store_true", help="retrain even when a matching cache exists")
     p.add_argument("--no-gates", action="store_true", help="skip the quality gates (exit 0 if training ran)")
     p.add_argument("--freeze-text", action="store_true",
@@ -63,7 +66,7 @@ def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         man = train_world(cache, seed=cfg.dataset.seed, image_size=cfg.dataset.image_size,
                           budget_s=args.budget_s or FULL_BUDGET_S, check_gates=not args.no_gates,
                           force=args.force, world_fraction=cfg.dataset.toy.world_fraction,
-                          train_text=not args.freeze_text)
+                          train_text=not args.freeze_text, max_wall_s=args.max_wall_s)
     except ValueError as err:
         print(f"discl world: {err}", file=sys.stderr)
         return 2

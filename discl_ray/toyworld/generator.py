@@ -103,7 +103,7 @@ def sample_scheduler():
 
     return DDIMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="linear", beta_start=1e-4,
                          beta_end=0.02, prediction_type="epsilon", clip_sample=False,
-                         set_alpha_to_one=False, timestep_spacing="trailing", steps_offset=0)
+                         set_alpha_to_one=False, timestep_spacing="trailing", steps_offset=1)
 
 
 def assemble(vae, unet, text_encoder, tokenizer):
