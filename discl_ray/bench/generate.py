@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--model", default=None, help="img2img checkpoint (default: a tiny random SD built now)")
-    p.add_argument("--sources", type=int, default=6)
+    p.add_argument("--sources", type=int, default=20)
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", type=int, default=32)
