@@ -193,4 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1))
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
