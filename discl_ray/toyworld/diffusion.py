@@ -57,7 +57,7 @@ def train_vae(vae, images: torch.Tensor, steps: int = 400, batch_size: int = 64,
         loss.backward()
         opt.step()
         sched.step()
-        loss_v, done = float(loss), done + 1
+        loss_v, done = float(loss.detach()), done + 1
         if budget_s is not None and time.perf_counter() - w0 > budget_s:
             break
     vae.eval()
@@ -144,7 +144,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Te
         _ema_update(ema_unet, unet, decay)
         if train_text:
             _ema_update(ema_text, text_encoder, decay)
-        loss_v, done = float(loss), done + 1
+        loss_v, done = float(loss.detach()), done + 1
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss_v:.3f}")
         if budget_s is not None and time.perf_counter() - w0 > budget_s:

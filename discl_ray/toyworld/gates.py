@@ -28,11 +28,14 @@ def strength(lam: float) -> float:
 def generate(pipe, sources: torch.Tensor, labels: torch.Tensor, lam: float, guidance: float = TOY_GUIDANCE,
              steps: int = 50, seed: int = 0, batch_size: int = 50) -> torch.Tensor:
     """img2img of ``sources`` (float (N, 3, S, S) in [0, 1]) prompted with their ``labels``; returns [0, 1]."""
+    s = strength(lam)
+    while int(steps * s) < 1:      # diffusers runs int(steps × strength) steps: never zero
+        steps += 1
     out = []
     for i in range(0, len(sources), batch_size):
         src, lab = sources[i:i + batch_size], labels[i:i + batch_size]
         gens = [torch.Generator().manual_seed(seed * 100_003 + i + k) for k in range(len(src))]
-        res = pipe(prompt=[prompt(int(c)) for c in lab], image=src, strength=strength(lam),
+        res = pipe(prompt=[prompt(int(c)) for c in lab], image=src, strength=s,
                    guidance_scale=guidance, num_inference_steps=steps, generator=gens, output_type="pt")
         out.append(res.images.float().clamp(0, 1))
     return torch.cat(out)
