@@ -35,8 +35,8 @@ class WorldPlan:
 
     classifier_steps: int = 300
     clip_steps: int = 700
-    vae_steps: int = 300
-    unet_steps: int = 1500
+    vae_steps: int = 200
+    unet_steps: int = 900
     gate_per_class: int = 10
     gate_ddim_steps: int = 50
     share: tuple[float, float, float, float] = (0.03, 0.22, 0.08, 0.67)   # classifier, CLIP, VAE, UNet
