@@ -33,7 +33,7 @@ class WorldPlan:
     """Step counts of each model (the full plan fits 6 minutes on 2 idle cores) and the wall-clock share
     of the budget each may use before it stops early."""
 
-    classifier_steps: int = 300
+    classifier_steps: int = 200
     clip_steps: int = 700
     vae_steps: int = 200
     unet_steps: int = 900
@@ -48,7 +48,7 @@ class WorldPlan:
         if f >= 1.0:
             return cls()
         full = cls()
-        return cls(classifier_steps=max(20, int(full.classifier_steps * f)),
+        return cls(classifier_steps=max(60, int(full.classifier_steps * f)),
                    clip_steps=max(10, int(full.clip_steps * f)), vae_steps=max(10, int(full.vae_steps * f)),
                    unet_steps=max(10, int(full.unet_steps * f)), gate_per_class=1 if f < 0.25 else 5,
                    gate_ddim_steps=6 if f < 0.25 else 25)
