@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from discl_ray.tracking import use_uri
+
 log = logging.getLogger(__name__)
 
 # table name -> ordered (column label, MLflow metric) pairs.
@@ -47,7 +49,7 @@ def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: Optional[str] 
         names = sorted(e.name for e in client.search_experiments())
         raise ValueError(f"MLflow experiment {experiment!r} not found at {tracking_uri}; existing: {names}")
     filt = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
-    mlflow.set_tracking_uri(tracking_uri)
+    use_uri(tracking_uri)
     return mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=filt, output_format="pandas",
                               max_results=50000)
 
@@ -228,7 +230,7 @@ def _log_report(tracking_uri: str, experiment: str, files: list[Path], parent_ru
 
     from discl_ray.tracking import git_commit
 
-    mlflow.set_tracking_uri(tracking_uri)
+    use_uri(tracking_uri)
     mlflow.set_experiment(experiment)
     tags = {"stage": "report", "git_commit": git_commit()}
     if parent_run_id:

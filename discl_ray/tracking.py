@@ -64,13 +64,30 @@ def ensure_experiment(uri: str, name: str, artifacts: Optional[str] = None) -> s
         return exp.experiment_id
 
 
+def use_uri(uri: str) -> None:
+    """Point this process's MLflow client at ``uri`` without touching ``MLFLOW_TRACKING_URI``.
+
+    ``mlflow.set_tracking_uri`` also exports the env var, which :func:`discl_ray.runtime.tracking_uri` reads
+    as the user's choice: a second experiment in the same process would then log into the first one's store."""
+    import os
+
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def setup(cfg: "ExperimentConfig") -> str:
     """Point MLflow at the experiment's store and experiment; returns the tracking URI."""
     import mlflow
 
     uri = tracking_uri(cfg)
     check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
+    use_uri(uri)
     name = cfg.tracking.experiment_name or cfg.experiment
     ensure_experiment(uri, name, artifact_root(cfg, uri))
     mlflow.set_experiment(name)

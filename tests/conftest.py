@@ -27,3 +27,14 @@ def ray_local():
 def run_root(tmp_path):
     """A fresh run root for one test."""
     return tmp_path / "runs"
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_env():
+    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI; keep one test's store out of the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

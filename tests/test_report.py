@@ -19,7 +19,9 @@ def _log_runs(uri: str, experiment: str) -> dict:
 
     # Artifacts next to the store, not in ./mlruns of the current directory.
     ensure_experiment(uri, experiment, uri.removeprefix("sqlite:///").rsplit("/", 1)[0] + "/mlartifacts")
-    mlflow.set_tracking_uri(uri)
+    from discl_ray.tracking import use_uri
+
+    use_uri(uri)  # unlike mlflow.set_tracking_uri, leaves MLFLOW_TRACKING_URI for the next tests alone
     mlflow.set_experiment(experiment)
     raw: dict = {}
     with mlflow.start_run(run_name="sweep", tags={"stage": "sweep"}) as parent:

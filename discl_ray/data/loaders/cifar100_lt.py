@@ -117,7 +117,7 @@ def load(cfg: "DatasetConfig") -> pa.Table:
     rng = np.random.default_rng(cfg.seed)
     keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y_train == c))[:n] for c, n in enumerate(counts)]))
     unused = np.setdiff1d(np.arange(len(y_train)), keep)
-    val_per_class = int(getattr(cfg, "val_per_class", VAL_PER_CLASS))
+    val_per_class = int(getattr(cfg, "val_per_class", None) or VAL_PER_CLASS)
     val = balanced_holdout(y_train, val_per_class, seed=cfg.seed + 1, candidates=unused)
 
     ids, labels, splits, arrays = [], [], [], []

@@ -103,7 +103,7 @@ def load(cfg: "DatasetConfig") -> pa.Table:
         raise DatasetError(f"{root / TEST_FILE}: categories {unseen[:10]} have no training images")
 
     train_labels = np.array([label_of[c] for _, c in train], dtype=np.int64)
-    per_class = int(getattr(cfg, "val_per_class", VAL_PER_CLASS))
+    per_class = int(getattr(cfg, "val_per_class", None) or VAL_PER_CLASS)
     val = set(balanced_holdout(train_labels, per_class, seed=cfg.seed, min_keep=MIN_TRAIN_KEEP).tolist())
     cols: dict[str, list] = {k: [] for k in ("image_id", "path", "label", "class_name", "split")}
     for split_rows, is_train in ((train, True), (test, False)):
