@@ -30,7 +30,7 @@ def _config(name: str) -> str:
     return str(local if local.is_file() else ROOT / "configs" / "toy" / name)
 
 
-def _step(title: str, command: str, argv: list[str], log: list) -> None:
+def _step(title: str, command: str, argv: list[str], log: list, tolerate: tuple[int, ...] = ()) -> None:
     import importlib
 
     from discl_ray.cli import COMMANDS
@@ -40,7 +40,9 @@ def _step(title: str, command: str, argv: list[str], log: list) -> None:
     rc = int(importlib.import_module(COMMANDS[command][0]).main(argv) or 0)
     took = time.perf_counter() - start
     log.append((title, round(took, 1), rc))
-    if rc != 0:
+    if rc in tolerate:
+        print(f"WARNING: '{title}' exited {rc}; continuing (see its report above)", flush=True)
+    elif rc != 0:
         raise SystemExit(f"discl quickstart: step '{title}' failed with exit code {rc}")
 
 
@@ -51,7 +53,8 @@ def run(profile: str, run_root: str, extra: list[str]) -> int:
     gen = SMOKE["generation"] if profile == "smoke" else []
     trn = SMOKE["training"] if profile == "smoke" else []
     world_args = ["--config", _config("base.yaml"), *common] + (["--budget-s", "20", "--no-gates"] if profile == "smoke" else [])
-    _step("toy world models (cached after the first run)", "world", world_args, log)
+    # Exit 1 = a quality gate missed: the models exist and the method still runs, so say so and go on.
+    _step("toy world models (cached after the first run)", "world", world_args, log, tolerate=(1,))
     for cfg_name, task, arms in (
         ("digits_lt.yaml", "digits-LT", [("CE baseline", ["training.strategy=none"]),
                                          ("DisCL diverse→specific", ["training.strategy=diverse_to_specific"])]),

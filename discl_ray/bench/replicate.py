@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="discl bench replicate", description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tasks", nargs="+", choices=("lt", "lq"), default=["lt", "lq"])
+    p.add_argument("--arms", nargs="+", default=None, metavar="NAME",
+                   help="only these arms (names as in the tables, e.g. CE 'diverse→specific')")
     p.add_argument("--run-root", default="runs")
     p.add_argument("--json", default=None, help="write per-seed metrics of every row here")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -110,18 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parents[2] / "configs" / "toy"
     common = [f"run_root={args.run_root}", *args.overrides]
     out: dict = {"seeds": args.seeds, "overrides": args.overrides}
+    lt_arms = [a for a in LT_ARMS if not args.arms or a[0] in args.arms]
+    lq_arms = [a for a in LQ_ARMS if not args.arms or a[0] in args.arms]
     t0 = time.perf_counter()
     if "lt" in args.tasks:
-        out["digits_lt"] = run_task(str(root / "digits_lt.yaml"), LT_ARMS, args.seeds, common, "toy_replicate_lt")
+        out["digits_lt"] = run_task(str(root / "digits_lt.yaml"), lt_arms, args.seeds, common, "toy_replicate_lt")
     if "lq" in args.tasks:
-        out["digits_lq"] = run_task(str(root / "digits_lq.yaml"), LQ_ARMS, args.seeds, common, "toy_replicate_lq")
+        out["digits_lq"] = run_task(str(root / "digits_lq.yaml"), lq_arms, args.seeds, common, "toy_replicate_lq")
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if "digits_lt" in out:
         print("\ndigits-LT (top-1 %, mean ± std over seeds; balanced test split)\n")
-        print(table(out["digits_lt"], LT_ARMS, LT_COLS))
+        print(table(out["digits_lt"], lt_arms, LT_COLS))
     if "digits_lq" in out:
         print("\ndigits-LQ (macro-F1 %, mean ± std over seeds)\n")
-        print(table(out["digits_lq"], LQ_ARMS, LQ_COLS))
+        print(table(out["digits_lq"], lq_arms, LQ_COLS))
     print(f"\n{out['seconds']:.0f} s in all")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,13 @@ def world_arrays(seed: int = 0, image_size: int = 32, world_fraction: float = 0.
     return upsample(x[world], image_size), y[world]
 
 
+def task_arrays(seed: int = 0, image_size: int = 32, world_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The task half (everything not in the world split) as (images uint8 (N, S, S, 3), labels int64 (N,))."""
+    x, y = _digits()
+    _, task = _split_indices(seed, world_fraction)
+    return upsample(x[task], image_size), y[task]
+
+
 def lt_counts(n_max: int, ratio: float, num_classes: int = NUM_CLASSES) -> list[int]:
     """Exponential long-tail profile n_c = round(n_max · ratio^(−c/(C−1))), at least 1.
 

@@ -42,6 +42,5 @@ def heldout(seed: int = 0, image_size: int = 32, world_fraction: float = 0.5) ->
     """The task half of the digits (never trained on here): where the gates are measured."""
     from discl_ray.data import toy
 
-    x, y = toy._digits()
-    _, task = toy._split_indices(seed, world_fraction)
-    return to_tensor(toy.upsample(x[task], image_size)), torch.from_numpy(y[task]).long()
+    x, y = toy.task_arrays(seed, image_size, world_fraction)
+    return to_tensor(x), torch.from_numpy(y).long()
