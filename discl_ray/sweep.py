@@ -35,9 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Config keys holding local paths: made absolute so trials resolve them the same from any working directory.
-ALWAYS_ABSOLUTE = ("run_root", "cache_dir", "ray.temp_dir")
-PATH_KEYS = ("dataset.root", "mining.classifier_path", "prompts.name_map", "prompts.prompts_file",
-             "scoring.model_config_path", "scoring.pretrained", "training.init_checkpoint", "generation.model")
+from discl_ray.config import ALWAYS_ABSOLUTE, PATH_KEYS, absolute_paths  # noqa: E402,F401  (re-exported)
 
 
 def to_tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -111,24 +109,6 @@ def max_concurrent(cfg: ExperimentConfig, resources: Optional[dict[str, float]] 
     if need["GPU"] > 0:
         n = min(n, math.floor(resources.get("GPU", 0.0) / need["GPU"] + 1e-9))
     return max(1, n)
-
-
-def absolute_paths(data: dict, cwd: Optional[Path] = None) -> dict:
-    """Copy of config data with local relative paths made absolute (trials run in other directories)."""
-    import copy
-
-    from discl_ray.config import set_dotted, to_flat_dict
-
-    cwd = cwd or Path.cwd()
-    data = copy.deepcopy(data)
-    flat = to_flat_dict(data)
-    for key in ALWAYS_ABSOLUTE + PATH_KEYS:
-        val = flat.get(key)
-        if not isinstance(val, str) or not val or "://" in val or Path(val).is_absolute():
-            continue
-        if key in ALWAYS_ABSOLUTE or (cwd / val).exists():
-            set_dotted(data, key, str((cwd / val).resolve()))
-    return data
 
 
 def _trial(params: dict[str, Any], *, base: dict, parent_run_id: Optional[str], storage: str, sweep: str) -> None:

@@ -29,7 +29,7 @@ from discl_ray.config.training import STRATEGIES, TrainingConfig
 __all__ = [
     "ConfigError", "DatasetConfig", "ExperimentConfig", "GenerationConfig", "MiningConfig", "PromptsConfig",
     "RayConfig", "STRATEGIES", "ScoringConfig", "SweepConfig", "ToyDataConfig", "TrackingConfig",
-    "TrainingConfig", "apply_overrides", "load_config", "load_yaml", "to_flat_dict",
+    "TrainingConfig", "absolute_paths", "apply_overrides", "resolve_paths", "load_config", "load_yaml", "to_flat_dict",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -131,6 +131,32 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
     base = copy.deepcopy(data) if data is not None else (load_yaml(path) if path else {})
     merged = apply_overrides(base, overrides)
     return validate(ExperimentConfig, merged)
+
+
+ALWAYS_ABSOLUTE = ("run_root", "cache_dir", "ray.temp_dir")
+PATH_KEYS = ("dataset.root", "mining.classifier_path", "prompts.name_map", "prompts.prompts_file",
+             "scoring.model_config_path", "scoring.pretrained", "training.init_checkpoint", "generation.model")
+
+
+def absolute_paths(data: dict, cwd: Optional[Path] = None) -> dict:
+    """Copy of config data with local relative paths made absolute (trials run in other directories)."""
+    import copy
+
+    cwd = cwd or Path.cwd()
+    data = copy.deepcopy(data)
+    flat = to_flat_dict(data)
+    for key in ALWAYS_ABSOLUTE + PATH_KEYS:
+        val = flat.get(key)
+        if not isinstance(val, str) or not val or "://" in val or Path(val).is_absolute():
+            continue
+        if key in ALWAYS_ABSOLUTE or (cwd / val).exists():
+            set_dotted(data, key, str((cwd / val).resolve()))
+    return data
+
+
+def resolve_paths(cfg: ExperimentConfig, cwd: Optional[Path] = None) -> ExperimentConfig:
+    """The same config with local relative paths absolute: Ray workers and Tune trials run in other directories."""
+    return validate(ExperimentConfig, absolute_paths(cfg.model_dump(mode="json"), cwd))
 
 
 def to_flat_dict(data: dict, prefix: str = "") -> dict[str, Any]:

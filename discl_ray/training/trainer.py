@@ -77,8 +77,10 @@ def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
     """Run curriculum training for ``cfg`` on Ray Train and return the final metrics (selected on validation)."""
     import ray
 
+    from discl_ray.config import resolve_paths
     from discl_ray.runtime import init_ray
 
+    cfg = resolve_paths(cfg)  # workers run in Ray's trial directories: relative run_root would point there
     if cfg.tracking.enabled:
         from discl_ray.runtime import tracking_uri
         from discl_ray.tracking import check_reachable
