@@ -6,12 +6,10 @@ import json
 
 import mlflow
 import pyarrow.parquet as pq
-import pytest
 
 from jobs import quickstart
 
 
-@pytest.mark.slow
 def test_quickstart_smoke_profile_runs_every_stage(tmp_path, capsys):
     root = tmp_path / "runs"
     assert quickstart.main(["--profile", "smoke", "--run-root", str(root)]) == 0
