@@ -73,17 +73,10 @@ def plain_loop(cfg) -> dict:
 def ray_run(cfg, name: str, storage: str) -> dict:
     from discl_ray.training import build_trainer
     from discl_ray.training.checkpointing import read_state
+    from discl_ray.training.trainer import run_trainer
 
     t0 = time.perf_counter()
-    trainer, selector = build_trainer(cfg, run_name=name, storage_path=storage)
-    try:
-        result = trainer.fit()
-    finally:
-        import ray
-
-        ray.kill(selector)
-    if result.error:
-        raise result.error
+    result = run_trainer(*build_trainer(cfg, run_name=name, storage_path=storage))
     m = result.metrics
     history = read_state(result.checkpoint).get("metrics", [])
     return {"loop_s": m["loop_s"], "samples": m["loop_samples"], "samples_per_s": m["loop_samples_per_s"],

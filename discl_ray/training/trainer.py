@@ -75,7 +75,6 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
 def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
         mlflow_parent_run_id: str | None = None, storage_path: str | None = None) -> dict:
     """Run curriculum training for ``cfg`` on Ray Train and return the final metrics (selected on validation)."""
-    import ray
 
     from discl_ray.config import resolve_paths
     from discl_ray.runtime import init_ray
@@ -94,10 +93,17 @@ def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
     init_ray(cfg)
     trainer, selector = build_trainer(cfg, run_name=run_name, callbacks=callbacks,
                                       mlflow_parent_run_id=mlflow_parent_run_id, storage_path=storage_path)
+    return dict(run_trainer(trainer, selector).metrics or {})
+
+
+def run_trainer(trainer, selector):
+    """Fit ``trainer``, always releasing the run's λ selector actor; re-raise a training error."""
+    import ray
+
     try:
         result = trainer.fit()
     finally:
         ray.kill(selector)
     if result.error:
         raise result.error
-    return dict(result.metrics or {})
+    return result
