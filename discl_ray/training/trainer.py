@@ -75,7 +75,6 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
 def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
         mlflow_parent_run_id: str | None = None, storage_path: str | None = None) -> dict:
     """Run curriculum training for ``cfg`` on Ray Train and return the final metrics (selected on validation)."""
-
     from discl_ray.config import resolve_paths
     from discl_ray.runtime import init_ray
 
