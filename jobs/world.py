@@ -24,8 +24,9 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="also stop each model early once its share of this wall-clock time is spent")
     p.add_argument("--force", action="store_true", help="retrain even when a matching cache exists")
     p.add_argument("--no-gates", action="store_true", help="skip the quality gates (exit 0 if training ran)")
-    p.add_argument("--freeze-text", action="store_true",
-                   help="keep the generator's text encoder frozen at its random init (default: train jointly)")
+    p.add_argument("--train-text", action="store_true",
+                   help="fine-tune the generator's text encoder (the toy CLIP's text tower) with the UNet "
+                        "(default: frozen, as in Stable Diffusion)")
 
 
 def format_report(man: dict) -> str:
@@ -66,7 +67,7 @@ def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         man = train_world(cache, seed=cfg.dataset.seed, image_size=cfg.dataset.image_size,
                           budget_s=args.budget_s or FULL_BUDGET_S, check_gates=not args.no_gates,
                           force=args.force, world_fraction=cfg.dataset.toy.world_fraction,
-                          train_text=not args.freeze_text, max_wall_s=args.max_wall_s)
+                          train_text=args.train_text, max_wall_s=args.max_wall_s)
     except ValueError as err:
         print(f"discl world: {err}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 FULL_BUDGET_S = 360.0
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: the generator's text encoder is the toy CLIP's (frozen) text tower
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _score_summary(cos: torch.Tensor) -> dict:
 
 def train_world(cache_dir: Path, seed: int = 0, image_size: int = 32, budget_s: float = FULL_BUDGET_S,
                 check_gates: bool = True, force: bool = False, world_fraction: float = 0.5,
-                train_text: bool = True, progress: bool = True, threads: int | None = None,
+                train_text: bool = False, progress: bool = True, threads: int | None = None,
                 max_wall_s: float | None = None) -> dict:
     """Train (or reuse) the toy world under ``cache_dir``; returns the manifest (``passed`` = all gates).
 
@@ -141,9 +141,9 @@ def train_world(cache_dir: Path, seed: int = 0, image_size: int = 32, budget_s: 
 
     # 3. the generator: VAE, then the latent UNet with the text encoder
     tok = gen_mod.build_tokenizer()
-    text_encoder = gen_mod.build_text_encoder(seed)
+    text_encoder = gen_mod.text_encoder_from_clip(clip_model)      # as SD: a frozen pre-trained CLIP text tower
     vae = gen_mod.build_vae(image_size, seed)
-    unet = gen_mod.build_unet(image_size, seed=seed)
+    unet = gen_mod.build_unet(image_size, text_encoder.config.hidden_size, seed=seed)
     timing["vae"] = asdict(diffusion.train_vae(vae, x, steps=plan.vae_steps, seed=seed, budget_s=share[2],
                                                progress=progress))
     latents = diffusion.encode_latents(vae, x)
