@@ -34,6 +34,9 @@ LQ_ARMS: list[tuple[str, list[str]]] = [
     ("adaptive", ["training.strategy=adaptive", "training.wise_alphas=[]"]),
     ("adaptive + WE", ["training.strategy=adaptive", "training.wise_alphas=[0.5]"]),
 ]
+# The text-only LQ arm trains on λ = 0, which the quickstart's digits-LQ spectrum does not generate: the
+# replication adds it (generation resumes by key, so only the λ = 0 rows are made).
+LQ_EXTRA = ["generation.lams=[0.0,0.5,0.7,0.9]"]
 LT_COLS = [("few", "final_test_few_acc"), ("medium", "final_test_medium_acc"), ("many", "final_test_many_acc"),
            ("overall", "final_test_acc")]
 LQ_COLS = [("OOD F1", "final_test_ood_f1"), ("ID F1", "final_test_id_f1")]
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if "lt" in args.tasks:
         out["digits_lt"] = run_task(str(root / "digits_lt.yaml"), lt_arms, args.seeds, common, "toy_replicate_lt")
     if "lq" in args.tasks:
-        out["digits_lq"] = run_task(str(root / "digits_lq.yaml"), lq_arms, args.seeds, common, "toy_replicate_lq")
+        out["digits_lq"] = run_task(str(root / "digits_lq.yaml"), lq_arms, args.seeds, [*common, *LQ_EXTRA],
+                                    "toy_replicate_lq")
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if "digits_lt" in out:
         print("\ndigits-LT (top-1 %, mean ± std over seeds; balanced test split)\n")
