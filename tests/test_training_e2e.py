@@ -34,11 +34,11 @@ def mlflow_runs(run_root):
     return mlflow, mlflow.MlflowClient(), mlflow.search_runs(search_all_experiments=True)
 
 
-def run_lt(ray_local, run_root, tmp_path, fault_epoch=None):
+def run_lt(ray_local, run_root, tmp_path, fault_epoch=None, *extra):
     """A 2-worker long-tail run on the fixture; optionally rank 1 exits for real in the middle of an epoch."""
     from discl_ray.training import build_trainer
 
-    cfg = lt_config(run_root, "training.num_workers=2", "training.max_failures=2")
+    cfg = lt_config(run_root, "training.num_workers=2", "training.max_failures=2", *extra)
     write_fixture(cfg, corrupt=1)
     marker = tmp_path / "killed.txt"
     fault = {"epoch": fault_epoch, "marker": str(marker), "rank": 1} if fault_epoch is not None else None
@@ -79,7 +79,8 @@ def check_run(run_root, final, history):
 
 
 def test_two_workers_finish_and_log_to_mlflow(ray_local, run_root, tmp_path):
-    final, history = run_lt(ray_local, run_root, tmp_path)
+    # Checkpoints at epochs 0, 1 and 3: epoch 2 reaches MLflow with epoch 3's checkpoint, each epoch once.
+    final, history = run_lt(ray_local, run_root, tmp_path, None, "training.checkpoint_every=2")
     assert final["resumed_at_epoch"] == 0
     check_run(run_root, final, history)
 
@@ -87,7 +88,7 @@ def test_two_workers_finish_and_log_to_mlflow(ray_local, run_root, tmp_path):
 @pytest.mark.slow
 def test_killed_worker_resumes_with_unbroken_lam_history(ray_local, run_root, tmp_path):
     """Rank 1 exits (os._exit) in the middle of epoch 2; FailureConfig restarts the group from the last
-    checkpoint with the selector's history restored (~2.5 min here: a second worker-group start)."""
+    checkpoint with the selector's history restored (~1 min here: a second worker-group start)."""
     final, history = run_lt(ray_local, run_root, tmp_path, fault_epoch=2)
     assert 1 <= final["resumed_at_epoch"] <= 2                          # restarted from a checkpoint, not 0
     check_run(run_root, final, history)
@@ -115,6 +116,44 @@ def test_adaptive_low_quality_logs_gains_and_f1(ray_local, run_root):
     assert not (run_root / "mlflow.db").exists()                        # tracking.enabled=false respected
 
 
+@pytest.mark.slow
+def test_checkpoint_every_resume_matches_uninterrupted_run(ray_local, run_root, tmp_path):
+    """checkpoint_every=3 (checkpoints after epochs 0, 2, 5, 6): the worker exits in the middle of epoch 4,
+    the run resumes from epoch 2's checkpoint and re-runs epochs 3-4, and ends exactly as a run that was
+    never interrupted; MLflow holds every epoch once, with the values of the uninterrupted run."""
+    from discl_ray.training import build_trainer
+    from discl_ray.training.checkpointing import read_state
+    from discl_ray.training.trainer import run_trainer
+
+    cfg = lt_config(run_root, "training.epochs=7", "training.curriculum_epochs=5", "training.checkpoint_every=3",
+                    "training.strategy=random")
+    write_fixture(cfg)
+    marker = tmp_path / "killed.txt"
+    results = {}
+    for name, fault in (("straight", None), ("resumed", {"epoch": 4, "marker": str(marker), "rank": 0})):
+        result = run_trainer(*build_trainer(cfg, run_name=name, fault=fault))
+        results[name] = (result.metrics, read_state(result.checkpoint)["metrics"])
+    assert marker.exists()
+    (straight, straight_hist), (resumed, resumed_hist) = results["straight"], results["resumed"]
+    assert straight["resumed_at_epoch"] == 0 and resumed["resumed_at_epoch"] == 3
+    assert resumed["lam_history"] == straight["lam_history"] == schedule(
+        "random", epochs=7, curriculum_epochs=5, lams=[0.0, 0.5, 1.0], seed=0)
+    for key in ("best_epoch", "best_val_acc", "final_test_acc", "final_test_few_acc"):
+        assert resumed[key] == straight[key], key
+    assert [h["epoch"] for h in resumed_hist] == list(range(7))
+    for key in ("lam", "n_train", "train_loss", "val_acc"):
+        assert [h[key] for h in resumed_hist] == [h[key] for h in straight_hist], key
+
+    mlflow, client, runs = mlflow_runs(run_root)
+    assert sorted(runs["tags.run_name"]) == ["resumed", "straight"]           # one MLflow run per run
+    ids = dict(zip(runs["tags.run_name"], runs["run_id"]))
+    for key in ("epoch", "lam", "train_loss", "val_acc"):
+        points = {name: sorted((m.step, m.value) for m in client.get_metric_history(ids[name], key))
+                  for name in ids}
+        assert [s for s, _ in points["resumed"]] == list(range(7)), key      # no duplicate, no gap
+        assert points["resumed"] == points["straight"], key
+
+
 DRIVER = textwrap.dedent("""
     import sys, ray
     from discl_ray.config import load_config
@@ -127,11 +166,14 @@ DRIVER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_killed_driver_resumes_from_last_checkpoint(run_root, tmp_path):
-    """Kill the driver process after its first checkpoint; the same run name + storage path continues."""
+    """Kill the driver process after its first checkpoint; the same run name + storage path continues.
+
+    The local cluster outlives its killed driver by a second or two and keeps training meanwhile: the run is
+    long enough (30 epochs of a few tenths of a second) not to finish in that time."""
     overrides = [f"run_root={run_root}", "experiment=fx", "dataset.image_size=16", "mining.few_max=10",
                  "mining.many_min=30", "generation.lams=[0.0,0.5]", "training.lams=[0.0,0.5,1.0]",
-                 "scoring.threshold=0.3", "training.backbone=small_cnn", "training.epochs=6",
-                 "training.curriculum_epochs=4", "training.strategy=random", "training.cpus_per_worker=0.5",
+                 "scoring.threshold=0.3", "training.backbone=small_cnn", "training.epochs=30",
+                 "training.curriculum_epochs=20", "training.strategy=random", "training.cpus_per_worker=0.5",
                  "training.batch_size=16", "tracking.enabled=false"]
     cfg = load_config(None, overrides)
     write_fixture(cfg)
@@ -152,9 +194,9 @@ def test_killed_driver_resumes_from_last_checkpoint(run_root, tmp_path):
                          timeout=500)
     assert out.returncode == 0, out.stderr[-3000:]
     final = eval(out.stdout.split("FINAL", 1)[1].strip(), {"nan": math.nan})
-    assert final["lam_history"] == schedule("random", epochs=6, curriculum_epochs=4, lams=[0.0, 0.5, 1.0])
+    assert final["lam_history"] == schedule("random", epochs=30, curriculum_epochs=20, lams=[0.0, 0.5, 1.0])
     assert done >= 2
-    assert final["resumed_at_epoch"] >= 1                               # continued, not started over
+    assert 1 <= final["resumed_at_epoch"] < 30                          # continued, not started over
 
 
 @pytest.mark.slow

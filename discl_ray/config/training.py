@@ -58,6 +58,10 @@ class TrainingConfig(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker (fractional on small machines).")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Train worker.")
     max_failures: int = Field(2, ge=0, description="Worker-failure restarts (FailureConfig).")
+    checkpoint_every: int = Field(
+        1, ge=1, description="Epochs between checkpoints (the first and last epoch always get one). A restart "
+                             "re-runs the epochs since the last checkpoint; MLflow gets an epoch's metrics "
+                             "once its checkpoint is reported. Raise it when epochs take well under a second.")
     seed: int = Field(0, description="Seed for init, sampling and the random strategy.")
     select_metric: str = Field("val_acc", description="Validation metric for model selection (never the test split).")
 

@@ -1,8 +1,12 @@
-"""Checkpoint layout of a training run (one directory per epoch, persisted by ``ray.train.report``).
+"""Checkpoint layout of a training run (one directory per checkpoint epoch, persisted by ``ray.train.report``).
 
 ``state.pt`` holds everything a restarted worker needs to continue without gaps: model and optimizer
 state, the last finished epoch, the best-on-validation model and value, the selector actor's state
 (strategy, λ set, history of choices and gains), the per-epoch metrics and the MLflow run id.
+
+Checkpoints are written at the epochs ``is_checkpoint_epoch`` names (``training.checkpoint_every``); a
+restarted worker re-runs the epochs after the last one, which reproduce exactly (every random draw of an
+epoch is seeded by the run seed and the epoch).
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from typing import Any, Optional
 import torch
 
 STATE_FILE = "state.pt"
+
+
+def is_checkpoint_epoch(epoch: int, epochs: int, every: int) -> bool:
+    """Whether ``epoch`` (0-based) of ``epochs`` ends with a checkpoint: the first epoch (it pins the run's
+    MLflow run id early), every ``every``-th epoch and the last one."""
+    return epoch == 0 or (epoch + 1) % max(1, every) == 0 or epoch == epochs - 1
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

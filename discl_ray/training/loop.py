@@ -166,7 +166,7 @@ class Worker:
         if start:
             log.info("resuming %s from its checkpoint at epoch %d", self.run_name, start)
         if self.rank == 0:
-            # Restore the selector to the checkpoint's epochs: a choice made in an epoch that died is redone.
+            # Restore the selector to the checkpoint's epochs: a choice made in an epoch after it is redone.
             ray.get(selector.load_state.remote(state["selector"], start) if "selector" in state
                     else selector.load_state.remote(ray.get(selector.state.remote()), 0))
         if state.get("final"):
@@ -178,8 +178,11 @@ class Worker:
         history: list[dict] = state.get("metrics", [])
         loop_t0, samples_total = time.perf_counter(), 0
         with self._mlflow(state.get("mlflow_run_id")) as mlrun:
+            epoch_log = EpochLog(mlrun, history if state.get("mlflow_run_id") else None)
             for epoch in range(start, self.tc.epochs):
                 self._epoch = epoch
+                # Every random draw of the epoch is seeded by (seed, epoch): a re-run epoch repeats exactly.
+                torch.manual_seed(stable_seed(self.tc.seed, "torch", epoch))
                 lr = self._set_lr(epoch)
                 t0 = time.perf_counter()
                 gains: dict[float, float] = {}
@@ -190,7 +193,9 @@ class Worker:
                 lam = None
                 if self.rank == 0:
                     lam = ray.get(selector.choose.remote(epoch, gains or None))
-                lam = float(broadcast_from_rank_zero(lam))
+                if self.world > 1:
+                    lam = broadcast_from_rank_zero(lam)
+                lam = float(lam)
                 idx = D.epoch_indices(self.cfg, self.pool, lam, self._rng("epoch-set", epoch))
                 t1 = time.perf_counter()
                 loss, seen = self.train_on(idx, self._rng("shuffle", epoch), self.tc.steps_per_epoch)
@@ -202,21 +207,25 @@ class Worker:
                 metrics.update({f"gain_lam_{lam_key(k)}": v for k, v in gains.items()})
                 checkpoint = None
                 if self.rank == 0:
+                    t2 = time.perf_counter()
                     val, _ = self.evaluate("val")
                     metrics.update(val)
+                    metrics["epoch_val_s"] = time.perf_counter() - t2
                     value = metrics[self.tc.select_metric]
                     if value > best["value"] or best_model is None:   # model selection on validation only
                         best = {"value": float(value), "epoch": epoch}
                         best_model = ckpt.cpu_state(unwrap(self.model))
                     history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-                    sel_state = ray.get(selector.state.remote())
-                    if mlrun is not None:
-                        _log_metrics(metrics, epoch)
-                    checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=epoch, best=best,
-                                           best_model=best_model, selector=sel_state, metrics=history,
-                                           mlflow_run_id=mlrun.info.run_id if mlrun is not None else None)
+                    epoch_log.add(epoch, metrics)
+                    if ckpt.is_checkpoint_epoch(epoch, self.tc.epochs, self.tc.checkpoint_every):
+                        checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=epoch, best=best,
+                                               best_model=best_model, selector=ray.get(selector.state.remote()),
+                                               metrics=history, mlflow_run_id=epoch_log.run_id)
+                # Every epoch reports its metrics (Tune sees each); only checkpoint epochs carry a checkpoint.
                 ray.train.report(metrics, checkpoint=checkpoint)
-                ckpt.cleanup(checkpoint)
+                if checkpoint is not None:
+                    ckpt.cleanup(checkpoint)
+                    epoch_log.flush()   # only now: a restart resumes after these epochs (see EpochLog)
             final, checkpoint = {}, None
             # Throughput of this attempt's epoch loop (training, probes, validation, reports, checkpoints).
             loop_s = time.perf_counter() - loop_t0
@@ -226,8 +235,7 @@ class Worker:
                              loop_samples_per_s=samples_total / max(loop_s, 1e-9))
                 checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=self.tc.epochs - 1, best=best,
                                        best_model=best_model, selector=ray.get(selector.state.remote()),
-                                       metrics=history, mlflow_run_id=mlrun.info.run_id if mlrun else None,
-                                       final=final)
+                                       metrics=history, mlflow_run_id=epoch_log.run_id, final=final)
             ray.train.report(final, checkpoint=checkpoint)
             ckpt.cleanup(checkpoint)
 
@@ -301,10 +309,47 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _log_metrics(metrics: dict, step: int) -> None:
-    import mlflow
+class EpochLog:
+    """Per-epoch metrics on their way to MLflow: each epoch is written exactly once over all attempts.
 
-    mlflow.log_metrics(_numeric(metrics), step=step)
+    ``add`` buffers an epoch; ``flush`` writes the buffer in one ``log_batch`` and is called once the
+    checkpoint holding those epochs has been reported, so a restart (which resumes after that checkpoint)
+    never re-runs an epoch MLflow already has. A reopened run also reconciles with what the earlier attempt
+    wrote (its ``epoch`` metric marks complete epochs): checkpointed epochs the attempt died before writing are
+    written now, and re-run epochs it had written (a checkpoint reported but not yet registered by Ray
+    Train when the worker died) are skipped.
+    """
+
+    def __init__(self, run, history: Optional[list[dict]] = None):
+        self.run_id: Optional[str] = run.info.run_id if run is not None else None
+        self.pending: list[tuple[int, int, dict[str, float]]] = []   # (epoch, timestamp ms, metrics)
+        self.logged = -1                                               # last epoch MLflow holds
+        if self.run_id is None:
+            return
+        import mlflow
+
+        self.client = mlflow.MlflowClient()
+        if history is not None:   # a reopened run
+            self.logged = max((m.step for m in self.client.get_metric_history(self.run_id, "epoch")), default=-1)
+            for h in history:        # in the checkpoint we resume from, so safe to write at once
+                self.add(int(h["epoch"]), h)
+            self.flush()
+
+    def add(self, epoch: int, metrics: dict) -> None:
+        if self.run_id is not None and epoch > self.logged:
+            self.pending.append((epoch, int(time.time() * 1000), _numeric(metrics)))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        from mlflow.entities import Metric
+
+        # "epoch" goes last within its epoch: its presence marks the epoch as completely written.
+        batch = [Metric(k, v, ts, epoch) for epoch, ts, values in self.pending
+                 for k, v in sorted(values.items(), key=lambda kv: kv[0] == "epoch")]
+        self.client.log_batch(self.run_id, metrics=batch)
+        self.logged = self.pending[-1][0]
+        self.pending.clear()
 
 
 def _log_final(cfg, final: dict, sel_history: list, cm: np.ndarray, class_names: list, net) -> None:

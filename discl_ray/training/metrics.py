@@ -66,11 +66,15 @@ def group_accuracy(cm: np.ndarray, groups: dict[int, str]) -> dict[str, float]:
 
 
 def macro_f1(cm: np.ndarray) -> float:
-    """Mean F1 over classes present in the truth or the predictions (sklearn's 'macro' on those labels)."""
+    """Mean F1 over the classes present in the ground truth (rows with a count), WILDS' iWildCam protocol:
+    sklearn ``f1_score(average='macro', labels=unique(y_true))``, the same as
+    ``discl_ray.data.loaders.iwildcam.macro_f1`` on label lists. A class that is only ever predicted is
+    not averaged (its false positives still lower the recall of the true classes); NaN without rows."""
+    cm = np.asarray(cm)
     tp = np.diag(cm).astype(np.float64)
     fp = cm.sum(0) - tp
     fn = cm.sum(1) - tp
-    present = (cm.sum(0) + cm.sum(1)) > 0
+    present = cm.sum(1) > 0
     if not present.any():
         return float("nan")
     denom = 2 * tp + fp + fn

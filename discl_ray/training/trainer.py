@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +19,14 @@ from discl_ray.io import stable_seed
 from discl_ray.training.selector import get_selector
 
 log = logging.getLogger(__name__)
+
+# Ray Train's controller collects one report per poll of its workers, every 2 s by default, and a worker's
+# next ``ray.train.report`` waits until the previous one is collected: with sub-second epochs the poll, not
+# training, sets the pace (a 40-epoch toy run spent 68 of its 100 s blocked in reports; see
+# docs/benchmarks/train.md). Ray passes the variable from the driver's environment to the controller when
+# ``trainer.fit()`` starts; a value the user exported wins.
+CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+CONTROLLER_POLL_S = 0.2
 
 
 def default_run_name(cfg) -> str:
@@ -49,6 +58,7 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
     from discl_ray.training.loop import train_loop_per_worker
 
     tc = cfg.training
+    os.environ.setdefault(CONTROLLER_POLL_ENV, str(CONTROLLER_POLL_S))
     run_name = run_name or default_run_name(cfg)
     storage = str(Path(storage_path or default_storage(cfg)).resolve())
     selector = get_selector(run_name, tc)
