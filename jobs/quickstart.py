@@ -3,6 +3,8 @@
 world (when not cached) → digits-LT: prompts → mine → generate → score → train CE baseline and DisCL
 diverse→specific → digits-LQ: prompts → mine → generate → score → train the FLYP fine-tuning baseline and DisCL
 adaptive → report. Every step is the same stage command a user runs by hand (see the printed commands).
+The two trainings of a task run at the same time (each Ray Train run holds one CPU; ``--sequential`` runs
+them one after the other).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import shlex
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,23 +33,46 @@ def _config(name: str) -> str:
     return str(local if local.is_file() else ROOT / "configs" / "toy" / name)
 
 
-def _step(title: str, command: str, argv: list[str], log: list, tolerate: tuple[int, ...] = ()) -> None:
+def _run_stage(command: str, argv: list[str]) -> tuple[int, float]:
     import importlib
 
     from discl_ray.cli import COMMANDS
 
-    print(f"\n=== {title}\n$ discl {command} {shlex.join(argv)}", flush=True)
     start = time.perf_counter()
     rc = int(importlib.import_module(COMMANDS[command][0]).main(argv) or 0)
-    took = time.perf_counter() - start
-    log.append((title, round(took, 1), rc))
-    if rc in tolerate:
+    return rc, time.perf_counter() - start
+
+
+def _check(title: str, rc: int, tolerate: tuple[int, ...]) -> None:
+    if rc in tolerate and rc:
         print(f"WARNING: '{title}' exited {rc}; continuing (see its report above)", flush=True)
     elif rc != 0:
         raise SystemExit(f"discl quickstart: step '{title}' failed with exit code {rc}")
 
 
-def run(profile: str, run_root: str, extra: list[str]) -> int:
+def _step(title: str, command: str, argv: list[str], log: list, tolerate: tuple[int, ...] = ()) -> None:
+    print(f"\n=== {title}\n$ discl {command} {shlex.join(argv)}", flush=True)
+    rc, took = _run_stage(command, argv)
+    log.append((title, round(took, 1), rc))
+    _check(title, rc, tolerate)
+
+
+def _steps_together(steps: list[tuple[str, str, list[str]]], log: list) -> None:
+    """Run independent stage commands at once on the shared Ray cluster (threads of this driver)."""
+    for title, command, argv in steps:
+        print(f"\n=== {title} (concurrently)\n$ discl {command} {shlex.join(argv)}", flush=True)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(steps)) as pool:
+        futures = [pool.submit(_run_stage, command, argv) for _, command, argv in steps]
+        results = [f.result() for f in futures]
+    for (title, _, _), (rc, took) in zip(steps, results):
+        log.append((title, round(took, 1), rc))
+    log.append(("  (both, wall clock)", round(time.perf_counter() - start, 1), 0))
+    for (title, _, _), (rc, _) in zip(steps, results):
+        _check(title, rc, ())
+
+
+def run(profile: str, run_root: str, extra: list[str], sequential: bool = False) -> int:
     log: list = []
     t0 = time.perf_counter()
     common = [f"run_root={run_root}"] + extra
@@ -66,8 +92,12 @@ def run(profile: str, run_root: str, extra: list[str]) -> int:
         _step(f"{task}: hard samples", "mine", base, log)
         _step(f"{task}: spectrum", "generate", base + gen, log)
         _step(f"{task}: CLIP filter", "score", base, log)
-        for arm, over in arms:
-            _step(f"{task}: train {arm}", "train", base + trn + over, log)
+        trainings = [(f"{task}: train {arm}", "train", base + trn + over) for arm, over in arms]
+        if sequential:
+            for title, command, argv in trainings:
+                _step(title, command, argv, log)
+        else:
+            _steps_together(trainings, log)
     for cfg_name in ("digits_lt.yaml", "digits_lq.yaml"):
         _step(f"report {cfg_name[:-5]}", "report", ["--config", _config(cfg_name), *common], log)
     total = time.perf_counter() - t0
@@ -85,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", choices=("full", "smoke"), default="full",
                    help="full: the toy replication settings; smoke: the same path with tiny budgets (tests)")
     p.add_argument("--run-root", default="runs", help="where outputs, toy models and MLflow go (default runs/)")
+    p.add_argument("--sequential", action="store_true",
+                   help="train a task's two arms one after the other (default: at the same time)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every stage")
     args = p.parse_args(argv)
     try:
-        return run(args.profile, args.run_root, args.overrides)
+        return run(args.profile, args.run_root, args.overrides, args.sequential)
     except SystemExit as err:
         print(err, file=sys.stderr)
         return 1

@@ -82,23 +82,33 @@ def _prepare(config: str, common: list[str]) -> None:
             raise SystemExit(f"bench replicate: {stage.__name__} failed ({rc})")
 
 
-def run_task(config: str, arms, seeds: list[int], common: list[str], experiment: str) -> dict[str, list[dict]]:
+def run_task(config: str, arms, seeds: list[int], common: list[str], experiment: str,
+             concurrent: int = 2) -> dict[str, list[dict]]:
+    """Every arm × seed through ``fit``; ``concurrent`` runs share the Ray cluster at once (one CPU each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from discl_ray.config import load_config
     from discl_ray.training import fit
 
     _prepare(config, common)
+
+    def one(name: str, over: list[str], seed: int) -> dict:
+        cfg = load_config(config, [*common, *over, f"training.seed={seed}", f"tracking.experiment_name={experiment}"])
+        start = time.perf_counter()
+        # A fixed run name per (arm, seed): rerunning the bench resumes or reuses finished runs.
+        result = fit(cfg, run_name=f"{name} seed{seed}".replace(" ", "_").replace("→", "-to-"))
+        result = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        result |= {"seed": seed, "seconds": round(time.perf_counter() - start, 1)}
+        print(f"  {name:24s} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items()
+                                                       if k.startswith("final_test")), flush=True)
+        return result
+
+    jobs = [(name, over, seed) for name, over in arms for seed in seeds]
+    with ThreadPoolExecutor(max_workers=max(1, concurrent)) as pool:
+        results = list(pool.map(lambda job: one(*job), jobs))
     rows: dict[str, list[dict]] = {}
-    for name, over in arms:
-        for seed in seeds:
-            cfg = load_config(config, [*common, *over, f"training.seed={seed}",
-                                       f"tracking.experiment_name={experiment}"])
-            start = time.perf_counter()
-            result = fit(cfg, run_name=f"{name} seed{seed}".replace(" ", "_").replace("→", "-to-"))
-            result = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-            result |= {"seed": seed, "seconds": round(time.perf_counter() - start, 1)}
-            rows.setdefault(name, []).append(result)
-            print(f"  {name:24s} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items()
-                                                           if k.startswith("final_test")), flush=True)
+    for (name, _, _), result in zip(jobs, results):
+        rows.setdefault(name, []).append(result)
     return rows
 
 
@@ -111,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=None, metavar="NAME",
                    help="only these arms (names as in the tables, e.g. CE 'diverse→specific')")
     p.add_argument("--run-root", default="runs")
+    p.add_argument("--concurrent", type=int, default=2,
+                   help="training runs at once (each Ray Train run holds one CPU; default 2)")
     p.add_argument("--json", default=None, help="write per-seed metrics of every row here")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -121,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     lq_arms = [a for a in LQ_ARMS if not args.arms or a[0] in args.arms]
     t0 = time.perf_counter()
     if "lt" in args.tasks:
-        out["digits_lt"] = run_task(str(root / "digits_lt.yaml"), lt_arms, args.seeds, common, "toy_replicate_lt")
+        out["digits_lt"] = run_task(str(root / "digits_lt.yaml"), lt_arms, args.seeds, common, "toy_replicate_lt",
+                                    args.concurrent)
     if "lq" in args.tasks:
         out["digits_lq"] = run_task(str(root / "digits_lq.yaml"), lq_arms, args.seeds, [*common, *LQ_EXTRA],
-                                    "toy_replicate_lq")
+                                    "toy_replicate_lq", args.concurrent)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if "digits_lt" in out:
         print("\ndigits-LT (top-1 %, mean ± std over seeds; balanced test split)\n")
