@@ -126,3 +126,26 @@ def test_selector_actor_named_per_run(ray_local):
     assert ray_local.get(b.lam_history.remote()) == [0.0]
     assert actor_name("run/1") == "discl-selector-run_1"
     ray_local.kill(a)
+
+
+def test_learning_rate_cosine_with_linear_warmup():
+    from discl_ray.training.schedules import learning_rate
+
+    # cosine over epochs, no warm-up
+    assert learning_rate(1e-3, "cosine", 0, 10) == pytest.approx(1e-3)
+    assert learning_rate(1e-3, "cosine", 5, 10) == pytest.approx(5e-4)
+    assert learning_rate(1e-3, "constant", 7, 10) == pytest.approx(1e-3)
+    # warm-up: linear in the global step, then the schedule alone (paper Table 8, iWildCam: 500 steps)
+    ramp = [learning_rate(1e-5, "constant", 0, 20, step, warmup_steps=500) for step in (0, 249, 499, 500, 10_000)]
+    assert ramp == pytest.approx([1e-5 / 500, 1e-5 * 250 / 500, 1e-5, 1e-5, 1e-5])
+    assert learning_rate(1e-3, "cosine", 5, 10, 99, warmup_steps=200) == pytest.approx(5e-4 * 100 / 200)
+
+
+def test_iwildcam_config_has_the_papers_warmup():
+    from pathlib import Path
+
+    from discl_ray.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    assert load_config(root / "configs/iwildcam/base.yaml").training.warmup_steps == 500
+    assert load_config(root / "configs/toy/digits_lt.yaml").training.warmup_steps == 0

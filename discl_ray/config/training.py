@@ -38,6 +38,9 @@ class TrainingConfig(StrictModel):
     lr: float = Field(1e-3, gt=0, description="Learning rate; paper: 1e-3 (ResNet-10).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule; paper: cosine.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up over the first N optimizer steps "
+                                                   "(probe steps included), on top of lr_schedule; paper: 500 for "
+                                                   "iWildCam CLIP fine-tuning, 0 for ResNet-10.")
     batch_size: int = Field(128, ge=1, description="Global batch size; paper: 128 (ResNet-10), 256 (ViT-B/16).")
     steps_per_epoch: Optional[int] = Field(None, ge=1, description="Cap on steps per epoch (None = one pass).")
     use_real_hard: bool = Field(True, description="Long-tail: include real hard images D_h at every stage (Alg. 1).")

@@ -27,7 +27,7 @@ from discl_ray.training import data as D
 from discl_ray.training.losses import classification_loss, flyp_loss, log_class_prior
 from discl_ray.training.metrics import confusion, lt_metrics, macro_f1, to_float, true_class_prob
 from discl_ray.training.models import build_model, class_prompts, unwrap
-from discl_ray.training.schedules import adaptive_gains, lam_key
+from discl_ray.training.schedules import adaptive_gains, lam_key, learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,17 @@ class Worker:
         self.model = ray.train.torch.prepare_model(net)
         self.opt = _optimizer(self.tc, self.model.parameters())
         self.batch = max(1, self.tc.batch_size // self.world)
+        self.global_step = 0          # optimizer steps so far (the warm-up's clock; saved in checkpoints)
+        self._epoch = 0
 
     # -- helpers --------------------------------------------------------------------------------
     def _rng(self, *parts) -> np.random.Generator:
         return np.random.default_rng(stable_seed(self.tc.seed, *parts))
 
     def _set_lr(self, epoch: int) -> float:
-        # Cosine over epochs (paper Table 8: Adam + cosine); a function of the epoch, so resume needs no state.
-        lr = self.tc.lr * (0.5 * (1 + math.cos(math.pi * epoch / self.tc.epochs))
-                           if self.tc.lr_schedule == "cosine" else 1.0)
+        """LR for the next optimizer step (cosine over epochs, linear warm-up over the first steps)."""
+        lr = learning_rate(self.tc.lr, self.tc.lr_schedule, epoch, self.tc.epochs, self.global_step,
+                           self.tc.warmup_steps)
         for g in self.opt.param_groups:
             g["lr"] = lr
         return lr
@@ -114,7 +116,10 @@ class Worker:
                 loss = classification_loss(self.tc.loss, self.model(x), y, prior)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if self.tc.warmup_steps:
+                self._set_lr(self._epoch)
             self.opt.step()
+            self.global_step += 1
             total += float(loss.detach())
             n_batches += 1
             seen += len(sel)
@@ -163,6 +168,7 @@ class Worker:
         selector = ray.get_actor(actor_name(self.run_name), namespace=self.opts.get("namespace"))
         state = ckpt.restore(ray.train.get_checkpoint(), unwrap(self.model), self.opt)
         start = self._start = state.get("epoch", -1) + 1
+        self.global_step = int(state.get("global_step", 0))
         if start:
             log.info("resuming %s from its checkpoint at epoch %d", self.run_name, start)
         if self.rank == 0:
@@ -201,6 +207,7 @@ class Worker:
                 loss, seen = self.train_on(idx, self._rng("shuffle", epoch), self.tc.steps_per_epoch)
                 train_s = time.perf_counter() - t1
                 samples_total += seen
+                lr = self.opt.param_groups[0]["lr"]      # the last step's (the warm-up moves it within an epoch)
                 metrics: dict[str, Any] = {"epoch": epoch, "lam": lam, "train_loss": loss, "lr": lr,
                                            "n_train": int(len(idx)), "samples_per_s": seen / max(train_s, 1e-9),
                                            "epoch_train_s": train_s, "adaptive_probe_s": probe_s if adaptive else 0.0}
@@ -220,7 +227,8 @@ class Worker:
                     if ckpt.is_checkpoint_epoch(epoch, self.tc.epochs, self.tc.checkpoint_every):
                         checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=epoch, best=best,
                                                best_model=best_model, selector=ray.get(selector.state.remote()),
-                                               metrics=history, mlflow_run_id=epoch_log.run_id)
+                                               metrics=history, mlflow_run_id=epoch_log.run_id,
+                                               global_step=self.global_step)
                 # Every epoch reports its metrics (Tune sees each); only checkpoint epochs carry a checkpoint.
                 ray.train.report(metrics, checkpoint=checkpoint)
                 if checkpoint is not None:
@@ -235,7 +243,8 @@ class Worker:
                              loop_samples_per_s=samples_total / max(loop_s, 1e-9))
                 checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=self.tc.epochs - 1, best=best,
                                        best_model=best_model, selector=ray.get(selector.state.remote()),
-                                       metrics=history, mlflow_run_id=epoch_log.run_id, final=final)
+                                       metrics=history, mlflow_run_id=epoch_log.run_id, final=final,
+                                       global_step=self.global_step)
             ray.train.report(final, checkpoint=checkpoint)
             ckpt.cleanup(checkpoint)
 

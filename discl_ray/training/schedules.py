@@ -29,6 +29,18 @@ NON_ADAPTIVE = ("none", "diverse_to_specific", "specific_to_diverse", "easy_to_h
                 "text_only", "all_level")
 
 
+def learning_rate(base_lr: float, schedule: str, epoch: int, epochs: int, global_step: int = 0,
+                  warmup_steps: int = 0) -> float:
+    """LR of an optimizer step: cosine over epochs (paper Table 8) or constant, times a linear warm-up
+    ``(global_step + 1) / warmup_steps`` over the first ``warmup_steps`` steps (Table 8, iWildCam: 500).
+
+    A function of (epoch, global step) only, so a resumed run needs just the step count to continue it."""
+    lr = base_lr * (0.5 * (1 + math.cos(math.pi * epoch / epochs)) if schedule == "cosine" else 1.0)
+    if warmup_steps and global_step < warmup_steps:
+        lr *= (global_step + 1) / warmup_steps
+    return lr
+
+
 def lam_key(lam: float) -> str:
     """The text form of λ used in metric names (``gain_lam_0.5``, ``gain_lam_1.0``)."""
     return str(float(lam))
