@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -74,8 +75,19 @@ def _local_temp_dir(ray_cfg: "RayConfig", run_root: Path) -> Optional[str]:
     return None
 
 
+_INIT_LOCK = threading.Lock()
+
+
 def init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
-    """Start a local Ray cluster (default) or join ``ray.address``; a no-op when Ray is already up."""
+    """Start a local Ray cluster (default) or join ``ray.address``; a no-op when Ray is already up.
+
+    Thread-safe: stages run concurrently from one driver (the quickstart's trainings, ``bench replicate``)
+    share one cluster; without the lock two threads could both see Ray down and start two."""
+    with _INIT_LOCK:
+        _init_ray(cfg, **kwargs)
+
+
+def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     import ray
 
     if ray.is_initialized():
