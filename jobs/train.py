@@ -30,7 +30,7 @@ def _body(cfg, args) -> int:
     try:
         metrics = fit(cfg, run_name=args.run_name, storage_path=args.storage_path,
                       mlflow_parent_run_id=args.parent_run_id)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f"discl train: {err}", file=sys.stderr)
         return 2
     width = max(len(k) for k in metrics) if metrics else 0

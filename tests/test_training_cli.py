@@ -30,3 +30,11 @@ def test_missing_tables_fail_before_training(tmp_path, capsys):
     assert main(["--config", str(cfg), *args]) == 2
     err = capsys.readouterr().err
     assert "scores" in err and "discl score" in err and "spectrum" not in err
+
+
+def test_train_rejects_a_non_ascii_run_name_before_any_work(tmp_path, capsys):
+    from jobs import train
+
+    rc = train.main(["--config", "configs/toy/digits_lt.yaml", f"run_root={tmp_path}", "--run-name", "text-only λ=0"])
+    assert rc == 2
+    assert "ASCII" in capsys.readouterr().err

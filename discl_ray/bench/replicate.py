@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +84,12 @@ def _prepare(config: str, common: list[str]) -> None:
             raise SystemExit(f"bench replicate: {stage.__name__} failed ({rc})")
 
 
+def run_name(arm: str, seed: int) -> str:
+    """ASCII run name of an (arm, seed): Ray Train names files and actors after it."""
+    slug = arm.replace("λ", "lam").replace("→", "-to-").replace("+", "plus")
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", slug).strip("_") + f"_seed{seed}"
+
+
 def run_task(config: str, arms, seeds: list[int], common: list[str], experiment: str,
              concurrent: int = 2) -> dict[str, list[dict]]:
     """Every arm × seed through ``fit``; ``concurrent`` runs share the Ray cluster at once (one CPU each)."""
@@ -96,16 +104,23 @@ def run_task(config: str, arms, seeds: list[int], common: list[str], experiment:
         cfg = load_config(config, [*common, *over, f"training.seed={seed}", f"tracking.experiment_name={experiment}"])
         start = time.perf_counter()
         # A fixed run name per (arm, seed): rerunning the bench resumes or reuses finished runs.
-        result = fit(cfg, run_name=f"{name} seed{seed}".replace(" ", "_").replace("→", "-to-"))
+        result = fit(cfg, run_name=run_name(name, seed))
         result = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         result |= {"seed": seed, "seconds": round(time.perf_counter() - start, 1)}
         print(f"  {name:24s} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items()
                                                        if k.startswith("final_test")), flush=True)
         return result
 
+    def guarded(job) -> dict:
+        try:
+            return one(*job)
+        except Exception as err:  # one failed run must not lose the others' rows; main() exits 1
+            print(f"  {job[0]:24s} seed {job[2]}: FAILED: {type(err).__name__}: {err}", flush=True)
+            return {"seed": job[2], "error": f"{type(err).__name__}: {err}"}
+
     jobs = [(name, over, seed) for name, over in arms for seed in seeds]
     with ThreadPoolExecutor(max_workers=max(1, concurrent)) as pool:
-        results = list(pool.map(lambda job: one(*job), jobs))
+        results = list(pool.map(guarded, jobs))
     rows: dict[str, list[dict]] = {}
     for (name, _, _), result in zip(jobs, results):
         rows.setdefault(name, []).append(result)
@@ -146,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\ndigits-LQ (macro-F1 %, mean ± std over seeds)\n")
         print(table(out["digits_lq"], lq_arms, LQ_COLS))
     print(f"\n{out['seconds']:.0f} s in all")
+    failed = [f"{task}: {arm} seed {r['seed']}" for task in ("digits_lt", "digits_lq") for arm, res in
+              out.get(task, {}).items() for r in res if "error" in r]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    if failed:
+        print("bench replicate: failed runs (rerun the same command to retry only them):\n  " + "\n  ".join(failed),
+              file=sys.stderr)
+        return 1
     return 0

@@ -44,6 +44,13 @@ def default_storage(cfg) -> str:
     return str(path)
 
 
+def check_run_name(run_name: str) -> str:
+    """Ray Train's controller writes the run name into ASCII-only places and fails mid-start otherwise."""
+    if not run_name.isascii() or "/" in run_name:
+        raise ValueError(f"run name {run_name!r}: use ASCII characters and no '/' (e.g. 'lam0' for 'λ=0')")
+    return run_name
+
+
 def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[list] = None,
                   mlflow_parent_run_id: Optional[str] = None, storage_path: Optional[str] = None,
                   fault: Optional[dict] = None, torch_threads: Optional[int] = None):
@@ -59,7 +66,7 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
 
     tc = cfg.training
     os.environ.setdefault(CONTROLLER_POLL_ENV, str(CONTROLLER_POLL_S))
-    run_name = run_name or default_run_name(cfg)
+    run_name = check_run_name(run_name or default_run_name(cfg))
     storage = str(Path(storage_path or default_storage(cfg)).resolve())
     selector = get_selector(run_name, tc)
     resources = {"CPU": tc.cpus_per_worker}
@@ -88,6 +95,8 @@ def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
     from discl_ray.config import resolve_paths
     from discl_ray.runtime import init_ray
 
+    if run_name:
+        check_run_name(run_name)
     cfg = resolve_paths(cfg)  # workers run in Ray's trial directories: relative run_root would point there
     if cfg.tracking.enabled:
         from discl_ray.runtime import tracking_uri
