@@ -44,7 +44,9 @@ def test_epoch_log_writes_each_epoch_once_across_restarts(tmp_path):
 
     use_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.MlflowClient()
-    with mlflow.start_run() as run:
+    # An explicit experiment: the fluent API remembers the last test's experiment id, absent from this store.
+    exp_id = client.create_experiment("epoch-log")
+    with mlflow.start_run(experiment_id=exp_id) as run:
         run_id = run.info.run_id
         # Attempt 1: epochs are buffered until a checkpoint is reported, then written in one batch.
         first = EpochLog(run)
