@@ -63,8 +63,7 @@ def _steps_together(steps: list[tuple[str, str, list[str]]], log: list) -> None:
         print(f"\n=== {title} (concurrently)\n$ discl {command} {shlex.join(argv)}", flush=True)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(steps)) as pool:
-        futures = [pool.submit(_run_stage, command, argv) for _, command, argv in steps]
-        results = [f.result() for f in futures]
+        results = list(pool.map(lambda step: _run_stage(*step[1:]), steps))
     for (title, _, _), (rc, took) in zip(steps, results):
         log.append((title, round(took, 1), rc))
     log.append(("  (both, wall clock)", round(time.perf_counter() - start, 1), 0))

@@ -189,7 +189,7 @@ class Worker:
                 self._epoch = epoch
                 # Every random draw of the epoch is seeded by (seed, epoch): a re-run epoch repeats exactly.
                 torch.manual_seed(stable_seed(self.tc.seed, "torch", epoch))
-                lr = self._set_lr(epoch)
+                self._set_lr(epoch)
                 t0 = time.perf_counter()
                 gains: dict[float, float] = {}
                 adaptive = self.tc.strategy == "adaptive" and epoch < self.tc.curriculum_epochs
