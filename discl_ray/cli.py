@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("jobs.sweep", "Ray Tune sweep over curricula, thresholds, λ sets, seeds"),
     "report": ("jobs.report", "paper-style tables and plots from MLflow"),
     "ui": ("jobs.ui", "serve the MLflow UI on 127.0.0.1 over the run's store"),
+    "pipeline": ("jobs.pipeline", "run several stages in order in one process, stopping at the first failure"),
     "submit": ("jobs.submit", "submit a stage as a Ray job to a cluster"),
     "quickstart": ("jobs.quickstart", "the whole method on the toy world"),
     "bench": ("jobs.bench", "benchmarks: generate, score, train, replicate"),
