@@ -1,0 +1,105 @@
+"""`discl pipeline` (the RayJobs' one-command entrypoint) and the RayJob wait script.
+
+The pipeline runs on the toy world with cheap stages: prompts and mine succeed, score fails at once when no
+spectrum exists (exit 2), which is enough to see order, shared arguments and stop-at-first-failure.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from discl_ray.cli import COMMANDS
+from discl_ray.cli import main as discl
+
+REPO = Path(__file__).resolve().parent.parent
+WAIT = REPO / "infra" / "kuberay" / "wait-rayjob.sh"
+
+
+def test_pipeline_runs_stages_in_order_with_the_same_config(tmp_path, capsys):
+    rc = discl(["pipeline", "prompts", "mine", "--config", str(REPO / "configs/toy/digits_lt.yaml"),
+                f"run_root={tmp_path}", "experiment=pipe_exp"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    # Both stages saw the overrides: their outputs are under the overridden run_root/experiment.
+    assert any((tmp_path / "pipe_exp" / "prompts").glob("*.parquet"))
+    assert any((tmp_path / "pipe_exp" / "mine").glob("*.parquet"))
+    lines = [ln for ln in out.splitlines() if ln.startswith("discl pipeline:")]
+    assert lines[0] == "discl pipeline: [1/2] prompts" and lines[2] == "discl pipeline: [2/2] mine"
+    assert out.index("prompts for 10 classes") < out.index("[2/2] mine") < out.index("hard samples:")
+    assert lines[-1].startswith("discl pipeline: 2 stage(s) done")
+
+
+def test_pipeline_stops_at_the_first_failure(tmp_path, capsys):
+    rc = discl(["pipeline", "prompts", "score", "mine", f"run_root={tmp_path}"])
+    cap = capsys.readouterr()
+    assert rc == 2  # score's own exit code (no spectrum yet)
+    assert "discl pipeline: stage 'score' (2/3) exited with code 2; not run: mine" in cap.err
+    assert (tmp_path / "toy_lt" / "prompts").is_dir()
+    assert not (tmp_path / "toy_lt" / "mine").exists()  # never started
+    assert "[3/3]" not in cap.out
+
+
+def test_pipeline_rejects_bad_input_before_any_stage(tmp_path, capsys):
+    for argv, msg in ((["prompts", "frobnicate"], "unknown stage 'frobnicate'"),
+                      (["submit", "mine"], "unknown stage 'submit'"),
+                      ([f"run_root={tmp_path}"], "name at least one stage"),
+                      (["prompts", "--bogus"], "unknown option '--bogus'"),
+                      (["prompts", "mine", "training.strategy=nope"], "training.strategy"),
+                      (["prompts", "--config", str(tmp_path / "missing.yaml")], "config file not found")):
+        assert discl(["pipeline", *argv, f"run_root={tmp_path}"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("discl pipeline: ") and msg in err, (argv, err)
+    assert not (tmp_path / "toy_lt").exists()
+
+
+def test_pipeline_is_a_registered_command():
+    assert COMMANDS["pipeline"][0] == "jobs.pipeline"
+    out = subprocess.run([sys.executable, "-m", "discl_ray.cli", "pipeline", "--help"], capture_output=True,
+                         text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0 and "STAGE [STAGE ...]" in out.stdout
+
+
+def _fake_kubectl(tmp_path: Path, statuses: list[str]) -> dict:
+    """A kubectl on PATH that answers `get rayjob` with the next status of ``statuses`` (the last repeats)."""
+    (tmp_path / "statuses").write_text("\n".join(statuses) + "\n")
+    script = tmp_path / "bin" / "kubectl"
+    script.parent.mkdir()
+    script.write_text(f"""#!/usr/bin/env bash
+n=$(cat {tmp_path}/n 2>/dev/null || echo 0)
+echo $((n + 1)) > {tmp_path}/n
+printf "%s\\n" "$*" >> {tmp_path}/calls
+total=$(wc -l < {tmp_path}/statuses)
+line=$(( n < total ? n + 1 : total ))
+sed -n "${{line}}p" {tmp_path}/statuses | tr -d '\\n'
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return {**os.environ, "PATH": f"{script.parent}:{os.environ['PATH']}", "WAIT_INTERVAL": "0"}
+
+
+def _wait(tmp_path, statuses, *args):
+    env = _fake_kubectl(tmp_path, statuses)
+    return subprocess.run(["bash", str(WAIT), "discl-iwildcam", *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def test_wait_script_succeeds_only_on_succeeded(tmp_path):
+    out = _wait(tmp_path, ["//", "Initializing//", "Running/RUNNING/", "Complete/SUCCEEDED/"])
+    assert out.returncode == 0, out.stderr
+    assert "deployment=Running job=RUNNING" in out.stdout and "job=SUCCEEDED" in out.stdout
+    assert "-n discl get rayjob discl-iwildcam" in (tmp_path / "calls").read_text()
+
+
+def test_wait_script_fails_on_failed_job_and_times_out(tmp_path):
+    (tmp_path / "a").mkdir()
+    out = _wait(tmp_path / "a", ["Running/RUNNING/", "Failed/FAILED/AppFailed"])
+    assert out.returncode == 1 and "did not succeed (job status FAILED)" in out.stderr
+    assert "reason=AppFailed" in out.stdout
+    (tmp_path / "b").mkdir()
+    out = _wait(tmp_path / "b", ["Suspended/STOPPED/", "Running/RUNNING/"], "discl", "0")
+    assert out.returncode == 124 and "kubectl -n discl patch rayjob discl-iwildcam" in out.stderr
+    out = subprocess.run(["bash", str(WAIT)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "usage:" in out.stderr
