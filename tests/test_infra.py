@@ -12,6 +12,7 @@ Schema validation (KubeRay CRDs, Kubernetes, ray-schema.json, hadolint) is in te
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from pathlib import Path
@@ -25,14 +26,16 @@ KUBERAY = INFRA / "kuberay"
 LAUNCHER = INFRA / "cluster-launcher" / "aws-gpu.yaml"
 RAY_VERSION = "2.60.0"
 IMAGE_APP = "/home/ray/app/"  # the image's copy of the repo (Dockerfile WORKDIR)
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return [d for d in yaml.load_all(path.read_text(), Loader=_LOADER) if d]
 
 
-def _all_docs() -> list[tuple[Path, dict]]:
-    return [(p, d) for p in sorted(INFRA.rglob("*.yaml")) for d in _docs(p)]
+@functools.cache
+def _all_docs() -> tuple[tuple[Path, dict], ...]:  # read once; no test changes them
+    return tuple((p, d) for p in sorted(INFRA.rglob("*.yaml")) for d in _docs(p))
 
 
 def _walk(node, key_path=()):
@@ -242,7 +245,7 @@ def test_no_environment_variable_is_set_to_an_empty_string():
         if doc.get("kind") == "ConfigMap":  # a ConfigMap's keys become env vars (configMapKeyRef / envFrom)
             for k, v in doc.get("data", {}).items():
                 assert str(v).strip(), (path, k)
-    launcher = yaml.safe_load(LAUNCHER.read_text())
+    launcher = _docs(LAUNCHER)[0]
     for opt in launcher["docker"]["run_options"]:
         m = re.match(r"(?:--env|-e)[ =](\w+)=(.*)", opt)
         if m:

@@ -36,13 +36,17 @@ KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
 CRD_KINDS = ("RayCluster", "RayJob")
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.cache
 def _docs() -> list[tuple[str, dict]]:
     out = []
     for path in sorted(INFRA.rglob("*.yaml")):
         if path.parent.name == "cluster-launcher":
             continue
         out += [(f"{path.relative_to(INFRA)}:{d['kind']}/{d['metadata']['name']}", d)
-                for d in yaml.safe_load_all(path.read_text()) if d]
+                for d in yaml.load_all(path.read_text(), Loader=_LOADER) if d]
     return out
 
 
