@@ -7,6 +7,7 @@ spectrum exists (exit 2), which is enough to see order, shared arguments and sto
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -103,3 +104,41 @@ def test_wait_script_fails_on_failed_job_and_times_out(tmp_path):
     assert out.returncode == 124 and "kubectl -n discl patch rayjob discl-iwildcam" in out.stderr
     out = subprocess.run(["bash", str(WAIT)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "usage:" in out.stderr
+
+
+def _readme_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", (REPO / "infra" / "README.md").read_text(), re.S)
+
+
+def test_readme_commands_name_real_files_and_stages():
+    text = "\n".join(_readme_blocks())
+    for path in set(re.findall(r"\binfra/[\w./-]+\.(?:yaml|sh)\b", text)):
+        if "*" not in path:
+            assert (REPO / path).is_file(), path
+    stages = re.findall(r"(?m)^\s*(?:\w+=\S+\s+)*discl (?:submit )?(\w+)", text)  # commands, not `-n discl`
+    stages += [s for loop in re.findall(r"for stage in ([\w ]+);", text) for s in loop.split()]
+    assert "report" in stages and "sweep" in stages
+    for stage in stages:
+        assert stage in COMMANDS, stage
+
+
+def test_readme_step_2_fills_every_placeholder(tmp_path):
+    """The README's sed lines, run on a copy of infra/, leave no image / storage-class / bucket placeholder."""
+    import shutil
+
+    import yaml
+
+    (block,) = [b for b in _readme_blocks() if "sed -i" in b and "storageClassName" in b]
+    shutil.copytree(REPO / "infra", tmp_path / "infra", ignore=shutil.ignore_patterns("schemas"))
+    env = {**os.environ, "IMAGE": "registry.example.com/team/discl-ray:0.1.0-ray2.60.0-cu128",
+           "RWX_CLASS": "efs-sc", "ARTIFACTS": "s3://bucket/mlflow"}
+    out = subprocess.run(["bash", "-euc", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    images, classes, destinations = set(), set(), set()
+    for path in (tmp_path / "infra").rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            text = yaml.safe_dump(doc)
+            images |= set(re.findall(r"image: (\S+)", text))
+            classes |= set(re.findall(r"storageClassName: (\S+)", text))
+            destinations |= set(re.findall(r"ARTIFACTS_DESTINATION: (\S+)", text))
+    assert images == {env["IMAGE"]} and classes == {"efs-sc"} and destinations == {"s3://bucket/mlflow"}
