@@ -24,12 +24,20 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
+# ray.cluster_utils.Cluster: explicit ports (the job agent's default port 52365 may be held by another Ray on
+# this machine, and then no job can be submitted) and a shutdown() that stops only its own processes.
 HOLD_CLUSTER = """
-import sys, ray
-ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]),
-         _temp_dir=sys.argv[2], log_to_driver=False)
+import sys
+from ray.cluster_utils import Cluster
+port, agent_port, temp_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+cluster = Cluster(initialize_head=True, head_node_args=dict(
+    num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    dashboard_agent_listen_port=agent_port, node_ip_address="127.0.0.1", temp_dir=temp_dir))
 print("up", flush=True)
-sys.stdin.read()          # until the test closes stdin; a normal exit stops the cluster this driver started
+try:
+    sys.stdin.read()      # until the test closes stdin
+finally:
+    cluster.shutdown()
 """
 
 
@@ -72,7 +80,8 @@ def job_server(tmp_path_factory):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_CLUSTER, str(port), str(tmp)], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_CLUSTER, str(port), str(_free_port()), str(tmp)],
+                            stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path_factory.mktemp("driver"))
     try:
         import select
