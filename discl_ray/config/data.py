@@ -27,6 +27,9 @@ class ToyDataConfig(StrictModel):
                                          description="digits-LQ styles only in the OOD test split.")
     severity: float = Field(0.6, ge=0, le=1, description="Corruption strength in [0, 1].")
     lq_ood_per_class: int = Field(15, ge=1, description="digits-LQ OOD test images per class.")
+    look: Literal["clean", "paper"] = Field(
+        "clean", description="Camera look of the task's real images (digits-LT/LQ, every split): 'clean' = the "
+                             "world's white-on-black; 'paper' = ink on textured paper, a synthetic-to-real gap.")
 
     @model_validator(mode="after")
     def _disjoint_styles(self):

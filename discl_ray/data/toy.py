@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFilter
 
+from discl_ray.data.looks import apply_look
 from discl_ray.io import png_bytes
 from discl_ray.toyworld import DIGIT_NAMES
 
@@ -124,8 +125,8 @@ def load_digits_lt(cfg: "DatasetConfig") -> pa.Table:
     tables = []
     for split, chunks in parts.items():
         ids = np.sort(np.concatenate(chunks))
-        tables.append(_rows([f"digits-{i}" for i in ids], upsample(x[ids], cfg.image_size), y[ids], split,
-                            [""] * len(ids)))
+        ims = apply_look(upsample(x[ids], cfg.image_size), t.look, cfg.seed + 3, ids)
+        tables.append(_rows([f"digits-{i}" for i in ids], ims, y[ids], split, [""] * len(ids)))
     return _table(tables)
 
 
@@ -164,6 +165,8 @@ def load_digits_lq(cfg: "DatasetConfig") -> pa.Table:
     _, task = _split_indices(cfg.seed, t.world_fraction)
     rng = np.random.default_rng(cfg.seed + 2)
     clean = upsample(x, cfg.image_size)
+    if t.look != "clean":            # the camera look first, then each image's corruption style
+        clean[task] = apply_look(clean[task], t.look, cfg.seed + 3, task)
     parts = []
     for c in range(NUM_CLASSES):
         idx = rng.permutation(task[y[task] == c])

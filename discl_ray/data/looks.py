@@ -1,0 +1,72 @@
+"""Camera looks for the toy world's gap variant: the task's real digits live in another domain than the
+"internet" the toy generator and CLIP were trained on.
+
+The world split is white strokes on black. The ``paper`` look is dark ink on textured, tinted paper under a
+slightly soft, noisy, vignetted camera: λ = 0 generations (the text decides) come out as world-style digits,
+far from the task's images, while high-λ generations keep the source's look. ``random_look`` draws from a
+broad family of looks (any background, any stroke colour): the generator's autoencoder trains on it so that,
+like Stable Diffusion's VAE, it can reproduce any look, while the UNet's prior stays the world's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+LOOKS = ("clean", "paper")
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency texture in [0, 1]: a coarse random grid upsampled bicubically."""
+    grid = (rng.random((cells, cells)) * 255).astype(np.uint8)
+    up = Image.fromarray(grid, mode="L").resize((size, size), Image.BICUBIC)
+    return np.asarray(up, dtype=np.float32) / 255.0
+
+
+def compose(stroke: np.ndarray, background: np.ndarray, ink: np.ndarray) -> np.ndarray:
+    """Alpha-blend ``ink`` (3,) over ``background`` (S, S, 3) with the digit's intensity (S, S) in [0, 1]."""
+    a = stroke[..., None]
+    return background * (1.0 - a) + ink[None, None, :] * a
+
+
+def paper_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dark-blue ink on warm textured paper, thickened strokes, soft focus, sensor noise, vignetting."""
+    size = image.shape[0]
+    gray = Image.fromarray(image[..., 0] if image.ndim == 3 else image, mode="L")
+    width = int(rng.integers(0, 2))                                  # stroke width varies from image to image
+    if width:
+        gray = gray.filter(ImageFilter.MaxFilter(3))
+    stroke = np.asarray(gray, dtype=np.float32) / 255.0
+    paper = np.array([222.0, 205.0, 170.0]) + rng.normal(0, 6, size=3)
+    tex = _smooth_noise(rng, size, 5)[..., None] * 40.0 - 20.0 + rng.normal(0, 4, (size, size, 1))
+    background = paper[None, None, :] + tex
+    ink = np.array([30.0, 40.0, 110.0]) + rng.normal(0, 8, size=3)
+    out = compose(stroke, background, ink)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
+    out *= (1.0 - 0.9 * (xx ** 2 + yy ** 2))[..., None]             # vignetting: corners ≈ 55 % as bright
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(0.4 + 0.4 * rng.random())), np.float32)
+    out += rng.normal(0, 6, out.shape)                               # sensor noise
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def random_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Any look: random background colour and texture, random stroke colour (the autoencoder's training set)."""
+    size = image.shape[0]
+    stroke = (image[..., 0] if image.ndim == 3 else image).astype(np.float32) / 255.0
+    bg = rng.uniform(0, 255, size=3)
+    tex = (_smooth_noise(rng, size, int(rng.integers(2, 8)))[..., None] - 0.5) * rng.uniform(0, 120)
+    ink = rng.uniform(0, 255, size=3)
+    out = compose(stroke, bg[None, None, :] + tex, ink) + rng.normal(0, rng.uniform(0, 10), (size, size, 1))
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def apply_look(images: np.ndarray, look: str, seed: int, keys=None) -> np.ndarray:
+    """``look`` applied to every (S, S, 3) uint8 image; image i's draw is seeded by (seed, keys[i]), so an image
+    looks the same whichever split or batch it lands in (``keys`` default: positions)."""
+    if look == "clean":
+        return images
+    if look != "paper":
+        raise ValueError(f"unknown toy look {look!r}; choose from: {', '.join(LOOKS)}")
+    keys = range(len(images)) if keys is None else keys
+    return np.stack([paper_look(im, np.random.default_rng([seed, int(k)])) for k, im in zip(keys, images)])
