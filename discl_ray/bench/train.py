@@ -36,13 +36,16 @@ def plain_loop(cfg) -> dict:
     from discl_ray.io import stable_seed
     from discl_ray.training import data as D
     from discl_ray.training.losses import classification_loss, log_class_prior
-    from discl_ray.training.metrics import accuracy, confusion, to_float
+    from discl_ray.training.metrics import accuracy, confusion
     from discl_ray.training.models import build_model
     from discl_ray.training.schedules import schedule
+    from discl_ray.training.transforms import build_pipeline
 
     tc = cfg.training
     t0 = time.perf_counter()
     pool = D.load_pool(cfg)
+    pipe = build_pipeline(cfg)
+    pool, images = D.open_images(cfg, pool, pipe)
     torch.manual_seed(tc.seed)
     model = build_model(tc.backbone, pool.num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
@@ -56,15 +59,14 @@ def plain_loop(cfg) -> dict:
         idx = np.random.default_rng(stable_seed(tc.seed, "shuffle", epoch)).permutation(idx)
         prior = log_class_prior(pool.class_counts(idx)) if tc.loss == "balanced_softmax" else None
         model.train()
-        for start in range(0, len(idx), tc.batch_size):
-            sel = idx[start:start + tc.batch_size]
-            loss = classification_loss(tc.loss, model(to_float(pool.images[torch.as_tensor(sel)], "cpu")),
-                                       torch.as_tensor(pool.labels[sel]), prior)
+        sizes = [min(tc.batch_size, len(idx) - k) for k in range(0, len(idx), tc.batch_size)]
+        for x, sel in images.batches(idx, sizes, True, epoch):
+            loss = classification_loss(tc.loss, model(pipe.normalise(x)), torch.as_tensor(pool.labels[sel]), prior)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             seen += len(sel)
-        val_acc = accuracy(confusion(model, pool, pool.split_idx("val")))
+        val_acc = accuracy(confusion(model, pool, images, pool.split_idx("val")))
     loop_s = time.perf_counter() - loop_t0
     return {"loop_s": loop_s, "samples": seen, "samples_per_s": seen / loop_s, "e2e_s": time.perf_counter() - t0,
             "val_acc": val_acc}
