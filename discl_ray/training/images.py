@@ -94,8 +94,16 @@ def _decode_batch(batch: dict, pipe: InputPipeline, train: bool, seed: int, root
     return {"image_id": np.asarray(ids, dtype=object), "pixels": out, "ok": ok}
 
 
-def _collate(batch: dict) -> tuple:
-    return torch.from_numpy(batch["pixels"]), batch["image_id"], batch["ok"]
+def _collate_fn():
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class Collate(NumpyBatchCollateFn):
+        """uint8 pixels as a CPU tensor (moved to the device by the loop), ids and flags as numpy."""
+
+        def __call__(self, batch: dict) -> tuple:
+            return torch.from_numpy(batch["pixels"]), batch["image_id"], batch["ok"]
+
+    return Collate()
 
 
 class StreamedImages:
@@ -140,7 +148,7 @@ class StreamedImages:
         for x, ids, ok in ds.iter_torch_batches(batch_size=batch, prefetch_batches=self.tc.prefetch_batches,
                                                 local_shuffle_buffer_size=shuffle,
                                                 local_shuffle_seed=seed % (2**31) if shuffle else None,
-                                                collate_fn=_collate):
+                                                collate_fn=_collate_fn()):
             if not ok.all():
                 self.bad.update(str(i) for i in ids[~ok])
                 x, ids = x[torch.as_tensor(ok)], ids[ok]

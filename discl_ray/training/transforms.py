@@ -63,16 +63,10 @@ class InputPipeline:
             if img.size != (self.size, self.size):
                 img = img.resize((self.size, self.size), Image.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
-        w, h = img.size
-        if min(w, h) != self.resize:
-            scale = self.resize / min(w, h)
-            new = (max(1, round(w * scale)), max(1, round(h * scale)))
-            if self.kind == "clip":
-                # open_clip's eval Resize(size, bicubic) on the shorter side: applying it here makes the
-                # later Resize a no-op, so cached/streamed eval images equal open_clip's preprocess output.
-                img = self._tf("resize")(img)
-            else:
-                img = img.resize(new, Image.BILINEAR)
+        if min(img.size) != self.resize:
+            # The eval transform's own first step (ResNet: Resize(resize); CLIP: open_clip's Resize(size,
+            # bicubic)), so the eval Resize after it is a no-op and eval output equals the reference transform.
+            img = self._tf("resize")(img)
         return np.asarray(img, dtype=np.uint8)
 
     # -- 2. augment ------------------------------------------------------------------------------
@@ -97,15 +91,16 @@ class InputPipeline:
         from torchvision import transforms as T
 
         if self.kind == "clip":
-            import open_clip
-            from open_clip.transform import PreprocessCfg
+            from open_clip.transform import PreprocessCfg, image_transform_v2
 
-            full = open_clip.image_transform_v2(PreprocessCfg(**self.clip_cfg), is_train=(which == "train"))
+            full = image_transform_v2(PreprocessCfg(**self.clip_cfg), is_train=(which == "train"))
             # open_clip's own steps up to ToTensor; ToTensor (/255) and Normalize run in ``normalise``.
             steps = [t for t in full.transforms if not isinstance(t, (T.ToTensor, T.Normalize))]
             if which == "resize":
                 steps = [t for t in steps if isinstance(t, T.Resize)]
             return T.Compose(steps)
+        if which == "resize":
+            return T.Resize(self.resize, antialias=True)
         if which == "train":
             steps = [T.RandomResizedCrop(self.size, scale=tuple(self.crop_scale), antialias=True),
                      T.RandomHorizontalFlip()]
