@@ -93,8 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=int, default=10, help="fixture size multiplier (training rows ≈ 150 × scale)")
     p.add_argument("--random-real-size", type=int, default=256, help="adaptive: |D| per probe")
     p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: 2 workers × 1 GPU, ResNet-10 and a ViT-B/16-shaped CLIP at fp32 and bf16 "
+                        "(discl_ray/bench/train_gpu.py)")
+    p.add_argument("--gpu-rows", type=int, default=4096, help="--device cuda: training rows of the epoch")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        return _gpu_main(args)
 
     import ray
 
@@ -158,3 +164,31 @@ def main(argv: list[str] | None = None) -> int:
     ok = out["ray_over_plain"] >= 0.7
     print(f"target ray_over_plain >= 0.7: {'met' if ok else 'NOT met'}", file=sys.stderr)
     return 0
+
+
+def _gpu_main(args) -> int:
+    import ray
+    import torch
+
+    from discl_ray.bench import train_gpu
+
+    n_gpu = torch.cuda.device_count()
+    if n_gpu < 1:
+        print("discl bench train: --device cuda needs a CUDA device; none is visible", file=sys.stderr)
+        return 2
+    workers = min(2, n_gpu)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    root = Path(args.run_root or tempfile.mkdtemp(prefix="discl-bench-train-gpu-"))
+    rows = train_gpu.run(root, rows=args.gpu_rows, workers=workers, extra=args.overrides)
+    cols = ("model", "precision", "workers", "samples_per_s", "model_samples_per_s_per_gpu", "train_loss",
+            "lam", "lam_ranks_agree")
+    print("  ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{r[c]:>14.4g}" if isinstance(r[c], float) else f"{str(r[c]):>14}" for c in cols))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "gpus": n_gpu,
+                                               "rows": rows}, indent=1))
+    ok = all(r["loss_finite"] and r["lam_ranks_agree"] for r in rows) and workers == 2
+    print(f"2 workers x 1 GPU, finite loss, ranks agree on λ: {'met' if ok else 'NOT met'}", file=sys.stderr)
+    return 0 if ok else 1

@@ -145,7 +145,7 @@ class Worker:
             total += float(loss.detach())
             n_batches += 1
             seen += len(sel)
-            if trace:
+            if trace and self.opts.get("trace"):
                 read.extend(self.pool.image_id[sel].tolist())
         if trace and self.opts.get("trace"):
             out = Path(self.opts["trace"]) / f"a{self._start}-e{self._epoch}-r{self.rank}.json"
@@ -245,6 +245,9 @@ class Worker:
                 if self.world > 1:
                     lam = broadcast_from_rank_zero(lam)
                 lam = float(lam)
+                # Every rank must train on the same λ's set; checked on device (two scalar collectives).
+                key = 2.0 if math.isnan(lam) else lam
+                agree = dx.allreduce_max(key, self.device) == -dx.allreduce_max(-key, self.device)
                 idx = D.epoch_indices(self.cfg, self.pool, lam, self._rng("epoch-set", epoch))
                 t1 = time.perf_counter()
                 loss, seen = self.train_on(idx, self._rng("shuffle", epoch), self.tc.steps_per_epoch, trace=True)
@@ -253,7 +256,8 @@ class Worker:
                 lr = self.opt.param_groups[0]["lr"]      # the last step's (the warm-up moves it within an epoch)
                 metrics: dict[str, Any] = {"epoch": epoch, "lam": lam, "train_loss": loss, "lr": lr,
                                            "n_train": int(len(idx)), "samples_per_s": seen / max(train_s, 1e-9),
-                                           "epoch_train_s": train_s, "adaptive_probe_s": probe_s if adaptive else 0.0}
+                                           "epoch_train_s": train_s, "adaptive_probe_s": probe_s if adaptive else 0.0,
+                                           "lam_ranks_agree": float(agree)}
                 metrics.update({f"gain_lam_{lam_key(k)}": v for k, v in gains.items()})
                 checkpoint, name = None, None
                 if self.rank == 0:
