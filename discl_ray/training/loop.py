@@ -35,6 +35,8 @@ from discl_ray.training.transforms import build_pipeline
 
 log = logging.getLogger(__name__)
 
+SELECTION_RANK = "selection_rank"     # checkpoint_score_attribute (see run())
+
 
 def reset_peak_rss() -> None:
     """Start this process's peak-RSS counter (VmHWM) afresh: Ray may reuse a worker process."""
@@ -272,9 +274,15 @@ class Worker:
                     improved = value > best["value"] or best.get("checkpoint") is None
                     name = f"epoch{epoch:04d}-a{start}"
                     if improved:   # model selection on validation only
-                        best = {"value": float(value), "epoch": epoch, "checkpoint": name}
+                        best = {"value": float(value), "epoch": epoch, "checkpoint": name,
+                                "rank": int(best.get("rank", 0)) + 1}
                     history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                     epoch_log.add(epoch, metrics)
+                    # Ray Train ranks checkpoints by this (CheckpointConfig.checkpoint_score_attribute): the
+                    # ordinal of the validation improvement, -1 for a scheduled checkpoint that did not improve.
+                    # Ranking on the raw metric would let a later tie outrank the selected (first) best and
+                    # delete it. Kept out of MLflow and the history.
+                    metrics[SELECTION_RANK] = best["rank"] if improved else -1
                     # Checkpoints at the scheduled epochs and whenever validation improves: the selected
                     # model lives in storage (kept by CheckpointConfig's score), never as a second copy here.
                     if improved or ckpt.is_checkpoint_epoch(epoch, self.tc.epochs, self.tc.checkpoint_every):
@@ -298,6 +306,7 @@ class Worker:
                 # The final checkpoint holds the SELECTED model (training.init_checkpoint reads it).
                 checkpoint = self._save(self.tc.epochs - 1, best, history, selector, epoch_log, model=net,
                                         final=final)
+                final[SELECTION_RANK] = int(best.get("rank", 0)) + 1
             ray.train.report(final, checkpoint=checkpoint,
                              checkpoint_dir_name=f"final-a{start}" if checkpoint is not None else None)
             ckpt.cleanup(checkpoint)

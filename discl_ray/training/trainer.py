@@ -77,7 +77,7 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from discl_ray.training.loop import train_loop_per_worker
+    from discl_ray.training.loop import SELECTION_RANK, train_loop_per_worker
 
     tc = cfg.training
     check_data_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
@@ -100,9 +100,10 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage, callbacks=callbacks or None,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
-                             # The latest checkpoint is always kept besides the best num_to_keep.
+                             # Ranked by validation improvements (loop.SELECTION_RANK); the latest
+                             # checkpoint is always kept besides the best num_to_keep.
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep,
-                                                                checkpoint_score_attribute=tc.select_metric,
+                                                                checkpoint_score_attribute=SELECTION_RANK,
                                                                 checkpoint_score_order="max")),
     )
     return trainer, selector
