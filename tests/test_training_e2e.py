@@ -190,13 +190,13 @@ def test_killed_driver_resumes_from_last_checkpoint(run_root, tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(storage), *overrides])
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and len(list(storage.glob("driver-kill/epoch*"))) < 2:
+        while time.time() < deadline and len(list(storage.glob("driver-kill/checkpoint_*"))) < 2:
             time.sleep(0.5)
         assert proc.poll() is None, "the first driver finished before it could be killed"
     finally:
         proc.kill()
         proc.wait()
-    done = len(list(storage.glob("driver-kill/epoch*")))
+    done = len(list(storage.glob("driver-kill/checkpoint_*")))
     out = subprocess.run([sys.executable, str(script), str(storage), *overrides], capture_output=True, text=True,
                          timeout=500)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -74,7 +74,9 @@ def write_experiment(cfg, n_train: int, n_eval: int = 200, seed: int = 0, part_r
             pq.write_table(table, paths.dataset / f"rows-{part:05d}.parquet", row_group_size=256)
             part += 1
             if split == "train":
-                hard += [(i, int(c)) for i, c in zip(ids, labels) if rng.random() < 0.02]
+                # 2 % hard, at least 2 sources (the adaptive strategy holds some out to form V).
+                hard += [(i, int(c)) for j, (i, c) in enumerate(zip(ids, labels))
+                         if rng.random() < 0.02 or (start == 0 and j < 2)]
     marker.write_text(json.dumps(cfg.dataset.model_dump(mode="json"), indent=1, sort_keys=True))
     mine = paths.stage("mine")
     mine.mkdir(parents=True, exist_ok=True)

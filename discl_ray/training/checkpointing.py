@@ -6,10 +6,10 @@ checkpoint name, the selector actor's state (strategy, λ set, history of choice
 metrics and the MLflow run id.
 
 Checkpoints are written at the epochs ``is_checkpoint_epoch`` names (``training.checkpoint_every``) and at
-every epoch that improves the validation metric, named ``epoch<NNNN>-a<attempt start>``; Ray Train keeps
+every epoch that improves the validation metric, named ``checkpoint_epoch<NNNN>_a<attempt start>``; Ray Train keeps
 ``training.num_to_keep`` of them ranked by that metric (``CheckpointConfig(checkpoint_score_attribute)``)
 plus always the latest, so the selected model is read back from storage at the end instead of being held
-as a second copy in memory and in every checkpoint. The final checkpoint (``final-a<start>``) holds the
+as a second copy in memory and in every checkpoint. The final checkpoint (``checkpoint_final_a<start>``) holds the
 selected model. A restarted worker re-runs the epochs after the last checkpoint, which reproduce exactly
 (every random draw of an epoch is seeded by the run seed and the epoch).
 """

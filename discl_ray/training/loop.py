@@ -272,7 +272,7 @@ class Worker:
                 if self.rank == 0:
                     value = metrics[self.tc.select_metric]
                     improved = value > best["value"] or best.get("checkpoint") is None
-                    name = f"epoch{epoch:04d}-a{start}"
+                    name = f"checkpoint_epoch{epoch:04d}_a{start}"
                     if improved:   # model selection on validation only
                         best = {"value": float(value), "epoch": epoch, "checkpoint": name,
                                 "rank": int(best.get("rank", 0)) + 1}
@@ -308,7 +308,7 @@ class Worker:
                                         final=final)
                 final[SELECTION_RANK] = int(best.get("rank", 0)) + 1
             ray.train.report(final, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"final-a{start}" if checkpoint is not None else None)
+                             checkpoint_dir_name=f"checkpoint_final_a{start}" if checkpoint is not None else None)
             ckpt.cleanup(checkpoint)
 
     def _bad_images(self) -> int:
