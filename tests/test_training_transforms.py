@@ -86,7 +86,7 @@ def test_clip_pipeline_is_the_models_own_preprocess(photos, tmp_path):
 def test_toy_pipeline_keeps_the_square_resize_in_unit_range(photos):
     pipe = build_pipeline(cfg_for("training.backbone=small_cnn", "training.image_size=32"))
     out = pipe(photos[0], train=True, seed=3)
-    ref = torch.from_numpy(np.asarray(photos[0].resize((32, 32), Image.BILINEAR))).permute(2, 0, 1).float() / 255
+    ref = torch.from_numpy(np.array(photos[0].resize((32, 32), Image.BILINEAR))).permute(2, 0, 1).float() / 255
     assert torch.equal(out, ref) and torch.equal(out, pipe(photos[0], train=False))
 
 
