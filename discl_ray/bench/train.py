@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULTS = ["experiment=bench", "dataset.image_size=32", "generation.lams=[0.0,0.5,0.7,0.9]", "scoring.threshold=0.2", "training.backbone=small_cnn",
+DEFAULTS = ["experiment=bench", "dataset.image_size=32", "generation.lams=[0.0,0.5,0.7,0.9]", "scoring.threshold=0.2",
+            "training.backbone=small_cnn",
             "training.batch_size=64", "training.lr=0.002", "training.num_workers=1", "training.cpus_per_worker=1",
             "tracking.enabled=false"]
 

@@ -79,7 +79,8 @@ def run(root: Path, rows: int = 4096, workers: int = 2, precisions=("fp32", "bf1
             cfg = load_config(None, [
                 f"run_root={root}", f"experiment=gpu{rows}", "dataset.name=digits_lt", "dataset.image_size=224",
                 "training.task=low_quality", "training.strategy=fixed", "training.fixed_lam=0.5",
-                "generation.lams=[0.5,0.9]", "training.lams=[0.5,0.9,1.0]", "scoring.threshold=0.0", "training.epochs=1",
+                "generation.lams=[0.5,0.9]", "training.lams=[0.5,0.9,1.0]", "scoring.threshold=0.0",
+                "training.epochs=1",
                 "training.curriculum_epochs=1", "training.batch_size=256", "training.eval_batch_size=256",
                 f"training.num_workers={workers}", "training.gpus_per_worker=1",
                 f"training.cpus_per_worker={per_worker}", "training.data_cpus=0.5",

@@ -114,9 +114,10 @@ def run_piece(name: str, n: int, root: Path, overrides: list[str]) -> dict:
     strategy = name.split("-")[0]
     exp = f"mem{n}"
     cfg = load_config(None, [
-        f"run_root={root}", f"experiment={exp}", f"dataset.name=digits_lt", f"dataset.image_size={SIZE}",
+        f"run_root={root}", f"experiment={exp}", "dataset.name=digits_lt", f"dataset.image_size={SIZE}",
         "training.task=low_quality", "training.backbone=small_cnn", "training.image_size=32",
-        "generation.lams=[0.5,0.9]", "training.lams=[0.5,0.9,1.0]", "training.epochs=1", "training.curriculum_epochs=1",
+        "generation.lams=[0.5,0.9]", "training.lams=[0.5,0.9,1.0]", "training.epochs=1",
+        "training.curriculum_epochs=1",
         "training.strategy=" + ("adaptive" if strategy == "adaptive" else "fixed"),
         "training.fixed_lam=0.5", "scoring.threshold=0.0", "training.batch_size=128",
         "training.eval_batch_size=128", "training.num_workers=2", "training.cpus_per_worker=0.5",
