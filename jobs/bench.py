@@ -1,4 +1,4 @@
-"""`discl bench NAME [args]`: run a benchmark (generate, score, train, replicate, scaling)."""
+"""`discl bench NAME [args]`: run a benchmark (generate, score, train, train-memory, replicate, scaling)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ BENCHES = {
     "generate": "discl_ray.bench.generate",
     "score": "discl_ray.bench.score",
     "train": "discl_ray.bench.train",
+    "train-memory": "discl_ray.bench.train_memory",
     "replicate": "discl_ray.bench.replicate",
     "scaling": "discl_ray.bench.scaling",
 }

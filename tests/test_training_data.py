@@ -12,6 +12,7 @@ from discl_ray.config import load_config
 from discl_ray.training import data as D
 from discl_ray.training.fixture import write_fixture
 from discl_ray.training.schedules import REAL_ONLY, schedule
+from discl_ray.training.transforms import build_pipeline
 
 
 def make_cfg(run_root, *extra):
@@ -25,7 +26,9 @@ def make_cfg(run_root, *extra):
 def lt(run_root):
     cfg = make_cfg(run_root)
     write_fixture(cfg, corrupt=1)
-    return cfg, D.load_pool(cfg)
+    # The image cache (the toy world's path) decodes every row once and drops the undecodable ones.
+    pool, _images = D.open_images(cfg, D.load_pool(cfg), build_pipeline(cfg))
+    return cfg, pool
 
 
 def test_pool_applies_trainers_threshold_and_lam_set(lt, run_root):

@@ -10,6 +10,10 @@ experiment of ``--config``), same per-epoch sets and epochs, in one process run:
 
 Throughput is samples trained per second over the epoch loop (training + validation [+ reports and
 checkpoints for Ray]); ``ray_over_plain_e2e`` also counts the trainer's start-up (worker group, data load).
+Both arms read images through the same in-memory cache (``training/images.py``) and input pipeline.
+
+``--device cuda`` runs ``discl_ray/bench/train_gpu.py`` instead: 2 workers × 1 GPU, a ResNet-10 and a
+ViT-B/16-shaped CLIP with random weights, one streamed epoch each at fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULTS = ["experiment=bench", "dataset.image_size=32", "generation.lams=[0.0,0.5,0.7,0.9]", "scoring.threshold=0.2", "training.backbone=small_cnn",
+DEFAULTS = ["experiment=bench", "dataset.image_size=32", "generation.lams=[0.0,0.5,0.7,0.9]", "scoring.threshold=0.2",
+            "training.backbone=small_cnn",
             "training.batch_size=64", "training.lr=0.002", "training.num_workers=1", "training.cpus_per_worker=1",
             "tracking.enabled=false"]
 
@@ -36,13 +41,16 @@ def plain_loop(cfg) -> dict:
     from discl_ray.io import stable_seed
     from discl_ray.training import data as D
     from discl_ray.training.losses import classification_loss, log_class_prior
-    from discl_ray.training.metrics import accuracy, confusion, to_float
+    from discl_ray.training.metrics import accuracy, confusion
     from discl_ray.training.models import build_model
     from discl_ray.training.schedules import schedule
+    from discl_ray.training.transforms import build_pipeline
 
     tc = cfg.training
     t0 = time.perf_counter()
     pool = D.load_pool(cfg)
+    pipe = build_pipeline(cfg)
+    pool, images = D.open_images(cfg, pool, pipe)
     torch.manual_seed(tc.seed)
     model = build_model(tc.backbone, pool.num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
@@ -56,15 +64,14 @@ def plain_loop(cfg) -> dict:
         idx = np.random.default_rng(stable_seed(tc.seed, "shuffle", epoch)).permutation(idx)
         prior = log_class_prior(pool.class_counts(idx)) if tc.loss == "balanced_softmax" else None
         model.train()
-        for start in range(0, len(idx), tc.batch_size):
-            sel = idx[start:start + tc.batch_size]
-            loss = classification_loss(tc.loss, model(to_float(pool.images[torch.as_tensor(sel)], "cpu")),
-                                       torch.as_tensor(pool.labels[sel]), prior)
+        sizes = [min(tc.batch_size, len(idx) - k) for k in range(0, len(idx), tc.batch_size)]
+        for x, sel in images.batches(idx, sizes, True, epoch):
+            loss = classification_loss(tc.loss, model(pipe.normalise(x)), torch.as_tensor(pool.labels[sel]), prior)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             seen += len(sel)
-        val_acc = accuracy(confusion(model, pool, pool.split_idx("val")))
+        val_acc = accuracy(confusion(model, pool, images, pool.split_idx("val")))
     loop_s = time.perf_counter() - loop_t0
     return {"loop_s": loop_s, "samples": seen, "samples_per_s": seen / loop_s, "e2e_s": time.perf_counter() - t0,
             "val_acc": val_acc}
@@ -91,8 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=int, default=10, help="fixture size multiplier (training rows ≈ 150 × scale)")
     p.add_argument("--random-real-size", type=int, default=256, help="adaptive: |D| per probe")
     p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: 2 workers × 1 GPU, ResNet-10 and a ViT-B/16-shaped CLIP at fp32 and bf16 "
+                        "(discl_ray/bench/train_gpu.py)")
+    p.add_argument("--gpu-rows", type=int, default=4096, help="--device cuda: training rows of the epoch")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        return _gpu_main(args)
 
     import ray
 
@@ -156,3 +169,31 @@ def main(argv: list[str] | None = None) -> int:
     ok = out["ray_over_plain"] >= 0.7
     print(f"target ray_over_plain >= 0.7: {'met' if ok else 'NOT met'}", file=sys.stderr)
     return 0
+
+
+def _gpu_main(args) -> int:
+    import ray
+    import torch
+
+    from discl_ray.bench import train_gpu
+
+    n_gpu = torch.cuda.device_count()
+    if n_gpu < 1:
+        print("discl bench train: --device cuda needs a CUDA device; none is visible", file=sys.stderr)
+        return 2
+    workers = min(2, n_gpu)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    root = Path(args.run_root or tempfile.mkdtemp(prefix="discl-bench-train-gpu-"))
+    rows = train_gpu.run(root, rows=args.gpu_rows, workers=workers, extra=args.overrides)
+    cols = ("model", "precision", "workers", "samples_per_s", "model_samples_per_s_per_gpu", "train_loss",
+            "lam", "lam_ranks_agree")
+    print("  ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{r[c]:>14.4g}" if isinstance(r[c], float) else f"{str(r[c]):>14}" for c in cols))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "gpus": n_gpu,
+                                               "rows": rows}, indent=1))
+    ok = all(r["loss_finite"] and r["lam_ranks_agree"] for r in rows) and workers == 2
+    print(f"2 workers x 1 GPU, finite loss, ranks agree on λ: {'met' if ok else 'NOT met'}", file=sys.stderr)
+    return 0 if ok else 1

@@ -56,6 +56,30 @@ class TrainingConfig(StrictModel):
                                          description="Adaptive: most hard sources held out of training to form V.")
     image_size: Optional[int] = Field(None, ge=8, description="Training image side (None = dataset.image_size).")
     eval_batch_size: int = Field(256, ge=1, description="Images per forward pass in evaluation.")
+    input_pipeline: Literal["auto", "toy", "resnet", "clip"] = Field(
+        "auto", description="Augmentation/normalisation recipe (training/transforms.py); auto = the backbone's: "
+                            "small_cnn → toy (square resize, [0, 1]), resnet10 → resnet (RandomResizedCrop + "
+                            "flip + colour jitter; Resize + CenterCrop at eval; ImageNet mean/std), clip → the "
+                            "open_clip model's own preprocess.")
+    color_jitter: float = Field(0.4, ge=0, le=1, description="resnet pipeline: brightness/contrast/saturation "
+                                                             "jitter at training (0 = off).")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="resnet pipeline: RandomResizedCrop area range.")
+    resize_size: Optional[int] = Field(None, ge=8, description="resnet pipeline: eval Resize side "
+                                                               "(None = image_size × 256/224).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="CUDA only: bf16 autocast, or fp16 autocast with a GradScaler; fp32 keeps TF32 "
+                            "matmuls on. Ignored (fp32) on CPU workers.")
+    image_cache_mb: int = Field(512, ge=0, description="Decode every image into worker memory when the decoded "
+                                                       "set fits this many MiB (small datasets, e.g. the toy "
+                                                       "world); else stream from parquet through Ray Data. "
+                                                       "0 = always stream.")
+    data_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data read/decode task of the image stream; "
+                                                     "the cluster must keep them free beside the Train workers.")
+    prefetch_batches: int = Field(2, ge=0, description="Batches the image stream decodes ahead of training.")
+    shuffle_buffer: int = Field(1024, ge=0, description="Streamed training rows: seeded local shuffle buffer "
+                                                        "(rows of uint8 images held by the worker; 0 = off).")
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept in storage: the best by select_metric "
+                                                  "(and always the latest).")
     wise_alphas: list[float] = Field([], description="WiSE-FT mixing coefficients to evaluate (CLIP backbone).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker (fractional on small machines).")
@@ -94,6 +118,10 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"training.fixed_lam ({self.fixed_lam}) must be one of training.lams {self.lams}")
         if self.loss == "flyp" and self.backbone != "clip":
             raise ValueError("training.loss=flyp needs training.backbone=clip")
+        if self.crop_scale[0] <= 0 or self.crop_scale[0] > self.crop_scale[1] or self.crop_scale[1] > 1:
+            raise ValueError(f"training.crop_scale must satisfy 0 < min <= max <= 1; got {list(self.crop_scale)}")
+        if self.input_pipeline == "clip" and self.backbone != "clip":
+            raise ValueError("training.input_pipeline=clip needs training.backbone=clip")
         if self.wise_alphas and self.backbone != "clip":
             raise ValueError("training.wise_alphas (WiSE-FT) needs training.backbone=clip")
         valid = SELECT_METRICS[self.task]

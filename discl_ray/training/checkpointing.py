@@ -1,12 +1,17 @@
 """Checkpoint layout of a training run (one directory per checkpoint epoch, persisted by ``ray.train.report``).
 
 ``state.pt`` holds everything a restarted worker needs to continue without gaps: model and optimizer
-state, the last finished epoch, the best-on-validation model and value, the selector actor's state
-(strategy, λ set, history of choices and gains), the per-epoch metrics and the MLflow run id.
+state (and the fp16 GradScaler's), the last finished epoch, the best validation value with its epoch and
+checkpoint name, the selector actor's state (strategy, λ set, history of choices and gains), the per-epoch
+metrics and the MLflow run id.
 
-Checkpoints are written at the epochs ``is_checkpoint_epoch`` names (``training.checkpoint_every``); a
-restarted worker re-runs the epochs after the last one, which reproduce exactly (every random draw of an
-epoch is seeded by the run seed and the epoch).
+Checkpoints are written at the epochs ``is_checkpoint_epoch`` names (``training.checkpoint_every``) and at
+every epoch that improves the validation metric, named ``checkpoint_epoch<NNNN>_a<attempt start>``; Ray Train keeps
+``training.num_to_keep`` of them ranked by that metric (``CheckpointConfig(checkpoint_score_attribute)``)
+plus always the latest, so the selected model is read back from storage at the end instead of being held
+as a second copy in memory and in every checkpoint. The final checkpoint (``checkpoint_final_a<start>``) holds the
+selected model. A restarted worker re-runs the epochs after the last checkpoint, which reproduce exactly
+(every random draw of an epoch is seeded by the run seed and the epoch).
 """
 
 from __future__ import annotations

@@ -1,37 +1,37 @@
-"""Training data: load real rows, hard samples and the CLIP-filtered spectrum once, then compose each
-epoch's training set by index (Algorithms 1 and 2) without copying images.
+"""Training data: the METADATA of every row a run can touch (ids, labels, splits, λ, sources, hard flags —
+no image bytes), and each epoch's training set composed by index from it (Algorithms 1 and 2).
 
 The trainer applies its OWN CLIP threshold (``training.threshold``, None → ``scoring.threshold``) and λ set
 (``training.lams``) to the full scores table at load, so sweeps over either never regenerate or rescore.
-Images are decoded once per worker into a uint8 tensor; undecodable images are dropped and counted
-(``n_bad_images``), never fatal.
+Every rank reads the same small tables and derives the same epoch sets from seeded generators; the images
+of a rank's rows come from ``images.py`` (a bounded cache or a Ray Data stream). Tables are read with
+pyarrow.dataset from the stage directory's URI (a local path or e.g. ``s3://…``), only the columns needed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from discl_ray.io import ImageLoadError, load_image, read_parquet_dir
 from discl_ray.training.schedules import REAL_ONLY
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("val", "test", "val_ood", "test_ood")
+REAL_META = ["image_id", "label", "class_name", "split"]
 
 
 @dataclass
 class Pool:
-    """Every image a run can touch, decoded once; epoch sets and eval sets are index arrays into it."""
+    """Every row a run can touch, as metadata; epoch sets and eval sets are index arrays into it."""
 
-    images: torch.Tensor                 # (N, 3, S, S) uint8
+    image_id: np.ndarray                 # (N,) object: the row's id in its table (canonical or spectrum)
     labels: np.ndarray                   # (N,) int64
     split: np.ndarray                    # (N,) object: train | val | test | val_ood | test_ood | syn
     lam: np.ndarray                      # (N,) float64: 1.0 for real rows, λ for synthetic rows
@@ -45,6 +45,12 @@ class Pool:
 
     def where(self, mask: np.ndarray) -> np.ndarray:
         return np.flatnonzero(mask)
+
+    def subset(self, keep: np.ndarray) -> "Pool":
+        """The pool without the rows where ``keep`` is False (undecodable images found by the cache)."""
+        return replace(self, image_id=self.image_id[keep], labels=self.labels[keep], split=self.split[keep],
+                       lam=self.lam[keep], source=self.source[keep], hard=self.hard[keep],
+                       n_bad_images=self.n_bad_images + int((~keep).sum()))
 
     @property
     def train_real(self) -> np.ndarray:
@@ -67,24 +73,25 @@ class Pool:
         return np.bincount(self.labels[idx], minlength=self.num_classes)
 
 
-def _decode(rows: pa.Table, size: int, root: Optional[str]) -> tuple[list[np.ndarray], list[int]]:
-    """Decode every row's image to (3, size, size) uint8; returns arrays and the indices that decoded."""
-    from PIL import Image
+def read_table(uri: str, columns: list[str], filter=None) -> pa.Table:
+    """Columns of a stage directory (local path or URI) as one table; hidden/underscore files are skipped."""
+    import pyarrow.dataset as ds
 
-    images = rows.column("image").to_pylist() if "image" in rows.column_names else [None] * rows.num_rows
-    paths = rows.column("path").to_pylist() if "path" in rows.column_names else [None] * rows.num_rows
-    out, ok = [], []
-    for i, (img_bytes, path) in enumerate(zip(images, paths)):
-        try:
-            img = load_image(img_bytes, path, root=root)
-        except ImageLoadError as err:
-            log.warning("skipping undecodable image %d: %s", i, err)
-            continue
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        out.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
-        ok.append(i)
-    return out, ok
+    try:
+        dataset = ds.dataset(uri, format="parquet")
+    except (FileNotFoundError, OSError) as err:
+        raise FileNotFoundError(f"no parquet files in {uri} ({err})") from None
+    if not dataset.files:
+        raise FileNotFoundError(f"no parquet files in {uri}")
+    return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names], filter=filter)
+
+
+def stage_uris(cfg) -> dict[str, str]:
+    """Where the images of real and synthetic rows live (the canonical rows and the spectrum)."""
+    from discl_ray.runtime import RunPaths
+
+    paths = RunPaths.from_config(cfg)
+    return {"real": str(paths.dataset), "syn": str(paths.stage("generate", "spectrum"))}
 
 
 def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
@@ -92,12 +99,12 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
     tc = cfg.training
     lams = [v for v in tc.lams if v < 1.0]
     if tc.strategy == "none" or not lams:
-        return pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.int64()),
+        return pa.table({"image_id": pa.array([], pa.string()), "label": pa.array([], pa.int64()),
                          "lam": pa.array([], pa.float64()), "source_image_id": pa.array([], pa.string())})
-    spec_dir, score_dir = paths.stage("generate", "spectrum"), paths.stage("score", "scores")
+    spec_dir, score_dir = str(paths.stage("generate", "spectrum")), str(paths.stage("score", "scores"))
     try:
-        spec = read_parquet_dir(spec_dir, ["image_id", "source_image_id", "label", "lam", "image"])
-        scores = read_parquet_dir(score_dir, ["image_id", "clip_text_cos"])
+        spec = read_table(spec_dir, ["image_id", "source_image_id", "label", "lam"])
+        scores = read_table(score_dir, ["image_id", "clip_text_cos"])
     except FileNotFoundError as err:
         raise FileNotFoundError(f"training.strategy={tc.strategy} needs the spectrum and its scores: {err} "
                                 "(run discl generate and discl score first)") from None
@@ -132,46 +139,69 @@ def preflight(cfg) -> None:
 
 
 def load_pool(cfg, image_size: Optional[int] = None) -> Pool:
-    """Read the experiment's parquet (real rows, hard samples, spectrum + scores) and decode it once."""
-    from discl_ray.data import read_rows
+    """Read the metadata of the experiment's parquet (real rows, hard samples, spectrum + scores)."""
+    import pyarrow.dataset as ds
+
+    from discl_ray.data import materialize
     from discl_ray.runtime import RunPaths
 
     paths = RunPaths.from_config(cfg)
-    real = read_rows(cfg, ("train",) + EVAL_SPLITS).sort_by("image_id")
+    materialize(cfg)
+    real = read_table(str(paths.dataset), REAL_META,
+                      filter=ds.field("split").isin(list(("train",) + EVAL_SPLITS))).sort_by("image_id")
     try:
-        hard = read_parquet_dir(paths.stage("mine"), ["image_id", "label"])
-        hard_ids = set(hard["image_id"].to_pylist())
+        hard_ids = set(read_table(str(paths.stage("mine")), ["image_id"])["image_id"].to_pylist())
     except FileNotFoundError:
         if cfg.training.strategy != "none":
             raise FileNotFoundError(f"training.strategy={cfg.training.strategy} needs the hard-sample table "
                                     f"{paths.stage('mine')} (run discl mine first)") from None
         hard_ids = set()
     syn = _synthetic_rows(cfg, paths, hard_ids)
-    return build_pool(cfg, real, hard_ids, syn, image_size)
+    return build_pool(cfg, real, hard_ids, syn)
 
 
 def build_pool(cfg, real: pa.Table, hard_ids: set, syn: pa.Table, image_size: Optional[int] = None) -> Pool:
-    """Assemble a :class:`Pool` from canonical rows, hard ids and filtered synthetic rows (tests call this)."""
-    size = image_size or cfg.training.image_size or cfg.dataset.image_size
-    r_imgs, r_ok = _decode(real, size, cfg.dataset.root)
-    s_imgs, s_ok = _decode(syn, size, None)
-    real_ok, syn_ok = real.take(pa.array(r_ok, pa.int64())), syn.take(pa.array(s_ok, pa.int64()))
-    labels = np.concatenate([np.asarray(real_ok["label"].to_pylist(), np.int64),
-                             np.asarray(syn_ok["label"].to_pylist(), np.int64)])
-    ids = real_ok["image_id"].to_pylist()
-    split = np.array(real_ok["split"].to_pylist() + ["syn"] * syn_ok.num_rows, dtype=object)
-    lam = np.concatenate([np.ones(real_ok.num_rows), np.asarray(syn_ok["lam"].to_pylist(), np.float64)])
-    source = np.array(ids + syn_ok["source_image_id"].to_pylist(), dtype=object)
-    hard = np.array([i in hard_ids for i in ids] + [False] * syn_ok.num_rows, dtype=bool) & (split == "train")
+    """Assemble a :class:`Pool` from canonical rows, hard ids and filtered synthetic rows (metadata only)."""
+    ids = real["image_id"].to_pylist()
+    labels = np.concatenate([np.asarray(real["label"].to_pylist(), np.int64),
+                             np.asarray(syn["label"].to_pylist(), np.int64)])
+    split = np.array(real["split"].to_pylist() + ["syn"] * syn.num_rows, dtype=object)
+    lam = np.concatenate([np.ones(real.num_rows), np.asarray(syn["lam"].to_pylist(), np.float64)])
+    source = np.array(ids + syn["source_image_id"].to_pylist(), dtype=object)
+    image_id = np.array(ids + syn["image_id"].to_pylist(), dtype=object)
+    hard = np.array([i in hard_ids for i in ids] + [False] * syn.num_rows, dtype=bool) & (split == "train")
     names: dict[int, str] = dict(zip(real["label"].to_pylist(), real["class_name"].to_pylist()))
     num_classes = max(names) + 1 if names else 0
-    images = torch.from_numpy(np.stack(r_imgs + s_imgs)) if (r_imgs or s_imgs) else torch.zeros(0, 3, size, size,
-                                                                                                 dtype=torch.uint8)
-    pool = Pool(images=images, labels=labels, split=split, lam=lam, source=source, hard=hard,
-                num_classes=num_classes, class_names=[names.get(c, str(c)) for c in range(num_classes)],
-                n_bad_images=(real.num_rows - len(r_ok)) + (syn.num_rows - len(s_ok)))
+    pool = Pool(image_id=image_id, labels=labels, split=split, lam=lam, source=source, hard=hard,
+                num_classes=num_classes, class_names=[names.get(c, str(c)) for c in range(num_classes)])
     pool.tail_labels = tail_labels(cfg, pool)
     return pool
+
+
+def image_tables(cfg, pool: Pool) -> dict[str, pa.Table]:
+    """The image columns of the pool's rows (the in-memory cache path only; small datasets)."""
+    import pyarrow.dataset as ds
+
+    uris = stage_uris(cfg)
+    syn = pool.split == "syn"
+    out = {"real": read_table(uris["real"], ["image_id", "image", "path"],
+                              filter=ds.field("image_id").isin(pool.image_id[~syn].tolist()))}
+    if syn.any():
+        out["syn"] = read_table(uris["syn"], ["image_id", "image"],
+                                filter=ds.field("image_id").isin(pool.image_id[syn].tolist()))
+    return out
+
+
+def open_images(cfg, pool: Pool, pipe):
+    """(pool, images): the cache (bad rows dropped from the pool) or the stream; see ``images.py``."""
+    from discl_ray.training.images import build_images
+
+    images, keep = build_images(pool, pipe, cfg, stage_uris(cfg), lambda: image_tables(cfg, pool))
+    if keep is not None:
+        pool = pool.subset(keep)
+        pool.tail_labels = tail_labels(cfg, pool)
+        images.pool = pool
+    return pool, images
 
 
 def class_groups(cfg, counts: np.ndarray) -> dict[int, str]:

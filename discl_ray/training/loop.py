@@ -1,8 +1,10 @@
 """The per-worker training function run by Ray Train (Algorithms 1 and 2, one report per epoch).
 
-Every rank loads the (small) parquet tables and decodes them once; every rank derives the same epoch
-index list from seeded generators and trains on its own equal slice (DDP averages gradients). Rank 0
-talks to the λ selector actor, evaluates, checkpoints and logs to MLflow; the chosen λ is broadcast.
+Every rank reads the experiment's METADATA (no image bytes) and derives the same epoch row list from
+seeded generators; it trains on its own equal slice (DDP averages gradients), whose images come from a
+bounded cache or a Ray Data stream (``images.py``). Rank 0 talks to the λ selector actor, evaluates,
+checkpoints and logs to MLflow; the chosen λ is broadcast. Mixed precision and the collectives are in
+``distributed.py``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,31 @@ import torch
 from discl_ray.io import stable_seed
 from discl_ray.training import checkpointing as ckpt
 from discl_ray.training import data as D
+from discl_ray.training import distributed as dx
 from discl_ray.training.losses import classification_loss, flyp_loss, log_class_prior
-from discl_ray.training.metrics import confusion, lt_metrics, macro_f1, to_float, true_class_prob
+from discl_ray.training.metrics import confusion, lt_metrics, macro_f1, true_class_prob
 from discl_ray.training.models import build_model, class_prompts, unwrap
 from discl_ray.training.schedules import adaptive_gains, lam_key, learning_rate
+from discl_ray.training.transforms import build_pipeline
 
 log = logging.getLogger(__name__)
+
+SELECTION_RANK = "selection_rank"     # checkpoint_score_attribute (see run())
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak-RSS counter (VmHWM) afresh: Ray may reuse a worker process."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since :func:`reset_peak_rss` (Linux; NaN elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 class Worker:
@@ -41,6 +62,7 @@ class Worker:
 
         from discl_ray.config import load_config
 
+        reset_peak_rss()
         self.cfg = load_config(data=config["cfg"])
         self.tc = self.cfg.training
         self.run_name: str = config["run_name"]
@@ -49,24 +71,30 @@ class Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(max(1, int(config.get("torch_threads") or 1)))
         self.device = str(ray.train.torch.get_device())
-        self.pool = D.load_pool(self.cfg)
+        self.precision = dx.Precision(self.tc.precision, self.device)
+        pool = D.load_pool(self.cfg)
+        torch.manual_seed(self.tc.seed)
+        prompts = class_prompts(pool.class_names, self.cfg.prompts.clip_template)
+        net = build_model(self.tc.backbone, pool.num_classes, cfg=self.cfg, prompts=prompts,
+                          device=self.device)
+        if self.tc.init_checkpoint:
+            net.load_state_dict(ckpt.load_model_state(self.tc.init_checkpoint))
+        self.pipe = build_pipeline(self.cfg, getattr(net, "clip", None))
+        self.pool, self.images = D.open_images(self.cfg, pool, self.pipe)
+        if hasattr(self.images, "stream"):
+            _quiet_ray_data()
         self.guidance_val: Optional[dict[float, np.ndarray]] = None
         if self.tc.strategy == "adaptive":
             self.guidance_val = D.choose_guidance_val(self.cfg, self.pool,
                                                       np.random.default_rng(stable_seed("V", self.tc.seed)))
         self.groups = D.class_groups(self.cfg, self.pool.class_counts(self.pool.train_real))
-        torch.manual_seed(self.tc.seed)
-        prompts = class_prompts(self.pool.class_names, self.cfg.prompts.clip_template)
-        net = build_model(self.tc.backbone, self.pool.num_classes, cfg=self.cfg, prompts=prompts,
-                          device=self.device)
-        if self.tc.init_checkpoint:
-            net.load_state_dict(ckpt.load_model_state(self.tc.init_checkpoint))
         self.zero_shot = copy.deepcopy(net.state_dict()) if self.tc.wise_alphas else None
         self.model = ray.train.torch.prepare_model(net)
         self.opt = _optimizer(self.tc, self.model.parameters())
         self.batch = max(1, self.tc.batch_size // self.world)
         self.global_step = 0          # optimizer steps so far (the warm-up's clock; saved in checkpoints)
         self._epoch = 0
+        self._start = 0
 
     # -- helpers --------------------------------------------------------------------------------
     def _rng(self, *parts) -> np.random.Generator:
@@ -80,50 +108,51 @@ class Worker:
             g["lr"] = lr
         return lr
 
-    def _allreduce_mean(self, value: float) -> float:
-        import torch.distributed as dist
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, prior) -> torch.Tensor:
+        with self.precision.autocast():
+            if self.tc.loss == "flyp":
+                img, txt, scale = self.model(x, flyp_labels=y)
+                # The paper's batch is global: contrast against every rank's pairs, not the local slice.
+                return flyp_loss(dx.gather_with_grad(img.float()), dx.gather_with_grad(txt.float()), scale.float())
+            return classification_loss(self.tc.loss, self.model(x).float(), y, prior)
 
-        if self.world == 1 or not dist.is_initialized():
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item() / self.world)
-
-    def train_on(self, idx: np.ndarray, rng: np.random.Generator, max_steps: Optional[int]) -> tuple[float, int]:
+    def train_on(self, idx: np.ndarray, rng: np.random.Generator, max_steps: Optional[int],
+                 trace: bool = False) -> tuple[float, int]:
         """One pass over ``idx`` (shuffled, this rank's slice); returns (mean loss over ranks, samples seen)."""
         mine = D.shard(rng.permutation(idx), self.rank, self.world)
         counts = self.pool.class_counts(idx)
         prior = log_class_prior(counts).to(self.device) if self.tc.loss == "balanced_softmax" else None
         self.model.train()
-        total, n_batches, seen = 0.0, 0, 0
         steps = math.ceil(len(mine) / self.batch)
         if max_steps:
             steps = min(steps, max_steps)
+        # Planned batch sizes are a function of metadata only: identical on every rank (lock-step DDP).
+        sizes = [min(self.batch, len(mine) - k * self.batch) for k in range(steps)]
+        rows = mine[:sum(sizes)]
         fault = self.opts.get("fault")
-        for step in range(steps):
-            sel = mine[step * self.batch:(step + 1) * self.batch]
+        seed = stable_seed(self.tc.seed, "augment", self._epoch, self.global_step)
+        total, n_batches, seen, read = 0.0, 0, 0, []
+        for step, (x, sel) in enumerate(self.images.batches(rows, sizes, True, seed)):
             if fault and self._should_fail(fault, step, steps):
                 # A real worker death (tests of FailureConfig restarts); the pause lets the controller
                 # register the previous epoch's checkpoint first, as it would in any epoch longer than its poll.
                 time.sleep(float(fault.get("delay_s", 3.0)))
                 os._exit(17)
-            x = to_float(self.pool.images[torch.as_tensor(sel)], self.device)
+            x = self.pipe.normalise(x.to(self.device, non_blocking=True))
             y = torch.as_tensor(self.pool.labels[sel], device=self.device)
-            if self.tc.loss == "flyp":
-                img, txt, scale = self.model(x, flyp_labels=y)
-                loss = flyp_loss(img, txt, scale)
-            else:
-                loss = classification_loss(self.tc.loss, self.model(x), y, prior)
+            loss = self._loss(x, y, prior)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.tc.warmup_steps:
-                self._set_lr(self._epoch)
-            self.opt.step()
+            self.precision.step(loss, self.opt, (lambda: self._set_lr(self._epoch)) if self.tc.warmup_steps else None)
             self.global_step += 1
             total += float(loss.detach())
             n_batches += 1
             seen += len(sel)
-        return self._allreduce_mean(total / max(n_batches, 1)), seen * self.world
+            if trace and self.opts.get("trace"):
+                read.extend(self.pool.image_id[sel].tolist())
+        if trace and self.opts.get("trace"):
+            out = Path(self.opts["trace"]) / f"a{self._start}-e{self._epoch}-r{self.rank}.json"
+            out.write_text(json.dumps({"read": read, "planned": self.pool.image_id[rows].tolist()}))
+        return dx.allreduce_mean(total / max(n_batches, 1), self.device), seen * self.world
 
     def _should_fail(self, fault: dict, step: int, steps: int) -> bool:
         marker = Path(fault["marker"])
@@ -133,29 +162,45 @@ class Worker:
         marker.write_text(f"killed rank {self.rank} at epoch {self._epoch} step {step}\n")
         return True
 
+    def _eval_kw(self) -> dict:
+        return dict(device=self.device, batch=self.tc.eval_batch_size, autocast=self.precision.autocast)
+
     def evaluate(self, split: str, model=None) -> tuple[dict[str, float], np.ndarray]:
         """Validation/test metrics of ``split`` (prefix = split name with ``_id`` for low-quality test)."""
-        cm = confusion(model if model is not None else self.model, self.pool, self.pool.split_idx(split), self.device,
-                       self.tc.eval_batch_size)
+        cm = confusion(model if model is not None else self.model, self.pool, self.images,
+                       self.pool.split_idx(split), **self._eval_kw())
         if self.tc.task == "long_tail":
             return lt_metrics(cm, self.groups, split), cm
         f1 = macro_f1(cm)
         acc = float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan")
         return {f"{split}_f1": f1, f"{split}_acc": acc}, cm
 
+    def _probs_on_v(self) -> dict[float, np.ndarray]:
+        return {lam: true_class_prob(self.model, self.pool, self.images, idx, **self._eval_kw())
+                for lam, idx in self.guidance_val.items()}
+
     def probe_gains(self, epoch: int) -> dict[float, float]:
-        """Algorithm 2 lines 2-5: p_bef on V, train on a random real set D, p_aft on V; robust mean gain per λ."""
+        """Algorithm 2 lines 2-5: p_bef on V, train on a random real set D, p_aft on V; robust mean gain per λ.
+
+        Every rank trains on D (DDP); only rank 0 scores V (it alone talks to the selector)."""
         assert self.guidance_val is not None
-        before = {lam: true_class_prob(self.model, self.pool, idx, self.device, self.tc.eval_batch_size)
-                  for lam, idx in self.guidance_val.items()}
+        before = self._probs_on_v() if self.rank == 0 else {}
         d_all = self.pool.train_real
         rng = self._rng("random-real", epoch)
         d = rng.choice(d_all, size=min(self.tc.random_real_size, len(d_all)), replace=False)
         # The paper trains the model itself on D (not a copy): the probe is part of training.
         self.train_on(d, rng, self.tc.probe_steps)
-        after = {lam: true_class_prob(self.model, self.pool, idx, self.device, self.tc.eval_batch_size)
-                 for lam, idx in self.guidance_val.items()}
-        return adaptive_gains(before, after)
+        if self.rank != 0:
+            return {}
+        return adaptive_gains(before, self._probs_on_v())
+
+    def _save(self, epoch: int, best: dict, history: list, selector, epoch_log, model=None, **extra):
+        import ray
+
+        return ckpt.save(unwrap(model if model is not None else self.model), self.opt, epoch=epoch, best=best,
+                         selector=ray.get(selector.state.remote()), metrics=history,
+                         mlflow_run_id=epoch_log.run_id, global_step=self.global_step,
+                         scaler=self.precision.state_dict(), **extra)
 
     # -- the job --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -167,6 +212,7 @@ class Worker:
 
         selector = ray.get_actor(actor_name(self.run_name), namespace=self.opts.get("namespace"))
         state = ckpt.restore(ray.train.get_checkpoint(), unwrap(self.model), self.opt)
+        self.precision.load_state_dict(state.get("scaler"))
         start = self._start = state.get("epoch", -1) + 1
         self.global_step = int(state.get("global_step", 0))
         if start:
@@ -179,8 +225,7 @@ class Worker:
             # The run already finished (rerun of the same name): return its result, log nothing twice.
             ray.train.report(state["final"] if self.rank == 0 else {})
             return
-        best = state.get("best", {"value": -math.inf, "epoch": -1})
-        best_model = state.get("best_model")
+        best = state.get("best", {"value": -math.inf, "epoch": -1, "checkpoint": None})
         history: list[dict] = state.get("metrics", [])
         loop_t0, samples_total = time.perf_counter(), 0
         with self._mlflow(state.get("mlflow_run_id")) as mlrun:
@@ -202,61 +247,96 @@ class Worker:
                 if self.world > 1:
                     lam = broadcast_from_rank_zero(lam)
                 lam = float(lam)
+                # Every rank must train on the same λ's set; checked on device (two scalar collectives).
+                key = 2.0 if math.isnan(lam) else lam
+                agree = dx.allreduce_max(key, self.device) == -dx.allreduce_max(-key, self.device)
                 idx = D.epoch_indices(self.cfg, self.pool, lam, self._rng("epoch-set", epoch))
                 t1 = time.perf_counter()
-                loss, seen = self.train_on(idx, self._rng("shuffle", epoch), self.tc.steps_per_epoch)
+                loss, seen = self.train_on(idx, self._rng("shuffle", epoch), self.tc.steps_per_epoch, trace=True)
                 train_s = time.perf_counter() - t1
                 samples_total += seen
                 lr = self.opt.param_groups[0]["lr"]      # the last step's (the warm-up moves it within an epoch)
                 metrics: dict[str, Any] = {"epoch": epoch, "lam": lam, "train_loss": loss, "lr": lr,
                                            "n_train": int(len(idx)), "samples_per_s": seen / max(train_s, 1e-9),
-                                           "epoch_train_s": train_s, "adaptive_probe_s": probe_s if adaptive else 0.0}
+                                           "epoch_train_s": train_s, "adaptive_probe_s": probe_s if adaptive else 0.0,
+                                           "lam_ranks_agree": float(agree)}
                 metrics.update({f"gain_lam_{lam_key(k)}": v for k, v in gains.items()})
-                checkpoint = None
+                checkpoint, name = None, None
                 if self.rank == 0:
                     t2 = time.perf_counter()
                     val, _ = self.evaluate("val")
                     metrics.update(val)
                     metrics["epoch_val_s"] = time.perf_counter() - t2
+                # Largest peak RSS over the Train workers so far (the memory bound of docs/scaling.md).
+                metrics["worker_peak_rss_mb"] = dx.allreduce_max(peak_rss_mb(), self.device)
+                if self.rank == 0:
                     value = metrics[self.tc.select_metric]
-                    if value > best["value"] or best_model is None:   # model selection on validation only
-                        best = {"value": float(value), "epoch": epoch}
-                        best_model = ckpt.cpu_state(unwrap(self.model))
+                    improved = value > best["value"] or best.get("checkpoint") is None
+                    name = f"checkpoint_epoch{epoch:04d}_a{start}"
+                    if improved:   # model selection on validation only
+                        best = {"value": float(value), "epoch": epoch, "checkpoint": name,
+                                "rank": int(best.get("rank", 0)) + 1}
                     history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                     epoch_log.add(epoch, metrics)
-                    if ckpt.is_checkpoint_epoch(epoch, self.tc.epochs, self.tc.checkpoint_every):
-                        checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=epoch, best=best,
-                                               best_model=best_model, selector=ray.get(selector.state.remote()),
-                                               metrics=history, mlflow_run_id=epoch_log.run_id,
-                                               global_step=self.global_step)
+                    # Ray Train ranks checkpoints by this (CheckpointConfig.checkpoint_score_attribute): the
+                    # ordinal of the validation improvement, -1 for a scheduled checkpoint that did not improve.
+                    # Ranking on the raw metric would let a later tie outrank the selected (first) best and
+                    # delete it. Kept out of MLflow and the history.
+                    metrics[SELECTION_RANK] = best["rank"] if improved else -1
+                    # Checkpoints at the scheduled epochs and whenever validation improves: the selected
+                    # model lives in storage (kept by CheckpointConfig's score), never as a second copy here.
+                    if improved or ckpt.is_checkpoint_epoch(epoch, self.tc.epochs, self.tc.checkpoint_every):
+                        checkpoint = self._save(epoch, best, history, selector, epoch_log)
                 # Every epoch reports its metrics (Tune sees each); only checkpoint epochs carry a checkpoint.
-                ray.train.report(metrics, checkpoint=checkpoint)
+                ray.train.report(metrics, checkpoint=checkpoint,
+                                 checkpoint_dir_name=name if checkpoint is not None else None)
                 if checkpoint is not None:
                     ckpt.cleanup(checkpoint)
                     epoch_log.flush()   # only now: a restart resumes after these epochs (see EpochLog)
             final, checkpoint = {}, None
             # Throughput of this attempt's epoch loop (training, probes, validation, reports, checkpoints).
             loop_s = time.perf_counter() - loop_t0
+            n_bad = self._bad_images()
             if self.rank == 0:
-                final = self.finish(best, best_model, history, selector, mlrun)
+                net = self.selected_model(best)
+                final = self.finish(best, net, history, selector, mlrun, n_bad)
                 final.update(loop_s=loop_s, loop_samples=samples_total,
-                             loop_samples_per_s=samples_total / max(loop_s, 1e-9))
-                checkpoint = ckpt.save(unwrap(self.model), self.opt, epoch=self.tc.epochs - 1, best=best,
-                                       best_model=best_model, selector=ray.get(selector.state.remote()),
-                                       metrics=history, mlflow_run_id=epoch_log.run_id, final=final,
-                                       global_step=self.global_step)
-            ray.train.report(final, checkpoint=checkpoint)
+                             loop_samples_per_s=samples_total / max(loop_s, 1e-9),
+                             worker_peak_rss_mb=max(h.get("worker_peak_rss_mb", 0.0) for h in history))
+                # The final checkpoint holds the SELECTED model (training.init_checkpoint reads it).
+                checkpoint = self._save(self.tc.epochs - 1, best, history, selector, epoch_log, model=net,
+                                        final=final)
+                final[SELECTION_RANK] = int(best.get("rank", 0)) + 1
+            ray.train.report(final, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"checkpoint_final_a{start}" if checkpoint is not None else None)
             ckpt.cleanup(checkpoint)
 
-    def finish(self, best: dict, best_model: dict, history: list, selector, mlrun) -> dict[str, Any]:
+    def _bad_images(self) -> int:
+        """Undecodable images met by any rank (the cache knows them all at load; a stream as it reads)."""
+        if hasattr(self.images, "bad"):
+            return self.pool.n_bad_images + len(set().union(*dx.gather_objects(self.images.bad, self.device)))
+        return self.pool.n_bad_images
+
+    def selected_model(self, best: dict) -> torch.nn.Module:
+        """The model of the best validation epoch, read back from its checkpoint in storage."""
+        import ray.train
+
+        net = copy.deepcopy(unwrap(self.model))
+        if best.get("epoch") == self._epoch or not best.get("checkpoint"):
+            return net                  # the current weights are the selected ones
+        storage = ray.train.get_context().get_storage()
+        path = storage.build_checkpoint_path_from_name(best["checkpoint"])
+        state = ckpt.read_state(ray.train.Checkpoint(path, filesystem=storage.storage_filesystem))
+        net.load_state_dict(state["model"])
+        return net
+
+    def finish(self, best: dict, net, history: list, selector, mlrun, n_bad: int) -> dict[str, Any]:
         """Test metrics of the checkpoint selected on validation (+ WiSE-FT per α), plots, artifacts."""
         import ray
 
-        net = copy.deepcopy(unwrap(self.model))
-        net.load_state_dict(best_model)
         final: dict[str, Any] = {"best_epoch": best["epoch"], f"best_{self.tc.select_metric}": best["value"],
                                  "resumed_at_epoch": self._start,
-                                 "select_metric": self.tc.select_metric, "n_bad_images": self.pool.n_bad_images}
+                                 "select_metric": self.tc.select_metric, "n_bad_images": n_bad}
         # The validation metrics of the selected epoch, under their per-epoch names, so a Tune sweep ranking
         # trials by e.g. ``val_acc`` reads the selected model's score from the last report.
         chosen = next((h for h in history if h.get("epoch") == best["epoch"]), {})
@@ -272,9 +352,10 @@ class Worker:
         if self.zero_shot is not None:
             from discl_ray.training.losses import wise_interpolate
 
+            selected = ckpt.cpu_state(net)
             for alpha in self.tc.wise_alphas:
                 wnet = copy.deepcopy(net)
-                wnet.load_state_dict(wise_interpolate(self.zero_shot, best_model, alpha))
+                wnet.load_state_dict(wise_interpolate(self.zero_shot, selected, alpha))
                 for split, key in (("test", "test_id"), ("test_ood", "test_ood")):
                     if len(self.pool.split_idx(split)):
                         final[f"final_wise_{lam_key(alpha)}_{key}_f1"] = self.evaluate(split, wnet)[0][f"{split}_f1"]
@@ -303,6 +384,15 @@ class Worker:
                               parent_run_id=self.opts.get("parent_run_id"),
                               tags={"run_name": self.run_name}) as active:
                 yield active
+
+
+def _quiet_ray_data() -> None:
+    """No progress bars from the per-epoch datasets in worker logs; order kept for a seeded shuffle."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
 
 
 def _optimizer(tc, params):

@@ -3,6 +3,7 @@ probabilities for the adaptive selector, and the run's plots (λ per epoch, conf
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,39 +15,42 @@ import torch
 from discl_ray.training.models import unwrap
 
 
-def to_float(images: torch.Tensor, device: str) -> torch.Tensor:
-    return images.to(device, non_blocking=True).float().div_(255.0)
-
-
 @torch.no_grad()
-def _batches(model, pool, idx: np.ndarray, device: str, batch: int) -> Iterable[tuple[torch.Tensor, np.ndarray]]:
+def predict(model, images, idx: np.ndarray, device: str = "cpu", batch: int = 256,
+            autocast=contextlib.nullcontext) -> Iterable[tuple[torch.Tensor, np.ndarray]]:
+    """(float32 logits on the CPU, pool rows) over ``idx`` in eval mode; DDP bypassed (eval is local).
+
+    Rows come in the order the image source yields them (a stream may reorder and drops undecodable ones)."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
     try:
-        for start in range(0, len(idx), batch):
-            sel = idx[start:start + batch]
-            yield net(to_float(pool.images[torch.as_tensor(sel)], device)).float().cpu(), sel
+        for x, rows in images.eval_batches(np.asarray(idx, dtype=np.int64), batch):
+            with autocast():
+                logits = net(images.pipe.normalise(x.to(device, non_blocking=True)))
+            yield logits.float().cpu(), rows
     finally:
         net.train(was_training)
 
 
-def confusion(model, pool, idx: np.ndarray, device: str = "cpu", batch: int = 256) -> np.ndarray:
-    """(C, C) counts, rows = true class, columns = predicted class (DDP bypassed: eval is local)."""
+def confusion(model, pool, images, idx: np.ndarray, device: str = "cpu", batch: int = 256,
+              autocast=contextlib.nullcontext) -> np.ndarray:
+    """(C, C) counts, rows = true class, columns = predicted class."""
     cm = np.zeros((pool.num_classes, pool.num_classes), dtype=np.int64)
-    for logits, sel in _batches(model, pool, idx, device, batch):
-        np.add.at(cm, (pool.labels[sel], logits.argmax(1).numpy()), 1)
+    for logits, rows in predict(model, images, idx, device, batch, autocast):
+        np.add.at(cm, (pool.labels[rows], logits.argmax(1).numpy()), 1)
     return cm
 
 
-def true_class_prob(model, pool, idx: np.ndarray, device: str = "cpu", batch: int = 256) -> np.ndarray:
-    """Softmax probability of the true class per row (Algorithm 2's progress signal)."""
-    out = np.zeros(len(idx), dtype=np.float64)
-    pos = 0
-    for logits, sel in _batches(model, pool, idx, device, batch):
-        p = torch.softmax(logits, 1)[torch.arange(len(sel)), torch.as_tensor(pool.labels[sel])]
-        out[pos:pos + len(sel)] = p.double().numpy()
-        pos += len(sel)
+def true_class_prob(model, pool, images, idx: np.ndarray, device: str = "cpu", batch: int = 256,
+                    autocast=contextlib.nullcontext) -> np.ndarray:
+    """Softmax probability of the true class per row of ``idx``, in ``idx`` order (Algorithm 2's progress
+    signal); NaN for a row whose image could not be decoded (the robust mean skips it)."""
+    pos = {int(r): k for k, r in enumerate(idx)}
+    out = np.full(len(idx), np.nan, dtype=np.float64)
+    for logits, rows in predict(model, images, idx, device, batch, autocast):
+        p = torch.softmax(logits, 1)[torch.arange(len(rows)), torch.as_tensor(pool.labels[rows])]
+        out[[pos[int(r)] for r in rows]] = p.double().numpy()
     return out
 
 

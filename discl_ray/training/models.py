@@ -1,7 +1,8 @@
 """Backbones: ResNet-10 (paper, long-tail), a small CNN (toy digits), and CLIP with a zero-shot text head.
 
-All take float images in [0, 1], shape (B, 3, H, W), and return class logits; the CLIP classifier also
-returns (image, caption) embeddings for the FLYP loss when called with ``flyp_labels``.
+All take float images as the input pipeline (``transforms.py``) normalises them, shape (B, 3, H, W), and
+return class logits; the CLIP classifier also returns (image, caption) embeddings for the FLYP loss when
+called with ``flyp_labels``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 BACKBONES = ("resnet10", "small_cnn", "clip")
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def resnet10(num_classes: int) -> nn.Module:
@@ -53,15 +52,15 @@ class ClipClassifier(nn.Module):
         super().__init__()
         self.clip = clip_model
         self.register_buffer("class_tokens", class_tokens, persistent=False)
-        self.register_buffer("mean", torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_CLIP_STD).view(1, 3, 1, 1), persistent=False)
         size = getattr(getattr(clip_model, "visual", None), "image_size", None)
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else ((size, size) if size else None)
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
+        # Inputs come normalised at the model's size from the clip input pipeline (its own mean/std);
+        # the resize is a guard for another pipeline, not the normal path.
         if self.image_size and tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
-        return (x - self.mean) / self.std
+        return x
 
     def forward(self, x: torch.Tensor, flyp_labels: Optional[torch.Tensor] = None):
         img = self.clip.encode_image(self._images(x))

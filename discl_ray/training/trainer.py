@@ -51,20 +51,36 @@ def check_run_name(run_name: str) -> str:
     return run_name
 
 
+def check_data_cpus(cfg, cluster_cpus: float) -> None:
+    """A streamed run needs CPU left for its Ray Data decode tasks beside the Train workers: with every CPU
+    held by the workers, the stream never starts and training waits forever. Fail up front instead."""
+    from discl_ray.training.images import will_stream
+
+    tc = cfg.training
+    held = tc.num_workers * tc.cpus_per_worker
+    if will_stream(cfg) and held + tc.data_cpus > cluster_cpus + 1e-9:
+        raise ValueError(f"training streams its images through Ray Data, which needs training.data_cpus="
+                         f"{tc.data_cpus} CPU beside the {tc.num_workers} Train worker(s) × "
+                         f"training.cpus_per_worker={tc.cpus_per_worker}, but the cluster has {cluster_cpus:g} "
+                         "CPUs: lower cpus_per_worker (fractions are fine) or raise training.image_cache_mb")
+
+
 def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[list] = None,
                   mlflow_parent_run_id: Optional[str] = None, storage_path: Optional[str] = None,
-                  fault: Optional[dict] = None, torch_threads: Optional[int] = None):
+                  fault: Optional[dict] = None, torch_threads: Optional[int] = None, trace: Optional[str] = None):
     """The ``TorchTrainer`` for ``cfg`` plus its selector actor (Ray must be initialised).
 
     ``fault`` = {"epoch": e, "marker": path[, "rank": r]} makes one worker exit mid-epoch once (tests of
-    restarts); it is never set by the CLI."""
+    restarts); ``trace`` = a directory where every rank writes the image ids it trained on per epoch and
+    attempt (tests of the stream). Neither is set by the CLI."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from discl_ray.training.loop import train_loop_per_worker
+    from discl_ray.training.loop import SELECTION_RANK, train_loop_per_worker
 
     tc = cfg.training
+    check_data_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
     os.environ.setdefault(CONTROLLER_POLL_ENV, str(CONTROLLER_POLL_S))
     run_name = check_run_name(run_name or default_run_name(cfg))
     storage = str(Path(storage_path or default_storage(cfg)).resolve())
@@ -74,7 +90,7 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
         resources["GPU"] = tc.gpus_per_worker
     loop_config: dict[str, Any] = {
         "cfg": cfg.model_dump(mode="json"), "run_name": run_name, "parent_run_id": mlflow_parent_run_id,
-        "namespace": ray.get_runtime_context().namespace, "fault": fault,
+        "namespace": ray.get_runtime_context().namespace, "fault": fault, "trace": trace,
         "torch_threads": torch_threads or max(1, int(tc.cpus_per_worker)),
     }
     trainer = TorchTrainer(
@@ -84,7 +100,11 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage, callbacks=callbacks or None,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             # Ranked by validation improvements (loop.SELECTION_RANK); the latest
+                             # checkpoint is always kept besides the best num_to_keep.
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep,
+                                                                checkpoint_score_attribute=SELECTION_RANK,
+                                                                checkpoint_score_order="max")),
     )
     return trainer, selector
 
