@@ -58,16 +58,27 @@ class MiningConfig(StrictModel):
     mode: Literal["frequency", "confidence"] = Field(
         "frequency", description="frequency: tail classes of a long-tailed set; confidence: low true-class probability.")
     few_max: int = Field(20, ge=1, description="Classes with fewer training images than this are 'few' (tail).")
-    many_min: int = Field(100, ge=2, description="Classes with at least this many training images are 'many'.")
+    many_min: int = Field(101, ge=2, description="Classes with at least this many training images are 'many' "
+                                                 "(Liu et al. 2019: more than 100, so 101).")
     hard_groups: list[Literal["few", "medium", "many"]] = Field(
         ["few"], min_length=1, description="frequency mode: class groups whose training images are hard.")
-    classifier: Literal["open_clip_zero_shot", "torchscript", "toy"] = Field(
+    classifier: Literal["open_clip_zero_shot", "torchscript", "toy", "trained_run"] = Field(
         "open_clip_zero_shot",
-        description="confidence mode: zero-shot CLIP (scoring.model), a TorchScript file, or the toy-world judge.")
+        description="confidence mode: zero-shot CLIP (scoring.model), a TorchScript file, the toy-world judge, or "
+                    "a classifier trained on the dataset (trained_run: the run named by classifier_from, §3.3).")
+    classifier_from: Optional[str] = Field(
+        None, description="classifier=trained_run: '<experiment>[/<run name>]' whose best-on-validation model "
+                          "mines (the FLYP baseline for iWildCam); built with this config's training backbone.")
     classifier_path: Optional[str] = Field(None, description="confidence mode with torchscript: the .pt file.")
     threshold: Optional[float] = Field(None, ge=0, le=1,
                                        description="confidence mode: hard when true-class probability < threshold.")
     lowest_k: Optional[int] = Field(None, ge=1, description="confidence mode: the k least confident images per class.")
+    target_count: Optional[int] = Field(None, ge=1, description="confidence mode: the N least confident images "
+                                                                "overall (Table 6: 8,260 for iWildCam).")
+    class_quantile: Optional[float] = Field(None, gt=0, lt=1, description="confidence mode: per class, images at or "
+                                                                          "below this quantile of true-class probability.")
+    exclude_classes: list[str] = Field([], description="class_name values never mined (nothing to prompt: "
+                                                       "iWildCam's 'empty').")
     batch_size: int = Field(64, ge=1, description="Images per classifier batch in confidence mode.")
 
     @model_validator(mode="after")
@@ -75,10 +86,15 @@ class MiningConfig(StrictModel):
         if self.few_max >= self.many_min:
             raise ValueError(f"mining.few_max ({self.few_max}) must be < mining.many_min ({self.many_min})")
         if self.mode == "confidence":
-            if (self.threshold is None) == (self.lowest_k is None):
-                raise ValueError("mining.mode=confidence needs exactly one of mining.threshold or mining.lowest_k")
+            rules = [k for k in ("threshold", "lowest_k", "target_count", "class_quantile")
+                     if getattr(self, k) is not None]
+            if len(rules) != 1:
+                raise ValueError("mining.mode=confidence needs exactly one of mining.threshold, mining.lowest_k, "
+                                 f"mining.target_count or mining.class_quantile (got {rules or 'none'})")
             if self.classifier == "torchscript" and not self.classifier_path:
                 raise ValueError("mining.classifier=torchscript needs mining.classifier_path")
+            if self.classifier == "trained_run" and not self.classifier_from:
+                raise ValueError("mining.classifier=trained_run needs mining.classifier_from (e.g. iwildcam_flyp)")
         return self
 
 

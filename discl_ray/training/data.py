@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import torch
 
 from discl_ray.io import ImageLoadError, load_image, read_parquet_dir
+from discl_ray.training.composition import authors_undersample, limit_per_source, uses_real_hard
 from discl_ray.training.schedules import REAL_ONLY
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
                          "lam": pa.array([], pa.float64()), "source_image_id": pa.array([], pa.string())})
     spec_dir, score_dir = paths.stage("generate", "spectrum"), paths.stage("score", "scores")
     try:
-        spec = read_parquet_dir(spec_dir, ["image_id", "source_image_id", "label", "lam", "image"])
+        spec = read_parquet_dir(spec_dir, ["image_id", "source_image_id", "label", "lam", "seed", "image"])
         scores = read_parquet_dir(score_dir, ["image_id", "clip_text_cos"])
     except FileNotFoundError as err:
         raise FileNotFoundError(f"training.strategy={tc.strategy} needs the spectrum and its scores: {err} "
@@ -110,7 +111,7 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
     keep = pc.and_(pc.is_in(lam_col, pa.array([round(v, 6) for v in lams])),
                    pc.greater_equal(joined["clip_text_cos"], threshold))
     keep = pc.and_(keep, pc.is_in(joined["source_image_id"], pa.array(sorted(hard_ids), pa.string())))
-    out = joined.filter(keep).sort_by("image_id")
+    out = limit_per_source(joined.filter(keep), tc.syn_per_source).sort_by("image_id")
     log.info("spectrum: %d of %d scored rows kept (threshold %.3f, λ in %s)", out.num_rows, joined.num_rows,
              threshold, lams)
     return out
@@ -243,7 +244,8 @@ def epoch_indices(cfg, pool: Pool, lam: float, rng: np.random.Generator) -> np.n
             syn = pool.syn_idx(lam)
         if task == "long_tail":
             # Algorithm 1 line 4: D_e = S_λ ∪ D_nh ∪ D_h (D_h optional via training.use_real_hard).
-            parts = [syn, nonhard] + ([hard] if tc.use_real_hard else [])
+            # D_h optional via training.use_real_hard; fixed-λ / text-only stages never take it (§5).
+            parts = [syn, nonhard] + ([hard] if uses_real_hard(tc) else [])
         else:
             # Algorithm 2 line 8: D_e = S_λ ∪ D_nh.
             parts = [syn, nonhard]
@@ -251,8 +253,12 @@ def epoch_indices(cfg, pool: Pool, lam: float, rng: np.random.Generator) -> np.n
     chosen = np.unique(chosen.astype(np.int64))
     if task == "long_tail" and tc.keep_tail_ratio and (tc.tail_ratio_stages == "all" or lam != REAL_ONLY):
         is_tail = np.isin(pool.labels[chosen], sorted(pool.tail_labels))
-        chosen = np.sort(undersample_to_ratio(chosen[is_tail], chosen[~is_tail], target_tail_ratio(cfg, pool),
-                                              rng, keep_first=hard))
+        if tc.tail_ratio_rule == "authors":
+            chosen = np.sort(authors_undersample(chosen[is_tail], chosen[~is_tail], target_tail_ratio(cfg, pool),
+                                                 tc.authors_nontail_keep, rng, keep_first=hard))
+        else:
+            chosen = np.sort(undersample_to_ratio(chosen[is_tail], chosen[~is_tail], target_tail_ratio(cfg, pool),
+                                                  rng, keep_first=hard))
     return chosen
 
 
