@@ -23,8 +23,8 @@ class ClipBackboneConfig(StrictModel):
     Why separate: the paper filters with ViT-B/32 but fine-tunes ViT-B/16 and ViT-L/14 (Table 4/5)."""
 
     model: Optional[str] = Field(None, description="open_clip architecture, e.g. ViT-B-16 (None = scoring.model).")
-    pretrained: Optional[str] = Field(None, description="open_clip pretrained tag or weights file (None = "
-                                                        "scoring.pretrained when model is None, else 'openai').")
+    pretrained: Optional[str] = Field(None, description="open_clip pretrained tag or weights file (paper: openai); "
+                                                        "None with a model set = random init.")
     model_config_path: Optional[str] = Field(None, description="JSON registering a custom architecture.")
 
 

@@ -24,9 +24,11 @@ import torch
 from discl_ray.io import stable_seed
 from discl_ray.training import checkpointing as ckpt
 from discl_ray.training import data as D
+from discl_ray.training import lpft
 from discl_ray.training.losses import classification_loss, flyp_loss, log_class_prior
 from discl_ray.training.metrics import confusion, lt_metrics, macro_f1, to_float, true_class_prob
-from discl_ray.training.models import build_model, class_prompts, unwrap
+from discl_ray.training.clip_backbone import caption_prompts
+from discl_ray.training.models import build_model, unwrap
 from discl_ray.training.schedules import adaptive_gains, lam_key, learning_rate
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class Worker:
                                                       np.random.default_rng(stable_seed("V", self.tc.seed)))
         self.groups = D.class_groups(self.cfg, self.pool.class_counts(self.pool.train_real))
         torch.manual_seed(self.tc.seed)
-        prompts = class_prompts(self.pool.class_names, self.cfg.prompts.clip_template)
+        prompts = caption_prompts(self.cfg, self.pool.class_names)   # common names through prompts.name_map
         net = build_model(self.tc.backbone, self.pool.num_classes, cfg=self.cfg, prompts=prompts,
                           device=self.device)
         if self.tc.init_checkpoint:
@@ -76,6 +78,7 @@ class Worker:
         """LR for the next optimizer step (cosine over epochs, linear warm-up over the first steps)."""
         lr = learning_rate(self.tc.lr, self.tc.lr_schedule, epoch, self.tc.epochs, self.global_step,
                            self.tc.warmup_steps)
+        lr = lpft.epoch_lr(self.tc, epoch, lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
         return lr
@@ -116,6 +119,7 @@ class Worker:
                 loss = classification_loss(self.tc.loss, self.model(x), y, prior)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            lpft.drop_encoder_grads(self.model, self.tc, self._epoch)    # LP-FT: head only while probing
             if self.tc.warmup_steps:
                 self._set_lr(self._epoch)
             self.opt.step()
@@ -270,14 +274,9 @@ class Worker:
             if len(self.pool.split_idx("test_ood")):
                 final["final_test_ood_f1"] = self.evaluate("test_ood", net)[0]["test_ood_f1"]
         if self.zero_shot is not None:
-            from discl_ray.training.losses import wise_interpolate
+            from discl_ray.training.wise import wise_on_validation
 
-            for alpha in self.tc.wise_alphas:
-                wnet = copy.deepcopy(net)
-                wnet.load_state_dict(wise_interpolate(self.zero_shot, best_model, alpha))
-                for split, key in (("test", "test_id"), ("test_ood", "test_ood")):
-                    if len(self.pool.split_idx(split)):
-                        final[f"final_wise_{lam_key(alpha)}_{key}_f1"] = self.evaluate(split, wnet)[0][f"{split}_f1"]
+            final.update(wise_on_validation(self, net, best_model))   # α chosen on val, test for that α only
         sel_history = ray.get(selector.get_history.remote())
         final["lam_history"] = [h["lam"] for h in sel_history]
         if mlrun is not None:
