@@ -276,7 +276,9 @@ class Worker:
         if self.zero_shot is not None:
             from discl_ray.training.wise import wise_on_validation
 
-            final.update(wise_on_validation(self, net, best_model))   # α chosen on val, test for that α only
+            # α chosen on ID validation; only that α is evaluated on the test splits.
+            final.update(wise_on_validation(self.evaluate, self.tc, self.zero_shot, net, best_model,
+                                            bool(len(self.pool.split_idx("test_ood")))))
         sel_history = ray.get(selector.get_history.remote())
         final["lam_history"] = [h["lam"] for h in sel_history]
         if mlrun is not None:

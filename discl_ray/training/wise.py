@@ -13,20 +13,25 @@ splits, so no test number ever informs a choice. Metric names:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 from discl_ray.training.losses import wise_interpolate
 from discl_ray.training.schedules import lam_key
 
 
-def wise_on_validation(worker, net, best_model: dict) -> dict[str, Any]:
-    """Pick α on ``val`` and report the test metrics of that α only (``worker``: the Train loop's Worker)."""
-    tc, out = worker.tc, {}
+def wise_on_validation(evaluate: Callable, tc, zero_shot: dict, net, best_model: dict,
+                       has_ood: bool) -> dict[str, Any]:
+    """Pick α on ``val`` and report the test metrics of that α only.
+
+    ``evaluate(split, model) -> (metrics, confusion)`` is the Train loop's evaluator; ``net`` a model of the
+    run's architecture (its weights are replaced); ``best_model`` the state selected on validation."""
+    out: dict[str, Any] = {}
     scores, nets = {}, {}
     for alpha in tc.wise_alphas:
         wnet = copy.deepcopy(net)
-        wnet.load_state_dict(wise_interpolate(worker.zero_shot, best_model, alpha))
-        scores[alpha] = worker.evaluate("val", wnet)[0][tc.select_metric]
+        wnet.load_state_dict(wise_interpolate(zero_shot, best_model, alpha))
+        scores[alpha] = evaluate("val", wnet)[0][tc.select_metric]
         nets[alpha] = wnet
         out[f"final_wise_val_{lam_key(alpha)}"] = scores[alpha]
     if not scores:
@@ -37,10 +42,9 @@ def wise_on_validation(worker, net, best_model: dict) -> dict[str, Any]:
     out[f"wise_best_{tc.select_metric}"] = scores[alpha]
     chosen = nets[alpha]
     if tc.task == "long_tail":
-        m, _ = worker.evaluate("test", chosen)
-        out.update({f"final_wise_{k}": v for k, v in m.items()})
+        out.update({f"final_wise_{k}": v for k, v in evaluate("test", chosen)[0].items()})
         return out
-    out["final_wise_test_id_f1"] = worker.evaluate("test", chosen)[0]["test_f1"]
-    if len(worker.pool.split_idx("test_ood")):
-        out["final_wise_test_ood_f1"] = worker.evaluate("test_ood", chosen)[0]["test_ood_f1"]
+    out["final_wise_test_id_f1"] = evaluate("test", chosen)[0]["test_f1"]
+    if has_ood:
+        out["final_wise_test_ood_f1"] = evaluate("test_ood", chosen)[0]["test_ood_f1"]
     return out
