@@ -98,6 +98,45 @@ class MiningConfig(StrictModel):
         return self
 
 
+PAPER_QUERY = ("Please provide {n} language descriptions for random scenes that contain only the class {name} from "
+               "the {dataset} dataset. Each description should be different and contain a minimum of {min_words} "
+               "words. These descriptions will serve as a guide for Stable Diffusion in generating images.")
+
+
+class VLLMEngineConfig(StrictModel):
+    """prompts.llm.engine=vllm: a vLLM engine on GPU workers through ray.data.llm (docs/fidelity.md)."""
+
+    model_source: Optional[str] = Field(None, description="Hugging Face id or local/remote path of the model.")
+    engine_kwargs: dict = Field(default_factory=dict, description="vLLM engine arguments (max_model_len, …).")
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type of the engine workers (e.g. H100).")
+    concurrency: int = Field(1, ge=1, description="Engine replicas (data parallel).")
+    batch_size: int = Field(32, ge=1, description="Requests per engine batch.")
+
+
+class LLMPromptsConfig(StrictModel):
+    """`discl prompts --llm`: per-class diverse prompts from an LLM with the paper's query (A.1.2)."""
+
+    engine: Literal["http", "vllm"] = Field("http", description="http: any OpenAI-compatible endpoint (the paper "
+                                                                 "used GPT-3.5-turbo); vllm: an engine on GPU workers.")
+    url: Optional[str] = Field(None, description="http: endpoint base (…/v1) or its /chat/completions URL.")
+    model: str = Field("gpt-3.5-turbo", description="http: model name sent in each request (A.1.2: GPT-3.5-turbo).")
+    api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="http: env var holding a bearer token (unset: "
+                                                                      "no Authorization header).")
+    query: str = Field(PAPER_QUERY, description="The user message; {n}, {name}, {dataset}, {min_words} filled in.")
+    dataset_name: Optional[str] = Field(None, description="{dataset} in the query (None = from dataset.name).")
+    n_descriptions: int = Field(10, ge=1, description="Descriptions asked for per class (A.1.2: 10).")
+    min_words: int = Field(15, ge=1, description="Minimum words per description (A.1.2: 15).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (not stated in the paper).")
+    max_tokens: int = Field(1024, ge=16, description="Completion token cap per class.")
+    classes: Literal["all", "hard"] = Field("all", description="all: every class (A.1.2 did all 1,000); hard: only "
+                                                               "classes with mined hard images.")
+    concurrency: int = Field(2, ge=1, description="http: parallel request workers.")
+    qps: Optional[int] = Field(None, ge=1, description="http: request rate cap per worker (None = no cap).")
+    batch_size: int = Field(16, ge=1, description="Classes per Ray Data batch.")
+    max_retries: int = Field(2, ge=0, description="http: retries per request.")
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig)
+
+
 class PromptsConfig(StrictModel):
     """Prompt construction: templates, name maps and per-class prompt lists."""
 
@@ -106,6 +145,8 @@ class PromptsConfig(StrictModel):
     name_map: Optional[str] = Field(None, description="JSON file mapping class_name (e.g. scientific) -> common name.")
     prompts_file: Optional[str] = Field(None, description="JSON file {class_name: [prompt, ...]} of diverse prompts.")
     include_template: bool = Field(True, description="Keep the template prompt beside the per-class JSON prompts.")
+    llm: LLMPromptsConfig = Field(default_factory=LLMPromptsConfig,
+                                  description="`discl prompts --llm`: write prompts_file from an LLM (A.1.2).")
 
     @model_validator(mode="after")
     def _check(self):
