@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from clip_fixtures import TINY_CLIP_CONFIG, make_tiny_clip
+
 from discl_ray.config import load_config
 from discl_ray.training import checkpointing as ckpt
 from discl_ray.training.clip_backbone import caption_prompts, trainer_clip_config

@@ -25,9 +25,9 @@ from discl_ray.io import stable_seed
 from discl_ray.training import checkpointing as ckpt
 from discl_ray.training import data as D
 from discl_ray.training import lpft
+from discl_ray.training.clip_backbone import caption_prompts
 from discl_ray.training.losses import classification_loss, flyp_loss, log_class_prior
 from discl_ray.training.metrics import confusion, lt_metrics, macro_f1, to_float, true_class_prob
-from discl_ray.training.clip_backbone import caption_prompts
 from discl_ray.training.models import build_model, unwrap
 from discl_ray.training.schedules import adaptive_gains, lam_key, learning_rate
 
