@@ -188,3 +188,39 @@ def test_discl_mine_with_the_trained_baseline(tmp_path, capsys):
                  f"{cfg.scoring.model_config_path}")
     with pytest.raises(ValueError, match="does not fit"):
         trained_run_probs(wrong, train, "cpu")
+
+
+@pytest.fixture(scope="module")
+def ray_private():
+    """A fresh 2-CPU local cluster: address="local" never joins another cluster found on the machine."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_lp_ft_with_wise_on_ray_train(tmp_path, ray_private):
+    """LP-FT + WE end to end on Ray Train: the trainer's own tiny CLIP, head-only epoch, α chosen on val."""
+    from discl_ray.training import fit
+    from discl_ray.training.fixture import write_fixture
+
+    cfg = load_config(None, [
+        f"run_root={tmp_path / 'runs'}", "experiment=lpft", "dataset.image_size=16", "generation.lams=[0.5,0.9]",
+        "training.lams=[0.5,0.9,1.0]", "scoring.model=tiny-clip",
+        f"scoring.model_config_path={make_tiny_clip(tmp_path / 'clip')[0]}", "scoring.pretrained=null",
+        "training.backbone=clip", "training.clip.model=tiny-clip-wide",
+        f"training.clip.model_config_path={_wider_clip(tmp_path)}", "training.head=linear", "training.loss=ce",
+        "training.lp_epochs=1", "training.lp_lr=0.01", "training.wise_alphas=[0.5,1.0]",
+        "training.task=low_quality", "training.strategy=none", "training.epochs=2", "training.curriculum_epochs=0",
+        "training.cpus_per_worker=0.5", "training.batch_size=16", "training.lr=0.0005", "tracking.enabled=false"])
+    write_fixture(cfg, low_quality=True, train_counts=(10, 10, 10))
+    final = fit(cfg, run_name="lpft-we")
+    assert final["wise_alpha"] in (0.5, 1.0)
+    chosen = final[f"final_wise_val_{final['wise_alpha']}"]
+    assert chosen == max(final["final_wise_val_0.5"], final["final_wise_val_1.0"])
+    assert 0 <= final["final_wise_test_id_f1"] <= 1 and 0 <= final["final_wise_test_ood_f1"] <= 1

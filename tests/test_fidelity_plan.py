@@ -70,6 +70,17 @@ def test_fixed_and_text_only_leave_out_real_hard_images(tmp_path):
     assert all(e["n_real_tail"] > 0 for e in old.epochs)
 
 
+def test_many_means_more_than_100_images():
+    from discl_ray.config import MiningConfig
+    from discl_ray.data.loaders.groups import class_groups
+
+    m = load_config(REPO / "configs/imagenet_lt/base.yaml").mining
+    labels = [0] * 101 + [1] * 100 + [2] * 20 + [3] * 19
+    expect = {0: "many", 1: "medium", 2: "medium", 3: "few"}
+    assert class_groups(labels, m.few_max, m.many_min) == expect == class_groups(labels)
+    assert MiningConfig().many_min == 101
+
+
 def test_synthetic_volume_knob(tmp_path):
     full = build_plan(_lt(tmp_path, "training.keep_tail_ratio=false"))
     half = build_plan(_lt(tmp_path, "training.keep_tail_ratio=false", "training.syn_per_source=2"))
