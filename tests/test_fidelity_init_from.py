@@ -81,6 +81,38 @@ def test_resolves_through_mlflow_when_the_run_dir_is_gone(tmp_path):
     assert torch.equal(state["fc.weight"], net.state_dict()["fc.weight"])
 
 
+def test_resolves_from_an_object_store_run_root(tmp_path, monkeypatch):
+    """run_root on S3 (a moto server on 127.0.0.1): the selected model is copied into the local cache."""
+    pytest.importorskip("moto")
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for key, val in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                         "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, val)
+        best = _finished_run(tmp_path / "local", "inat2018_ce", "ce", seed=2)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="runs")
+        for f in (tmp_path / "local").rglob("state.pt"):
+            s3.upload_file(str(f), "runs", f"exp/{f.relative_to(tmp_path / 'local')}")
+        cfg = load_config(REPO / "configs/inat2018/discl_d2s.yaml", ["run_root=s3://runs/exp", "tracking.enabled=false",
+                                                                     f"cache_dir={tmp_path / 'cache'}"])
+        path = resolve_checkpoint(cfg, cfg.training.init_from)
+        assert path == tmp_path / "cache" / "init_from" / "inat2018_ce" / "ce" / "model.pt"
+        state = ckpt.load_model_state(str(path))
+        assert all(torch.equal(state[k], best[k]) for k in best)
+    finally:
+        server.stop()
+
+
 def test_cli_fails_before_training_when_the_baseline_is_missing(tmp_path, capsys):
     from jobs.train import main
 

@@ -6,8 +6,9 @@ the dataset names it, so the chain is two commands (``discl train`` the baseline
 
 Resolution, before any worker starts:
 
-1. the run directory ``<run_root>/<experiment>/train/<run>/checkpoint_*/state.pt`` - the newest checkpoint
-   of a *finished* run (its state carries ``final``); its ``best_model`` is the model selected on validation;
+1. the run directory ``<run_root>/<experiment>/train/<run>/checkpoint_*/state.pt`` (local or an object-store
+   URI) - the newest checkpoint of a *finished* run (its state carries ``final``); its ``best_model`` is the
+   model selected on validation (copied into the local cache when the run root is remote);
 2. otherwise MLflow: the experiment's finished ``train`` run of that name and its ``checkpoint/model.pt``
    artifact (the same selected model; logged when ``tracking.log_checkpoint`` is on), downloaded once.
 
@@ -31,31 +32,62 @@ def split_ref(ref: str) -> tuple[str, Optional[str]]:
     return exp, run or None
 
 
-def _finished(run_dir: Path) -> Optional[Path]:
-    """The newest checkpoint dir of ``run_dir`` holding a finished run's state (names sort by time)."""
+def _train_storage(cfg, exp: str):
+    """(filesystem, path) of ``<run_root>/<exp>/train``: local disk or an object store (``s3://``, ``gs://``)."""
+    import pyarrow.fs as pafs
+
+    root = str(cfg.run_root)
+    if "://" in root:
+        return pafs.FileSystem.from_uri(f"{root.rstrip('/')}/{exp}/train")
+    return pafs.LocalFileSystem(), str(Path(root).resolve() / exp / "train")
+
+
+def _children(fs, path: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.Directory)
+
+
+def _finished(fs, run_dir: str) -> Optional[tuple[str, dict]]:
+    """(path, state) of the newest checkpoint of ``run_dir`` holding a finished run (names sort by time)."""
+    import io
+
     import torch
 
-    for ckpt in sorted(run_dir.glob("checkpoint_*"), reverse=True):
-        state_file = ckpt / "state.pt"
-        if not state_file.is_file():
+    for ckpt in reversed([c for c in _children(fs, run_dir) if c.rsplit("/", 1)[-1].startswith("checkpoint_")]):
+        try:
+            with fs.open_input_file(f"{ckpt}/state.pt") as fh:
+                state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=False)
+        except (FileNotFoundError, OSError):
             continue
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
         if state.get("final") and state.get("best_model"):
-            return ckpt
+            return ckpt, state
     return None
 
 
-def _from_run_dir(train_dir: Path, exp: str, run: Optional[str]) -> Optional[Path]:
-    if not train_dir.is_dir():
-        return None
-    runs = [train_dir / run] if run else sorted(p for p in train_dir.iterdir() if p.is_dir())
-    done = {p.name: c for p in runs if (c := _finished(p)) is not None}
-    if run:
-        return done.get(run)
+def _from_run_dir(cfg, exp: str, run: Optional[str]) -> Optional[Path]:
+    import pyarrow.fs as pafs
+    import torch
+
+    fs, base = _train_storage(cfg, exp)
+    runs = [f"{base}/{run}"] if run else _children(fs, base)
+    done = {r.rsplit("/", 1)[-1]: found for r in runs if (found := _finished(fs, r)) is not None}
     if len(done) > 1:
         raise ValueError(f"training.init_from: experiment {exp!r} has {len(done)} finished runs; name one: "
                          + ", ".join(f"{exp}/{name}" for name in sorted(done)))
-    return next(iter(done.values()), None)
+    if not done:
+        return None
+    name, (ckpt, state) = next(iter(done.items()))
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Path(ckpt)
+    # An object store: cache the selected model locally; workers load it by path.
+    from discl_ray.runtime import RunPaths
+
+    dest = RunPaths.from_config(cfg).cache / "init_from" / exp / name / "model.pt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state["best_model"], dest)
+    return dest
 
 
 def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[Path]:
@@ -92,11 +124,9 @@ def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[Path]:
 
 def resolve_checkpoint(cfg, ref: str) -> Path:
     """Checkpoint path (run checkpoint dir or ``model.pt``) of the run ``ref`` names; raises when missing."""
-    from discl_ray.runtime import RunPaths
-
     exp, run = split_ref(ref)
-    train_dir = RunPaths(root=RunPaths.from_config(cfg).root, experiment=exp, cache=Path()).stage("train")
-    found = _from_run_dir(train_dir, exp, run) or (_from_mlflow(cfg, exp, run) if cfg.tracking.enabled else None)
+    train_dir = _train_storage(cfg, exp)[1]
+    found = _from_run_dir(cfg, exp, run) or (_from_mlflow(cfg, exp, run) if cfg.tracking.enabled else None)
     if found is None:
         what = f"run {run!r} of experiment {exp!r}" if run else f"a finished training run of experiment {exp!r}"
         raise FileNotFoundError(f"training.init_from: {what} not found under {train_dir} or in MLflow; train it "
