@@ -50,42 +50,58 @@ def select_hard(labels: Sequence[int], true_prob: Sequence[float], class_names: 
     return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=np.int64)
 
 
-def trained_run_probs(cfg: "ExperimentConfig", train: pa.Table, device: str) -> np.ndarray:
-    """True-class probability of each ``train`` row under the run ``mining.classifier_from`` names.
+class TrainedRunClassifier:
+    """The run ``mining.classifier_from`` names, as a batch scorer: ``probs(images, labels)`` gives true-class
+    probabilities of float images in [0, 1] (B, 3, S, S). Loads once in ``__init__`` (a Ray Data actor can hold
+    one); the device is a parameter.
 
-    The model is rebuilt from this config's ``training`` section (backbone, ``training.clip``, captions
-    with common names), which the baseline shares when both extend the same ``base.yaml``."""
-    import torch
+    The model is rebuilt from this config's ``training`` section (backbone, ``training.clip``, captions with
+    common names), which the baseline shares when both extend the same ``base.yaml``."""
+
+    def __init__(self, cfg: "ExperimentConfig", class_names: Sequence[str], device: str = "cpu"):
+        from discl_ray.training.checkpointing import load_model_state
+        from discl_ray.training.clip_backbone import caption_prompts
+        from discl_ray.training.init_from import resolve_checkpoint
+        from discl_ray.training.models import build_model
+
+        m, tc = cfg.mining, cfg.training
+        path = resolve_checkpoint(cfg, m.classifier_from)
+        net = build_model(tc.backbone, len(class_names), cfg=cfg, prompts=caption_prompts(cfg, class_names),
+                          device=device)
+        try:
+            net.load_state_dict(load_model_state(str(path)))
+        except RuntimeError as err:
+            raise ValueError(f"mining.classifier_from={m.classifier_from}: its checkpoint does not fit "
+                             f"training.backbone={tc.backbone} of this config ({str(err).splitlines()[0]})") from None
+        self.net = net.to(device).eval()
+        self.device = device
+        self.image_size = tc.image_size or cfg.dataset.image_size
+
+    def probs(self, images, labels):
+        import torch
+
+        with torch.no_grad():
+            p = torch.softmax(self.net(images.to(self.device)).float(), dim=-1).cpu()
+        return p[torch.arange(len(labels)), torch.as_tensor(labels)].numpy().astype(np.float64)
+
+
+def trained_run_probs(cfg: "ExperimentConfig", train: pa.Table, device: str) -> np.ndarray:
+    """True-class probability of each ``train`` row under the run ``mining.classifier_from`` names."""
     from torchvision.transforms.functional import pil_to_tensor
 
     from discl_ray.data import class_names, read_rows
     from discl_ray.mining import _image_batches
-    from discl_ray.training.checkpointing import load_model_state
-    from discl_ray.training.clip_backbone import caption_prompts
-    from discl_ray.training.init_from import resolve_checkpoint
-    from discl_ray.training.models import build_model
 
-    m, tc = cfg.mining, cfg.training
-    path = resolve_checkpoint(cfg, m.classifier_from)
     names = class_names(read_rows(cfg))
-    num_classes = max(names) + 1
-    ordered = [names.get(c, str(c)) for c in range(num_classes)]
-    net = build_model(tc.backbone, num_classes, cfg=cfg, prompts=caption_prompts(cfg, ordered), device=device)
-    try:
-        net.load_state_dict(load_model_state(str(path)))
-    except RuntimeError as err:
-        raise ValueError(f"mining.classifier_from={m.classifier_from}: its checkpoint does not fit "
-                         f"training.backbone={tc.backbone} of this config ({str(err).splitlines()[0]})") from None
-    net.to(device).eval()
-    size = tc.image_size or cfg.dataset.image_size
+    scorer = TrainedRunClassifier(cfg, [names.get(c, str(c)) for c in range(max(names) + 1)], device)
+    size = scorer.image_size
 
     def tf(im):
         return pil_to_tensor(im.convert("RGB").resize((size, size))).float() / 255.0
 
-    labels = torch.tensor(train["label"].to_pylist())
-    outs = []
-    with torch.no_grad():
-        for x in _image_batches(train, cfg.dataset.root, m.batch_size, tf):
-            outs.append(torch.softmax(net(x.to(device)).float(), dim=-1).cpu())
-    probs = torch.cat(outs) if outs else torch.zeros((0, num_classes))
-    return probs[torch.arange(len(labels)), labels].numpy().astype(np.float64)
+    labels = np.asarray(train["label"].to_pylist(), dtype=np.int64)
+    outs, start = [], 0
+    for x in _image_batches(train, cfg.dataset.root, cfg.mining.batch_size, tf):
+        outs.append(scorer.probs(x, labels[start:start + len(x)]))
+        start += len(x)
+    return np.concatenate(outs) if outs else np.zeros(0, dtype=np.float64)
