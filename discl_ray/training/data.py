@@ -243,8 +243,8 @@ def epoch_indices(cfg, pool: Pool, lam: float, rng: np.random.Generator) -> np.n
         else:
             syn = pool.syn_idx(lam)
         if task == "long_tail":
-            # Algorithm 1 line 4: D_e = S_λ ∪ D_nh ∪ D_h (D_h optional via training.use_real_hard).
-            # D_h optional via training.use_real_hard; fixed-λ / text-only stages never take it (§5).
+            # Algorithm 1 line 4: D_e = S_λ ∪ D_nh ∪ D_h (D_h optional via training.use_real_hard; fixed-λ and
+            # text-only stages never take it, §5).
             parts = [syn, nonhard] + ([hard] if uses_real_hard(tc) else [])
         else:
             # Algorithm 2 line 8: D_e = S_λ ∪ D_nh.
