@@ -201,6 +201,13 @@ def run_plan(cfg, json_path: Optional[str] = None) -> int:
         print(f"discl train: {err}", file=sys.stderr)
         return 2
     print(format_plan(cfg, plan))
+    if cfg.training.init_from:       # Algorithm 1 starts from the baseline: say whether it exists yet
+        from discl_ray.training.init_from import resolve_checkpoint
+
+        try:
+            print(f"starts from {cfg.training.init_from}: {resolve_checkpoint(cfg, cfg.training.init_from)}")
+        except (FileNotFoundError, ValueError) as err:
+            print(f"starts from {cfg.training.init_from}: not available yet ({err})")
     if json_path:
         print(f"wrote {write_plan_json(plan, json_path)}")
     return 0
