@@ -62,7 +62,10 @@ def mine_confidence(train: pa.Table, cfg: "MiningConfig", true_prob: Sequence[fl
     """Hard rows by low true-class probability (``true_prob`` aligned with ``train``)."""
     labels = train["label"].to_pylist()
     groups = class_groups(labels, cfg.few_max, cfg.many_min)
-    idx = select_low_confidence(labels, true_prob, cfg.threshold, cfg.lowest_k)
+    from discl_ray.hard_set import select_hard
+
+    # threshold / lowest_k / target_count / class_quantile; exclude_classes never hard.
+    idx = select_hard(labels, true_prob, train["class_name"].to_pylist(), cfg)
     sub = train.take(idx)
     return pa.table({
         "image_id": sub["image_id"], "label": sub["label"], "class_name": sub["class_name"],
@@ -96,6 +99,10 @@ def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table
     paths = RunPaths.from_config(cfg)
     labels = torch.tensor(train["label"].to_pylist())
     outs = []
+    if m.classifier == "trained_run":      # the baseline trained on this dataset (§3.3), see hard_set.py
+        from discl_ray.hard_set import trained_run_probs
+
+        return trained_run_probs(cfg, train, device)
     with torch.no_grad():
         if m.classifier in ("torchscript", "toy"):
             from discl_ray.toyworld import classifier_file

@@ -44,6 +44,12 @@ def _read_json(path: str, what: str) -> dict:
     return data
 
 
+def display_names(class_names, cfg: "PromptsConfig") -> list[str]:
+    """Each class name through ``cfg.name_map`` (scientific -> common); unmapped names stay as they are."""
+    names = _read_json(cfg.name_map, "name_map") if cfg.name_map else {}
+    return [str(names.get(c, c)) for c in class_names]
+
+
 def build_prompts(classes: dict[int, str], cfg: "PromptsConfig") -> pa.Table:
     """The prompts table for ``classes`` (label → class_name)."""
     names = _read_json(cfg.name_map, "name_map") if cfg.name_map else {}

@@ -94,7 +94,9 @@ def aggregate(runs: pd.DataFrame, table: str) -> pd.DataFrame:
             row[f"{label}_mean"] = float(vals.mean())
             row[f"{label}_std"] = _std(vals)
         rows.append(row)
-    return pd.DataFrame(rows)
+    from discl_ray.report_we import add_we_rows
+
+    return add_we_rows(done, table, pd.DataFrame(rows))   # WiSE-FT runs: a "+ WE" row each
 
 
 def build_tables(tracking_uri: str, experiment: str, parent_run_id: Optional[str] = None) -> dict[str, pd.DataFrame]:

@@ -1,9 +1,19 @@
-"""`discl prompts`: write the per-class prompt table runs/<experiment>/prompts/."""
+"""`discl prompts`: write the per-class prompt table runs/<experiment>/prompts/.
+
+With --llm, first ask an LLM for each class's diverse descriptions (paper A.1.2) through Ray Data LLM and use
+them as prompts.prompts_file (see discl_ray/llm_prompts.py)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 from discl_ray.cli_common import run_stage
 from discl_ray.config import ExperimentConfig
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llm", action="store_true", help="write prompts.prompts_file from an LLM first (prompts.llm.*)")
 
 
 def _body(cfg: ExperimentConfig, args) -> int:
@@ -11,6 +21,19 @@ def _body(cfg: ExperimentConfig, args) -> int:
     from discl_ray.io import replace_parquet_dir
     from discl_ray.prompts import build_prompts
     from discl_ray.runtime import RunPaths
+
+    if args.llm:
+        from discl_ray.llm_prompts import llm_prompt_file
+
+        try:
+            path, info = llm_prompt_file(cfg, cfg.prompts.prompts_file)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"discl prompts: {err}", file=sys.stderr)
+            return 2
+        print(f"LLM prompts: {info['descriptions']} descriptions for {info['classes']} classes "
+              f"({'from the cache' if info['cached'] else 'queried'}; {len(info['short'])} classes got fewer than "
+              f"asked) -> {path}")
+        cfg = cfg.model_copy(update={"prompts": cfg.prompts.model_copy(update={"prompts_file": str(path)})})
 
     table = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
     out = RunPaths.from_config(cfg).stage("prompts")
@@ -22,4 +45,4 @@ def _body(cfg: ExperimentConfig, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(argv, "prompts", __doc__, _body)
+    return run_stage(argv, "prompts", __doc__, _body, _args)

@@ -21,11 +21,17 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-name", default=None, help="Ray Train run name (default: from strategy, seed, config hash)")
     p.add_argument("--storage-path", default=None, help="checkpoint storage (default: runs/<experiment>/train)")
     p.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this parent run")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the final metrics as JSON")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the final metrics (or the --plan) as JSON")
+    p.add_argument("--plan", action="store_true", help="print each epoch's λ and row counts; train nothing")
 
 
 def _body(cfg, args) -> int:
     from discl_ray.training import fit
+
+    if args.plan:
+        from discl_ray.training.plan import run_plan
+
+        return run_plan(cfg, args.json)
 
     try:
         metrics = fit(cfg, run_name=args.run_name, storage_path=args.storage_path,

@@ -34,6 +34,13 @@ def test_config_validates(path):
     assert cfg.training.seed in (0, 1, 2)
     if cfg.sweep.space:
         assert path.name.startswith("sweep_")
+    lt = cfg.training.task == "long_tail"
+    if path.name.startswith("baseline_") or cfg.dataset.name == "iwildcam":
+        assert cfg.training.init_from is None               # baselines (and CLIP runs) start from pretrained weights
+    elif lt:                                                # Algorithm 1: DisCL fine-tunes the CE baseline
+        assert cfg.training.init_from and cfg.training.init_from.endswith("_ce"), path
+    if cfg.dataset.name == "iwildcam":
+        assert cfg.training.clip.model in ("ViT-B-16", "ViT-L-14") and cfg.training.clip.model != cfg.scoring.model
 
 
 def test_paper_values():
@@ -42,7 +49,8 @@ def test_paper_values():
     assert (inlt.training.backbone, inlt.training.optimizer, inlt.training.lr, inlt.training.lr_schedule,
             inlt.training.batch_size, inlt.training.epochs, inlt.training.curriculum_epochs) == (
         "resnet10", "adam", 1e-3, "cosine", 128, 65, 60)
-    assert inlt.training.tail_ratio == 0.136 and inlt.mining.few_max == 20 and inlt.mining.many_min == 100
+    assert inlt.training.tail_ratio == 0.136 and inlt.mining.few_max == 20 and inlt.mining.many_min == 101
+    assert (inlt.training.tail_ratio_stages, inlt.training.tail_ratio_rule) == ("curriculum", "paper")
     wild = load_config(REPO / "configs/iwildcam/discl_adaptive.yaml")
     assert wild.training.lams == [0.5, 0.7, 0.9, 1.0] and wild.scoring.threshold == 0.25
     assert (wild.training.strategy, wild.training.loss, wild.training.backbone, wild.training.optimizer,
@@ -54,3 +62,9 @@ def test_paper_values():
     assert load_config(REPO / "configs/cifar100_lt/discl_d2s_r50.yaml").dataset.imbalance_ratio == 50
     assert load_config(REPO / "configs/cifar100_lt/discl_d2s_r100.yaml").dataset.imbalance_ratio == 100
     assert load_config(REPO / "configs/cifar100_lt/base.yaml").training.lams == [0.5, 0.7, 0.9, 1.0]
+    # Issue 14: the paper's experiment as the paper ran it.
+    assert (wild.training.clip.model, wild.training.clip.pretrained) == ("ViT-B-16", "openai")
+    assert (wild.mining.classifier, wild.mining.classifier_from, wild.mining.target_count) == (
+        "trained_run", "iwildcam_flyp", 8260) and wild.mining.exclude_classes == ["empty"]
+    large = load_config(REPO / "configs/iwildcam/discl_adaptive_vitl14.yaml")
+    assert (large.training.clip.model, large.training.batch_size) == ("ViT-L-14", 200)

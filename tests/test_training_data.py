@@ -62,7 +62,7 @@ def test_epoch_sets_follow_algorithm_1(run_root):
 
 @pytest.mark.parametrize("ratio", [None, 0.25])
 def test_undersampling_keeps_ratio_at_every_stage(run_root, ratio):
-    cfg = make_cfg(run_root, f"training.tail_ratio={'null' if ratio is None else ratio}")
+    cfg = make_cfg(run_root, f"training.tail_ratio={'null' if ratio is None else ratio}", "training.tail_ratio_stages=all")
     write_fixture(cfg)
     pool = D.load_pool(cfg)
     target = D.target_tail_ratio(cfg, pool)

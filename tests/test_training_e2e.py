@@ -223,11 +223,11 @@ def test_clip_flyp_with_wise_ft(ray_local, run_root, tmp_path):
         "training.cpus_per_worker=0.5", "training.batch_size=16", "training.lr=0.0005", "tracking.enabled=false"])
     write_fixture(cfg, low_quality=True, train_counts=(10, 10, 10))
     final = fit(cfg, run_name="clip-flyp")
-    for alpha in ("0.0", "0.5", "1.0"):
-        for split in ("test_id", "test_ood"):
-            assert 0 <= final[f"final_wise_{alpha}_{split}_f1"] <= 1
-    # α = 1 is the selected fine-tuned model itself.
-    assert final["final_wise_1.0_test_id_f1"] == pytest.approx(final["final_test_id_f1"])
+    # α is chosen on ID validation; only the chosen α has test numbers.
+    vals = {a: final[f"final_wise_val_{a}"] for a in ("0.0", "0.5", "1.0")}
+    assert final["wise_alpha"] == float(max(sorted(vals, reverse=True), key=vals.get))
+    assert 0 <= final["final_wise_test_id_f1"] <= 1 and 0 <= final["final_wise_test_ood_f1"] <= 1
+    assert not any(k.startswith("final_wise_0") or k.startswith("final_wise_1") for k in final)
     assert final["lam_history"] == [0.5, REAL_ONLY]
 
 

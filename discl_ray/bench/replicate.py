@@ -72,7 +72,7 @@ def _fmt(values: list[float]) -> str:
 
 def _metric(result: dict, key: str, arm_overrides: list[str]) -> float | None:
     if "training.wise_alphas=[0.5]" in arm_overrides:
-        wise = key.replace("final_test_", "final_wise_0.5_test_")
+        wise = key.replace("final_test_", "final_wise_test_")   # the α chosen on validation (one here)
         if wise in result:
             return float(result[wise])
     return float(result[key]) if key in result else None

@@ -135,7 +135,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
 
 ALWAYS_ABSOLUTE = ("run_root", "cache_dir", "ray.temp_dir")
 PATH_KEYS = ("dataset.root", "mining.classifier_path", "prompts.name_map", "prompts.prompts_file",
-             "scoring.model_config_path", "scoring.pretrained", "training.init_checkpoint", "generation.model")
+             "scoring.model_config_path", "scoring.pretrained", "training.init_checkpoint", "generation.model",
+             "training.clip.model_config_path", "training.clip.pretrained")
 
 
 def absolute_paths(data: dict, cwd: Optional[Path] = None) -> dict:

@@ -61,16 +61,27 @@ class MiningConfig(StrictModel):
     mode: Literal["frequency", "confidence"] = Field(
         "frequency", description="frequency: tail classes of a long-tailed set; confidence: low true-class probability.")
     few_max: int = Field(20, ge=1, description="Classes with fewer training images than this are 'few' (tail).")
-    many_min: int = Field(100, ge=2, description="Classes with at least this many training images are 'many'.")
+    many_min: int = Field(101, ge=2, description="Classes with at least this many training images are 'many' "
+                                                 "(Liu et al. 2019: more than 100, so 101).")
     hard_groups: list[Literal["few", "medium", "many"]] = Field(
         ["few"], min_length=1, description="frequency mode: class groups whose training images are hard.")
-    classifier: Literal["open_clip_zero_shot", "torchscript", "toy"] = Field(
+    classifier: Literal["open_clip_zero_shot", "torchscript", "toy", "trained_run"] = Field(
         "open_clip_zero_shot",
-        description="confidence mode: zero-shot CLIP (scoring.model), a TorchScript file, or the toy-world judge.")
+        description="confidence mode: zero-shot CLIP (scoring.model), a TorchScript file, the toy-world judge, or "
+                    "a classifier trained on the dataset (trained_run: the run named by classifier_from, §3.3).")
+    classifier_from: Optional[str] = Field(
+        None, description="classifier=trained_run: '<experiment>[/<run name>]' whose best-on-validation model "
+                          "mines (the FLYP baseline for iWildCam); built with this config's training backbone.")
     classifier_path: Optional[str] = Field(None, description="confidence mode with torchscript: the .pt file.")
     threshold: Optional[float] = Field(None, ge=0, le=1,
                                        description="confidence mode: hard when true-class probability < threshold.")
     lowest_k: Optional[int] = Field(None, ge=1, description="confidence mode: the k least confident images per class.")
+    target_count: Optional[int] = Field(None, ge=1, description="confidence mode: the N least confident images "
+                                                                "overall (Table 6: 8,260 for iWildCam).")
+    class_quantile: Optional[float] = Field(None, gt=0, lt=1, description="confidence mode: per class, images at or "
+                                                                          "below this quantile of true-class probability.")
+    exclude_classes: list[str] = Field([], description="class_name values never mined (nothing to prompt: "
+                                                       "iWildCam's 'empty').")
     batch_size: int = Field(64, ge=1, description="Images per classifier batch in confidence mode.")
 
     @model_validator(mode="after")
@@ -78,11 +89,55 @@ class MiningConfig(StrictModel):
         if self.few_max >= self.many_min:
             raise ValueError(f"mining.few_max ({self.few_max}) must be < mining.many_min ({self.many_min})")
         if self.mode == "confidence":
-            if (self.threshold is None) == (self.lowest_k is None):
-                raise ValueError("mining.mode=confidence needs exactly one of mining.threshold or mining.lowest_k")
+            rules = [k for k in ("threshold", "lowest_k", "target_count", "class_quantile")
+                     if getattr(self, k) is not None]
+            if len(rules) != 1:
+                raise ValueError("mining.mode=confidence needs exactly one of mining.threshold, mining.lowest_k, "
+                                 f"mining.target_count or mining.class_quantile (got {rules or 'none'})")
             if self.classifier == "torchscript" and not self.classifier_path:
                 raise ValueError("mining.classifier=torchscript needs mining.classifier_path")
+            if self.classifier == "trained_run" and not self.classifier_from:
+                raise ValueError("mining.classifier=trained_run needs mining.classifier_from (e.g. iwildcam_flyp)")
         return self
+
+
+PAPER_QUERY = ("Please provide {n} language descriptions for random scenes that contain only the class {name} from "
+               "the {dataset} dataset. Each description should be different and contain a minimum of {min_words} "
+               "words. These descriptions will serve as a guide for Stable Diffusion in generating images.")
+
+
+class VLLMEngineConfig(StrictModel):
+    """prompts.llm.engine=vllm: a vLLM engine on GPU workers through ray.data.llm (docs/fidelity.md)."""
+
+    model_source: Optional[str] = Field(None, description="Hugging Face id or local/remote path of the model.")
+    engine_kwargs: dict = Field(default_factory=dict, description="vLLM engine arguments (max_model_len, …).")
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type of the engine workers (e.g. H100).")
+    concurrency: int = Field(1, ge=1, description="Engine replicas (data parallel).")
+    batch_size: int = Field(32, ge=1, description="Requests per engine batch.")
+
+
+class LLMPromptsConfig(StrictModel):
+    """`discl prompts --llm`: per-class diverse prompts from an LLM with the paper's query (A.1.2)."""
+
+    engine: Literal["http", "vllm"] = Field("http", description="http: any OpenAI-compatible endpoint (the paper "
+                                                                 "used GPT-3.5-turbo); vllm: an engine on GPU workers.")
+    url: Optional[str] = Field(None, description="http: endpoint base (…/v1) or its /chat/completions URL.")
+    model: str = Field("gpt-3.5-turbo", description="http: model name sent in each request (A.1.2: GPT-3.5-turbo).")
+    api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="http: env var holding a bearer token (unset: "
+                                                                      "no Authorization header).")
+    query: str = Field(PAPER_QUERY, description="The user message; {n}, {name}, {dataset}, {min_words} filled in.")
+    dataset_name: Optional[str] = Field(None, description="{dataset} in the query (None = from dataset.name).")
+    n_descriptions: int = Field(10, ge=1, description="Descriptions asked for per class (A.1.2: 10).")
+    min_words: int = Field(15, ge=1, description="Minimum words per description (A.1.2: 15).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (not stated in the paper).")
+    max_tokens: int = Field(1024, ge=16, description="Completion token cap per class.")
+    classes: Literal["all", "hard"] = Field("all", description="all: every class (A.1.2 did all 1,000); hard: only "
+                                                               "classes with mined hard images.")
+    concurrency: int = Field(2, ge=1, description="http: parallel request workers.")
+    qps: Optional[int] = Field(None, ge=1, description="http: request rate cap per worker (None = no cap).")
+    batch_size: int = Field(16, ge=1, description="Classes per Ray Data batch.")
+    max_retries: int = Field(2, ge=0, description="http: retries per request.")
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig)
 
 
 class PromptsConfig(StrictModel):
@@ -93,6 +148,8 @@ class PromptsConfig(StrictModel):
     name_map: Optional[str] = Field(None, description="JSON file mapping class_name (e.g. scientific) -> common name.")
     prompts_file: Optional[str] = Field(None, description="JSON file {class_name: [prompt, ...]} of diverse prompts.")
     include_template: bool = Field(True, description="Keep the template prompt beside the per-class JSON prompts.")
+    llm: LLMPromptsConfig = Field(default_factory=LLMPromptsConfig,
+                                  description="`discl prompts --llm`: write prompts_file from an LLM (A.1.2).")
 
     @model_validator(mode="after")
     def _check(self):

@@ -17,6 +17,17 @@ SELECT_METRICS = {"long_tail": ("val_acc", "val_few_acc"),
                   "low_quality": ("val_f1", "val_acc")}
 
 
+class ClipBackboneConfig(StrictModel):
+    """The CLIP that training fine-tunes; None fields fall back to ``scoring`` (the filter model).
+
+    Why separate: the paper filters with ViT-B/32 but fine-tunes ViT-B/16 and ViT-L/14 (Table 4/5)."""
+
+    model: Optional[str] = Field(None, description="open_clip architecture, e.g. ViT-B-16 (None = scoring.model).")
+    pretrained: Optional[str] = Field(None, description="open_clip pretrained tag or weights file (paper: openai); "
+                                                        "None with a model set = random init.")
+    model_config_path: Optional[str] = Field(None, description="JSON registering a custom architecture.")
+
+
 class TrainingConfig(StrictModel):
     """The classifier, its data per epoch, and the λ selector that picks each epoch's guidance level."""
 
@@ -34,6 +45,19 @@ class TrainingConfig(StrictModel):
     loss: Literal["ce", "balanced_softmax", "flyp"] = Field("ce", description="Training loss.")
     backbone: Literal["resnet10", "small_cnn", "clip"] = Field("resnet10", description="Classifier backbone.")
     init_checkpoint: Optional[str] = Field(None, description="Start from this checkpoint (None = scratch or CLIP weights).")
+    init_from: Optional[str] = Field(
+        None, description="Start from another run's best-on-validation model, named '<experiment>[/<run name>]' "
+                          "(Algorithm 1 fine-tunes a pretrained classifier: the CE baseline's checkpoint); "
+                          "resolved before training, a clear error when that run has not finished yet.")
+    clip: ClipBackboneConfig = Field(default_factory=ClipBackboneConfig,
+                                     description="backbone=clip: the fine-tuned CLIP, separate from the filter model.")
+    head: Literal["zero_shot", "linear"] = Field(
+        "zero_shot", description="backbone=clip: class head from the text tower (FLYP) or a linear layer initialised "
+                                 "from the zero-shot weights (LP-FT, Kumar et al. 2022).")
+    lp_epochs: int = Field(0, ge=0, description="LP-FT: first N epochs train only the linear head (encoder frozen), "
+                                                "then full fine-tuning.")
+    lp_lr: Optional[float] = Field(None, gt=0, description="LP-FT: learning rate of the linear-probe epochs "
+                                                           "(None = training.lr).")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer; paper: Adam.")
     lr: float = Field(1e-3, gt=0, description="Learning rate; paper: 1e-3 (ResNet-10).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
@@ -47,8 +71,20 @@ class TrainingConfig(StrictModel):
     keep_tail_ratio: bool = Field(True, description="Long-tail: undersample non-tail rows so tail:non-tail stays constant.")
     tail_ratio: Optional[float] = Field(None, gt=0, description="Tail:non-tail ratio to keep (None = from data; paper 13.6%).")
     tail_ratio_stages: Literal["all", "curriculum"] = Field(
-        "all", description="Where keep_tail_ratio undersamples: every stage (issue 5, A.3.1) or only stages with "
-                           "synthetic rows (real-only epochs and strategy=none then keep all real data).")
+        "curriculum", description="Where keep_tail_ratio undersamples: only curriculum stages (A.1.2; baselines and "
+                                  "real-only epochs keep all real data) or every epoch (the older behaviour).")
+    tail_ratio_rule: Literal["paper", "authors"] = Field(
+        "paper", description="paper: undersample non-tail so tail:non-tail = tail_ratio (A.1.2); authors: the "
+                             "released code's variant, keep authors_nontail_keep of non-tail and cut tail rows to "
+                             "tail_ratio of the stage total.")
+    authors_nontail_keep: float = Field(0.3, gt=0, le=1,
+                                        description="tail_ratio_rule=authors: share of non-tail rows kept per stage.")
+    ablations_use_real_hard: bool = Field(
+        False, description="Long-tail: fixed-λ and text-only stages also get the real hard images (§5 says they do "
+                           "not; true reproduces runs made before that rule).")
+    syn_per_source: Optional[int] = Field(
+        None, ge=1, description="Synthetic images per (source, λ) used in training, lowest seeds first after the "
+                                "CLIP filter (the 'how much synthetic data' ablation; None = all).")
     random_real_size: int = Field(30000, ge=1, description="Adaptive: size of the random real set D (Alg. 2).")
     guidance_val_size: int = Field(2000, ge=1, description="Adaptive: guidance-validation images per λ (set V).")
     probe_steps: Optional[int] = Field(None, ge=1, description="Adaptive: cap on optimizer steps over D per probe.")
@@ -122,6 +158,16 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"training.crop_scale must satisfy 0 < min <= max <= 1; got {list(self.crop_scale)}")
         if self.input_pipeline == "clip" and self.backbone != "clip":
             raise ValueError("training.input_pipeline=clip needs training.backbone=clip")
+        if (self.head != "zero_shot" or self.lp_epochs) and self.backbone != "clip":
+            raise ValueError("training.head / training.lp_epochs (LP-FT) need training.backbone=clip")
+        if self.lp_epochs and self.head != "linear":
+            raise ValueError("training.lp_epochs (linear probing) needs training.head=linear")
+        if self.lp_epochs >= self.epochs:
+            raise ValueError(f"training.lp_epochs ({self.lp_epochs}) must be < training.epochs ({self.epochs})")
+        if self.head == "linear" and self.loss == "flyp":
+            raise ValueError("training.head=linear trains with ce (LP-FT); flyp contrasts with the text tower")
+        if self.init_from and self.init_checkpoint:
+            raise ValueError("give training.init_from or training.init_checkpoint, not both")
         if self.wise_alphas and self.backbone != "clip":
             raise ValueError("training.wise_alphas (WiSE-FT) needs training.backbone=clip")
         valid = SELECT_METRICS[self.task]

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from discl_ray.training.composition import authors_undersample, limit_per_source, uses_real_hard
 from discl_ray.training.schedules import REAL_ONLY
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
                          "lam": pa.array([], pa.float64()), "source_image_id": pa.array([], pa.string())})
     spec_dir, score_dir = str(paths.stage("generate", "spectrum")), str(paths.stage("score", "scores"))
     try:
-        spec = read_table(spec_dir, ["image_id", "source_image_id", "label", "lam"])
+        spec = read_table(spec_dir, ["image_id", "source_image_id", "label", "lam", "seed"])
         scores = read_table(score_dir, ["image_id", "clip_text_cos"])
     except FileNotFoundError as err:
         raise FileNotFoundError(f"training.strategy={tc.strategy} needs the spectrum and its scores: {err} "
@@ -117,7 +118,7 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
     keep = pc.and_(pc.is_in(lam_col, pa.array([round(v, 6) for v in lams])),
                    pc.greater_equal(joined["clip_text_cos"], threshold))
     keep = pc.and_(keep, pc.is_in(joined["source_image_id"], pa.array(sorted(hard_ids), pa.string())))
-    out = joined.filter(keep).sort_by("image_id")
+    out = limit_per_source(joined.filter(keep), tc.syn_per_source).sort_by("image_id")
     log.info("spectrum: %d of %d scored rows kept (threshold %.3f, λ in %s)", out.num_rows, joined.num_rows,
              threshold, lams)
     return out
@@ -272,8 +273,9 @@ def epoch_indices(cfg, pool: Pool, lam: float, rng: np.random.Generator) -> np.n
         else:
             syn = pool.syn_idx(lam)
         if task == "long_tail":
-            # Algorithm 1 line 4: D_e = S_λ ∪ D_nh ∪ D_h (D_h optional via training.use_real_hard).
-            parts = [syn, nonhard] + ([hard] if tc.use_real_hard else [])
+            # Algorithm 1 line 4: D_e = S_λ ∪ D_nh ∪ D_h (D_h optional via training.use_real_hard; fixed-λ and
+            # text-only stages never take it, §5).
+            parts = [syn, nonhard] + ([hard] if uses_real_hard(tc) else [])
         else:
             # Algorithm 2 line 8: D_e = S_λ ∪ D_nh.
             parts = [syn, nonhard]
@@ -281,8 +283,12 @@ def epoch_indices(cfg, pool: Pool, lam: float, rng: np.random.Generator) -> np.n
     chosen = np.unique(chosen.astype(np.int64))
     if task == "long_tail" and tc.keep_tail_ratio and (tc.tail_ratio_stages == "all" or lam != REAL_ONLY):
         is_tail = np.isin(pool.labels[chosen], sorted(pool.tail_labels))
-        chosen = np.sort(undersample_to_ratio(chosen[is_tail], chosen[~is_tail], target_tail_ratio(cfg, pool),
-                                              rng, keep_first=hard))
+        if tc.tail_ratio_rule == "authors":
+            chosen = np.sort(authors_undersample(chosen[is_tail], chosen[~is_tail], target_tail_ratio(cfg, pool),
+                                                 tc.authors_nontail_keep, rng, keep_first=hard))
+        else:
+            chosen = np.sort(undersample_to_ratio(chosen[is_tail], chosen[~is_tail], target_tail_ratio(cfg, pool),
+                                                  rng, keep_first=hard))
     return chosen
 
 

@@ -27,9 +27,11 @@ from discl_ray.io import stable_seed
 from discl_ray.training import checkpointing as ckpt
 from discl_ray.training import data as D
 from discl_ray.training import distributed as dx
+from discl_ray.training import lpft
+from discl_ray.training.clip_backbone import caption_prompts
 from discl_ray.training.losses import classification_loss, flyp_loss, log_class_prior
 from discl_ray.training.metrics import confusion, lt_metrics, macro_f1, true_class_prob
-from discl_ray.training.models import build_model, class_prompts, unwrap
+from discl_ray.training.models import build_model, unwrap
 from discl_ray.training.schedules import adaptive_gains, lam_key, learning_rate
 from discl_ray.training.transforms import build_pipeline
 
@@ -74,7 +76,7 @@ class Worker:
         self.precision = dx.Precision(self.tc.precision, self.device)
         pool = D.load_pool(self.cfg)
         torch.manual_seed(self.tc.seed)
-        prompts = class_prompts(pool.class_names, self.cfg.prompts.clip_template)
+        prompts = caption_prompts(self.cfg, pool.class_names)   # common names through prompts.name_map
         net = build_model(self.tc.backbone, pool.num_classes, cfg=self.cfg, prompts=prompts,
                           device=self.device)
         if self.tc.init_checkpoint:
@@ -104,10 +106,17 @@ class Worker:
         """LR for the next optimizer step (cosine over epochs, linear warm-up over the first steps)."""
         lr = learning_rate(self.tc.lr, self.tc.lr_schedule, epoch, self.tc.epochs, self.global_step,
                            self.tc.warmup_steps)
+        lr = lpft.epoch_lr(self.tc, epoch, lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
         return lr
 
+
+    def _before_step(self) -> None:
+        """Between backward and the optimizer step: LP-FT drops encoder grads while probing; LR warm-up."""
+        lpft.drop_encoder_grads(self.model, self.tc, self._epoch)
+        if self.tc.warmup_steps:
+            self._set_lr(self._epoch)
     def _loss(self, x: torch.Tensor, y: torch.Tensor, prior) -> torch.Tensor:
         with self.precision.autocast():
             if self.tc.loss == "flyp":
@@ -142,7 +151,7 @@ class Worker:
             y = torch.as_tensor(self.pool.labels[sel], device=self.device)
             loss = self._loss(x, y, prior)
             self.opt.zero_grad(set_to_none=True)
-            self.precision.step(loss, self.opt, (lambda: self._set_lr(self._epoch)) if self.tc.warmup_steps else None)
+            self.precision.step(loss, self.opt, self._before_step)
             self.global_step += 1
             total += float(loss.detach())
             n_batches += 1
@@ -350,15 +359,11 @@ class Worker:
             if len(self.pool.split_idx("test_ood")):
                 final["final_test_ood_f1"] = self.evaluate("test_ood", net)[0]["test_ood_f1"]
         if self.zero_shot is not None:
-            from discl_ray.training.losses import wise_interpolate
+            from discl_ray.training.wise import wise_on_validation
 
-            selected = ckpt.cpu_state(net)
-            for alpha in self.tc.wise_alphas:
-                wnet = copy.deepcopy(net)
-                wnet.load_state_dict(wise_interpolate(self.zero_shot, selected, alpha))
-                for split, key in (("test", "test_id"), ("test_ood", "test_ood")):
-                    if len(self.pool.split_idx(split)):
-                        final[f"final_wise_{lam_key(alpha)}_{key}_f1"] = self.evaluate(split, wnet)[0][f"{split}_f1"]
+            # α chosen on ID validation; only that α is evaluated on the test splits.
+            final.update(wise_on_validation(self.evaluate, self.tc, self.zero_shot, net, ckpt.cpu_state(net),
+                                            bool(len(self.pool.split_idx("test_ood")))))
         sel_history = ray.get(selector.get_history.remote())
         final["lam_history"] = [h["lam"] for h in sel_history]
         if mlrun is not None:

@@ -89,11 +89,16 @@ def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[
         # Contract with the scoring stage: load_clip(scoring_cfg, cache_dir, device) -> (model, preprocess, tok).
         from discl_ray.runtime import RunPaths
         from discl_ray.scoring.clip import load_clip
+        from discl_ray.training.clip_backbone import trainer_clip_config
 
-        # Fine-tuning keeps float32 master weights whatever dtype the scoring stage runs CLIP in.
-        scoring = cfg.scoring.model_copy(update={"dtype": "float32"})
-        model, _preprocess, tokenizer = load_clip(scoring, RunPaths.from_config(cfg).cache, device)
-        return ClipClassifier(model.float(), tokenizer(list(prompts)))
+        # training.clip (paper: ViT-B/16, ViT-L/14), not the filter model; float32 master weights.
+        model, _preprocess, tokenizer = load_clip(trainer_clip_config(cfg), RunPaths.from_config(cfg).cache, device)
+        clf = ClipClassifier(model.float(), tokenizer(list(prompts)))
+        if cfg.training.head == "linear":      # LP-FT: image tower + linear head from the zero-shot weights
+            from discl_ray.training.lpft import LinearHeadClip
+
+            return LinearHeadClip.from_zero_shot(clf)
+        return clf
     raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
 
 

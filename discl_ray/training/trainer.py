@@ -118,6 +118,9 @@ def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
     if run_name:
         check_run_name(run_name)
     cfg = resolve_paths(cfg)  # workers run in Ray's trial directories: relative run_root would point there
+    from discl_ray.training.init_from import resolve_init_from
+
+    cfg = resolve_init_from(cfg)   # training.init_from -> the named run's best checkpoint, or a clear error now
     if cfg.tracking.enabled:
         from discl_ray.runtime import tracking_uri
         from discl_ray.tracking import check_reachable

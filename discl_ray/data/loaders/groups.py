@@ -1,6 +1,6 @@
 """Many / medium / few class groups from training counts (the long-tail reporting convention).
 
-The paper (after Liu et al., 2019) reports accuracy on *many* (≥ 100 training images), *medium* (20–99)
+The paper (after Liu et al., 2019) reports accuracy on *many* (> 100 training images), *medium* (20–100)
 and *few* (< 20) classes; the few classes are also the "tail" whose images are hard samples in the
 frequency-based miner. The thresholds are parameters so small data (the toy world, tiny test fakes) can
 scale them down; they mirror ``MiningConfig.few_max`` / ``many_min``.
@@ -15,7 +15,7 @@ from typing import Optional
 GROUPS = ("many", "medium", "few")
 
 
-def class_groups(train_labels: Iterable[int], few_max: int = 20, many_min: int = 100,
+def class_groups(train_labels: Iterable[int], few_max: int = 20, many_min: int = 101,
                  classes: Optional[Iterable[int]] = None) -> dict[int, str]:
     """label → ``"many" | "medium" | "few"`` from the training labels.
 

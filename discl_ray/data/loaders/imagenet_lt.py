@@ -5,7 +5,7 @@ Layout under ``dataset.root`` (the ImageNet image folders plus the three ImageNe
     ImageNet_LT_train.txt    "train/n01440764/n01440764_10026.JPEG 0" per line (115,846 lines)
     ImageNet_LT_val.txt      20 images per class held out of ImageNet train (model selection)
     ImageNet_LT_test.txt     50 per class = the ImageNet validation set (reporting only)
-    classnames.txt           optional: 1,000 lines, line i naming label i (else ``class_<i>``)
+    classnames.txt           optional: 1,000 lines, line i naming label i (else open_clip's ImageNet names)
     train/…, val/…           the images, at the paths the lists name (relative to the root)
 
 Paths stay relative to the root in the rows (``discl_ray.io.load_image(path=…, root=cfg.root)`` reads
@@ -34,6 +34,16 @@ if TYPE_CHECKING:
 
 SPLIT_FILES = {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"}
 CLASSNAMES_FILE = "classnames.txt"
+
+
+def imagenet_names(num_classes: int) -> dict[int, str]:
+    """Readable names without a classnames.txt: open_clip's curated ImageNet class names, in the standard label
+    order (CLIP's zero-shot list, so prompts read "a photo of tench", not "a photo of class_0")."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    names = default_names(range(num_classes))
+    names.update({i: IMAGENET_CLASSNAMES[i] for i in range(min(num_classes, len(IMAGENET_CLASSNAMES)))})
+    return names
 
 
 def parse_split_file(path: Path) -> list[tuple[str, int]]:
@@ -74,7 +84,7 @@ def load(cfg: "DatasetConfig") -> pa.Table:
     if names_file.is_file():
         names = dict(enumerate(read_class_names(names_file, num_classes)))
     else:
-        names = default_names(range(num_classes))
+        names = imagenet_names(num_classes)
     cols: dict[str, list] = {k: [] for k in ("image_id", "path", "label", "class_name", "split")}
     for split, rows in listed.items():
         for rel, y in rows:
