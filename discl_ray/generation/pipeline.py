@@ -16,8 +16,13 @@ a checkpoint that loads here runs everywhere. What it settles once, so callers n
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
+
+import pyarrow.fs as pafs
+
+from discl_ray.storage import as_storage, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,31 @@ def resolve_model(model: str, cache: Optional[Path] = None) -> str:
             raise FileNotFoundError(f"toy generator not found at {path}; build the toy world first (discl world)")
         return str(path)
     return model
+
+
+def fetch_model_dir(uri: str, cache: Optional[Path]) -> Path:
+    """Copy a checkpoint folder from object storage to ``<cache>/models/`` once per node (a marker file
+    says the copy finished; a file lock keeps the node's actors from copying it together)."""
+    import fcntl
+
+    from discl_ray.io import stable_seed
+
+    if cache is None:
+        raise ValueError(f"model {uri} is on object storage: a local cache_dir is needed to load it")
+    dest = Path(cache, "models", f"{stable_seed(uri):x}")
+    done = dest / ".complete"
+    if done.is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f"{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            src = as_storage(uri)
+            log.info("copying %s to %s", uri, dest)
+            pafs.copy_files(src.path, str(dest), source_filesystem=src.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            done.write_text(uri)
+    return dest
 
 
 def is_sdxl(pipe: Any) -> bool:
@@ -102,9 +132,14 @@ def load_img2img(model: str, device: str = "cpu", dtype: str = "float32", schedu
         log.info("CPU run: using float32 instead of %s", dtype)
         dtype = "float32"
     source = resolve_model(model, cache)
+    if is_uri(source):
+        source = str(fetch_model_dir(source, cache))
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if Path(source).is_dir():
         kwargs["local_files_only"] = True
+    elif cache is not None and not os.environ.get("HF_HUB_CACHE") and not os.environ.get("HF_HOME"):
+        # Hub weights land once per node (or once per cluster on a shared run volume), not per actor.
+        kwargs["cache_dir"] = str(Path(cache) / "hf")
     elif dtype == "float16":
         kwargs["variant"] = "fp16"        # hub checkpoints ship half-size fp16 weights
     try:
