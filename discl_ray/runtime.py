@@ -215,6 +215,20 @@ def actor_info(device: str) -> dict:
     return {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "resources": res, "device": device}
 
 
+def actor_record(device: str) -> str:
+    """:func:`actor_info` as JSON inside a Ray actor; "" elsewhere (in-process runs, tests)."""
+    import json
+
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id():
+            return json.dumps(actor_info(device), sort_keys=True)
+    except Exception as err:  # noqa: BLE001 — bookkeeping must never fail a stage
+        log.debug("no actor info: %s", err)
+    return ""
+
+
 def actor_gpus(cfg: "ExperimentConfig", device: str, per_actor: float, what: str) -> float:
     """GPUs a stage's actors ask Ray for: ``per_actor`` whenever ``device`` is not cpu.
 

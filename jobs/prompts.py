@@ -13,7 +13,7 @@ def _body(cfg: ExperimentConfig, args) -> int:
     from discl_ray.runtime import RunPaths
 
     table = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
-    out = RunPaths.from_config(cfg).stage("prompts")
+    out = RunPaths.from_config(cfg).store("prompts")
     replace_parquet_dir(table, out, prefix="prompts")
     first = table.slice(0, 1).to_pylist()[0]
     print(f"prompts for {table.num_rows} classes -> {out}")

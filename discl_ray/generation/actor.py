@@ -12,7 +12,6 @@ in-process (tests, benchmark mode b) and in an ``ActorPoolStrategy`` pool, so bo
 from __future__ import annotations
 
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -32,20 +31,6 @@ RAW_SCHEMA = pa.schema([f for f in SPECTRUM_SCHEMA if f.name not in ("image", "f
                           pa.field("actor", pa.string())])
 
 
-def _where(device: str) -> str:
-    """This actor's ``{node_id, resources, device}`` as JSON ("" outside Ray)."""
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.get_runtime_context().get_actor_id():
-            from discl_ray.runtime import actor_info
-
-            return json.dumps(actor_info(device), sort_keys=True)
-    except Exception as err:  # noqa: BLE001 — bookkeeping must never fail generation
-        log.debug("no actor info: %s", err)
-    return ""
-
-
 class SpectrumGenerator:
     """Prepared source rows → raw spectrum rows (one per missing key of each source)."""
 
@@ -53,7 +38,7 @@ class SpectrumGenerator:
         import torch
 
         from discl_ray.config import GenerationConfig
-        from discl_ray.runtime import resolve_device
+        from discl_ray.runtime import actor_record, resolve_device
 
         if threads:
             torch.set_num_threads(threads)
@@ -61,7 +46,7 @@ class SpectrumGenerator:
         self.device = resolve_device(gen.device, "generation")
         self.gen = gen.model_copy(update={"device": self.device})
         self.engine = SpectrumEngine.from_config(self.gen, Path(cache_dir) if cache_dir else None)
-        self.actor = _where(self.device)
+        self.actor = actor_record(self.device)
         if self.actor:
             log.info("generator actor ready: %s", self.actor)
 
