@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 
 from discl_ray.cli_common import run_stage
@@ -25,7 +26,11 @@ def _body(cfg: ExperimentConfig, args) -> int:
     else:
         prompts = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
         actors: list = []
-        probs = mining.true_class_probs(cfg, train, prompts, actors)
+        try:
+            probs = mining.true_class_probs(cfg, train, prompts, actors)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"discl mine: {err}", file=sys.stderr)
+            return 2
         hard = mining.mine_confidence(train, cfg.mining, probs)
     out = paths.store("mine")
     replace_parquet_dir(hard, out, prefix="hard")

@@ -13,11 +13,13 @@ from discl_ray.cli_common import run_stage
 
 
 def _body(cfg, args) -> int:
+    from discl_ray.lease import StageBusy
+    from discl_ray.runtime import TrackingConfigError
     from discl_ray.scoring.job import ScoreInputError, run_score
 
     try:
         res = run_score(cfg)
-    except ScoreInputError as err:
+    except (ScoreInputError, TrackingConfigError, StageBusy) as err:
         print(f"discl score: {err}", file=sys.stderr)
         return 2
     print(f"scored {res.scored} rows ({res.skipped} already scored, {res.errors} errors); "
