@@ -39,7 +39,7 @@ from discl_ray.generation.plan import (
 )
 from discl_ray.io import ImageLoadError
 from discl_ray.lease import StageLease
-from discl_ray.runtime import RunPaths, actor_gpus, init_ray
+from discl_ray.runtime import RunPaths, actor_gpus, check_tracking, init_ray
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig
@@ -80,7 +80,8 @@ def build_dataset(cfg: "ExperimentConfig", sources: pa.Table, done: set[str], ge
                                        width=gen.width, height=gen.height))
     threads = max(1, int(gen.num_cpus_per_actor))
     size = gen.actors_max if gen.actors_min is None else gen.actors_min
-    ds = ds.map_batches(generator_cls, batch_size=None, batch_format="pyarrow",
+    # One batch = one block of whole sources (Ray Data requires an explicit batch size for GPU stages).
+    ds = ds.map_batches(generator_cls, batch_size=per_block, batch_format="pyarrow",
                         fn_constructor_kwargs=dict(generation=gen.model_dump(mode="json"),
                                                    cache_dir=str(paths.cache), threads=threads),
                         compute=ray.data.ActorPoolStrategy(min_size=size, max_size=gen.actors_max),
@@ -95,6 +96,7 @@ def build_dataset(cfg: "ExperimentConfig", sources: pa.Table, done: set[str], ge
 
 def run_generate(cfg: "ExperimentConfig", on_part: Optional[Callable[[int, int], None]] = None) -> dict:
     """Generate every missing spectrum key; returns (and writes) the run summary."""
+    check_tracking(cfg)  # a cluster needs an http(s) store: say so before any work
     gen = cfg.generation
     paths = RunPaths.from_config(cfg)
     stage = paths.store("generate")

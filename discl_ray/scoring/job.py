@@ -215,7 +215,9 @@ def _score_todo(cfg: "ExperimentConfig", paths: RunPaths, files: list, todo: pa.
 def run_score(cfg: "ExperimentConfig") -> ScoreResult:
     """Score, filter and summarise the experiment's spectrum (see the module docstring)."""
     from discl_ray.lease import StageLease
+    from discl_ray.runtime import check_tracking
 
+    check_tracking(cfg)  # a cluster needs an http(s) store: say so before any work
     paths = RunPaths.from_config(cfg)
     spectrum_dir = paths.store("generate", "spectrum")
     files = spectrum_dir.parquet_files()
