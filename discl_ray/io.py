@@ -104,10 +104,11 @@ def read_parquet_dir(directory: "str | Path | Storage", columns: Optional[Iterab
 
 
 def replace_parquet_dir(table: pa.Table, directory: "str | Path | Storage", prefix: str = "part") -> "Path | Storage":
-    """Write a whole stage output: new file first, then drop the older files of that directory."""
+    """Write a whole stage output as ``<prefix>.parquet`` (atomically replacing it), then drop any other
+    files of that directory. The fixed name means a rerun leaves the same file set behind."""
     d = as_storage(directory)
-    old = d.parquet_files()
-    path = write_parquet_part(table, d, prefix)
+    old = [f for f in d.parquet_files() if f.name != f"{prefix}.parquet"]
+    path = write_parquet_part(table, d, prefix, name=prefix)
     for f in old:
         f.delete()
     return path

@@ -15,8 +15,8 @@ from PIL import Image
 from discl_ray.config import ConfigError, load_config
 from discl_ray.generation.actor import SpectrumGenerator
 from discl_ray.generation.engine import SpectrumEngine, WorkItem, output_key, steps_for
-from discl_ray.generation.pipeline import fix_aesthetics_flag, is_sdxl, load_img2img
 from discl_ray.generation.output import encode_rows, part_name
+from discl_ray.generation.pipeline import fix_aesthetics_flag, is_sdxl, load_img2img
 from discl_ray.generation.plan import plan_sources, prepare_sources, read_inputs
 from discl_ray.io import read_parquet_dir
 
@@ -145,7 +145,6 @@ def test_job_on_ray_resumes_and_records_errors(models, tmp_path, ray_local):
     error rows; the grid, summary and MLflow run are written; other settings cannot resume."""
     from discl_ray.generation.job import run_generate
     from discl_ray.io import write_parquet_part
-
     from discl_ray.lease import LEASE, StageBusy
 
     cfg = _job_cfg(tmp_path, models)
