@@ -42,7 +42,13 @@ def is_uri(location: object) -> bool:
 
 @lru_cache(maxsize=16)
 def _filesystem(scheme: str, bucket: str, env_key: tuple) -> pafs.FileSystem:
-    """One filesystem client per (scheme, bucket, relevant env) in a process: clients are costly to build."""
+    """One filesystem client per (scheme, bucket, relevant env) in a process: clients are costly to build.
+
+    With ``AWS_REGION``/``AWS_DEFAULT_REGION`` set, S3 skips pyarrow's region lookup (a HeadBucket request
+    that fails on S3-compatible stores and offline); ``AWS_ENDPOINT_URL`` is read by pyarrow either way."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if scheme == "s3" and region:
+        return pafs.S3FileSystem(region=region)
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     return fs
 
