@@ -116,6 +116,14 @@ class ConfidenceScorer:
         from discl_ray.io import load_image
 
         root = self.cfg.dataset.root
+        with torch.inference_mode():  # Ray Data calls from a worker thread: grad mode is per thread
+            return self._score(batch, root)
+
+    def _score(self, batch: pa.Table, root) -> pa.Table:
+        import torch
+
+        from discl_ray.io import load_image
+
         x = torch.stack([self.transform(load_image(img, path, root)) for img, path in
                          zip(batch["image"].to_pylist(), batch["path"].to_pylist())]).to(self.device)
         if self.texts is None:
