@@ -113,7 +113,6 @@ class ConfidenceScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from discl_ray.io import load_image
 
         root = self.cfg.dataset.root
         with torch.inference_mode():  # Ray Data calls from a worker thread: grad mode is per thread
