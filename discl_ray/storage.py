@@ -48,7 +48,8 @@ def _filesystem(scheme: str, bucket: str, env_key: tuple) -> pafs.FileSystem:
     that fails on S3-compatible stores and offline); ``AWS_ENDPOINT_URL`` is read by pyarrow either way."""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if scheme == "s3" and region:
-        return pafs.S3FileSystem(region=region)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return pafs.S3FileSystem(region=region, endpoint_override=endpoint or None)
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     return fs
 
