@@ -242,3 +242,31 @@ def local_or_storage(location: "str | os.PathLike | Storage") -> "Path | Storage
     """A ``Path`` for local locations (callers that still use Path methods), a Storage for URIs."""
     s = as_storage(location)
     return Path(s.path) if s.is_local else s
+
+
+def local_copy(location: "str | Storage", cache_dir: "str | os.PathLike") -> Path:
+    """A local copy of an object-store file or folder (model weights), made once per node under
+    ``<cache_dir>/models/`` (a marker says it finished; a file lock keeps a node's actors from copying it
+    together). Local paths are returned as they are."""
+    import fcntl
+    import hashlib
+
+    src = as_storage(location)
+    if src.is_local:
+        return Path(src.path)
+    dest = Path(cache_dir, "models", hashlib.blake2b(src.uri.encode(), digest_size=8).hexdigest())
+    target = dest / src.name
+    done = dest / ".complete"
+    if done.is_file():
+        return target
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(f"{dest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            if src.is_dir():
+                pafs.copy_files(src.path, str(target), source_filesystem=src.fs,
+                                destination_filesystem=_local())
+            else:
+                Storage(_local(), str(target), str(target)).write_bytes(src.read_bytes())
+            done.write_text(src.uri)
+    return target

@@ -74,9 +74,15 @@ def _cli(stages: list[str], tmp_path: Path, *overrides: str) -> subprocess.Compl
 def test_stages_on_s3_then_rerun_adds_nothing(tmp_path, s3):
     model = tiny_sd_dir(tmp_path / "models")
     clip_json, clip_weights = make_tiny_clip(tmp_path / "clip")
+    # Model paths are URIs too: the img2img folder and the CLIP weights live in the bucket.
+    for f in model.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), BUCKET, f"models/tiny-sd/{f.relative_to(model).as_posix()}")
+    s3.upload_file(str(clip_weights), BUCKET, "models/tiny-clip.pt")
+    clip_weights = f"s3://{BUCKET}/models/tiny-clip.pt"
     common = [f"run_root=s3://{BUCKET}/runs", f"cache_dir={tmp_path / 'cache'}", "tracking.enabled=false",
               "ray.num_cpus=2",
-              f"generation.model={model}", "generation.lams=[0.0, 0.5]", "generation.seeds=[0]", "generation.steps=2",
+              f"generation.model=s3://{BUCKET}/models/tiny-sd", "generation.lams=[0.0, 0.5]", "generation.seeds=[0]", "generation.steps=2",
               "generation.batch_size=8", "generation.grid_sources=2",
               f"scoring.model={TINY_CLIP}", f"scoring.model_config_path={clip_json}",
               f"scoring.pretrained={clip_weights}", "scoring.threshold=-1.0", "training.lams=[0.0, 0.5, 1.0]"]
@@ -106,6 +112,7 @@ def test_stages_on_s3_then_rerun_adds_nothing(tmp_path, s3):
     gen = json.loads(s3.get_object(Bucket=BUCKET, Key=prefix + "generate/summary.json")["Body"].read())
     scored = json.loads(s3.get_object(Bucket=BUCKET, Key=prefix + "score/summary.json")["Body"].read())
     assert gen["generated"] == gen["planned"] > 0 and scored["total"] == gen["planned"]
+    assert len(list((tmp_path / "cache" / "models").glob("*/.complete"))) == 2   # one node-local copy each
 
     from jobs.generate import main as generate
     from jobs.score import main as score

@@ -20,9 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-import pyarrow.fs as pafs
-
-from discl_ray.storage import as_storage, is_uri
+from discl_ray.storage import is_uri, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +51,11 @@ def resolve_model(model: str, cache: Optional[Path] = None) -> str:
 
 
 def fetch_model_dir(uri: str, cache: Optional[Path]) -> Path:
-    """Copy a checkpoint folder from object storage to ``<cache>/models/`` once per node (a marker file
-    says the copy finished; a file lock keeps the node's actors from copying it together)."""
-    import fcntl
-
-    from discl_ray.io import stable_seed
-
+    """A checkpoint folder on object storage, copied to ``<cache>/models/`` once per node."""
     if cache is None:
         raise ValueError(f"model {uri} is on object storage: a local cache_dir is needed to load it")
-    dest = Path(cache, "models", f"{stable_seed(uri):x}")
-    done = dest / ".complete"
-    if done.is_file():
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / f"{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.is_file():
-            src = as_storage(uri)
-            log.info("copying %s to %s", uri, dest)
-            pafs.copy_files(src.path, str(dest), source_filesystem=src.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            done.write_text(uri)
-    return dest
+    log.info("using a node-local copy of %s", uri)
+    return local_copy(uri, cache)
 
 
 def is_sdxl(pipe: Any) -> bool:
