@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     identical = sum(by_key.get(k) == v for k, v in zip(out_c["image_id"].to_pylist(), out_c["image"].to_pylist()))
     # Driver memory of the real job at 1x and 4x outputs (a separate driver process joined to this cluster).
     rss_data = json.loads(json.dumps(data))
-    rss_data["generation"].update(seeds=[0, 1], steps=4)
+    rss_data["generation"].update(seeds=[0, 1], steps=10)     # 10 steps: λ = 0.9 still runs one
     address = ray.get_runtime_context().gcs_address
     n1, rss1 = driver_rss(rss_data, args.rss_sources, args.size, address)
     n4, rss4 = driver_rss(rss_data, 4 * args.rss_sources, args.size, address)
