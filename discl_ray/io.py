@@ -1,4 +1,4 @@
-"""Small shared I/O helpers: PNG bytes, image loading, stable hashing, parquet directories."""
+"""Small shared I/O helpers: image encoding, image loading, stable hashing, parquet directories (any storage)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
+
+from discl_ray.storage import Storage, as_storage, local_or_storage
 
 
 class ImageLoadError(RuntimeError):
@@ -29,17 +30,40 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
+
+
+def encode_image(image: Image.Image | np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode as ``png`` (default), lossless ``webp`` or ``jpeg`` (``quality``) bytes."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"unknown image format {fmt!r}; valid: {', '.join(IMAGE_FORMATS)}")
+    kwargs = {"lossless": True} if fmt == "webp" else {"quality": quality} if fmt == "jpeg" else {}
+    buf = io.BytesIO()
+    image.save(buf, format=IMAGE_FORMATS[fmt], **kwargs)
+    return buf.getvalue()
+
+
 def load_image(image: Optional[bytes] = None, path: Optional[str] = None, root: Optional[str] = None,
                mode: str = "RGB") -> Image.Image:
-    """Decode PNG/JPEG bytes, or read ``path`` (relative to ``root``), as a PIL image in ``mode``."""
+    """Decode PNG/JPEG/WebP bytes, or read ``path`` (relative to ``root``; either may be a URI), as PIL."""
+    from discl_ray.storage import is_uri
+
     try:
         if image is not None:
             img = Image.open(io.BytesIO(image))
         elif path:
-            full = Path(root, path) if root and not os.path.isabs(path) else Path(path)
-            if not full.is_file():
-                raise ImageLoadError(f"image file not found: {full}")
-            img = Image.open(full)
+            if is_uri(path) or (root and is_uri(root) and not os.path.isabs(path)):
+                where = as_storage(path if is_uri(path) else f"{str(root).rstrip('/')}/{path}")
+                if not where.is_file():
+                    raise ImageLoadError(f"image file not found: {where}")
+                img = Image.open(io.BytesIO(where.read_bytes()))
+            else:
+                full = Path(root, path) if root and not os.path.isabs(path) else Path(path)
+                if not full.is_file():
+                    raise ImageLoadError(f"image file not found: {full}")
+                img = Image.open(full)
         else:
             raise ImageLoadError("row has neither image bytes nor a path")
         img.load()
@@ -55,39 +79,36 @@ def stable_seed(*parts: object, bits: int = 63) -> int:
     return int.from_bytes(digest, "little") & ((1 << bits) - 1)
 
 
-def write_parquet_part(table: pa.Table, directory: str | Path, prefix: str = "part") -> Path:
-    """Write ``table`` as a new file in ``directory`` atomically (temp name, then rename). Never clobbers."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    name = f"{prefix}-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = directory / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    final = directory / name
-    os.replace(tmp, final)
-    return final
+def write_parquet_part(table: pa.Table, directory: "str | Path | Storage", prefix: str = "part",
+                       name: Optional[str] = None) -> "Path | Storage":
+    """Write ``table`` as a new file in ``directory`` atomically. Never clobbers a random name.
+
+    ``name`` (without ``.parquet``) makes the file name deterministic, so a rerun that writes the same
+    content overwrites the same file instead of adding a duplicate."""
+    d = as_storage(directory)
+    target = d.join(f"{name or prefix + '-' + uuid.uuid4().hex[:12]}.parquet")
+    target.write_parquet(table)
+    return local_or_storage(target)
 
 
-def parquet_files(directory: str | Path) -> list[Path]:
-    """The finished parquet files of a directory (temp files ignored), sorted by name."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith("."))
+def parquet_files(directory: "str | Path | Storage") -> list:
+    """The finished parquet files of a directory (temp/hidden files ignored), sorted by name.
+
+    Paths for a local directory, :class:`~discl_ray.storage.Storage` items for an object store."""
+    return [local_or_storage(f) for f in as_storage(directory).parquet_files()]
 
 
-def read_parquet_dir(directory: str | Path, columns: Optional[Iterable[str]] = None) -> pa.Table:
+def read_parquet_dir(directory: "str | Path | Storage", columns: Optional[Iterable[str]] = None) -> pa.Table:
     """Read every finished parquet file of a directory as one table (empty dir → FileNotFoundError)."""
-    files = parquet_files(directory)
-    if not files:
-        raise FileNotFoundError(f"no parquet files in {directory}")
-    cols = list(columns) if columns is not None else None
-    return pa.concat_tables([pq.read_table(f, columns=cols) for f in files], promote_options="default")
+    return as_storage(directory).read_parquet_dir(columns)
 
 
-def replace_parquet_dir(table: pa.Table, directory: str | Path, prefix: str = "part") -> Path:
-    """Write a whole stage output: new file first, then drop the older files of that directory."""
-    old = parquet_files(directory)
-    path = write_parquet_part(table, directory, prefix)
+def replace_parquet_dir(table: pa.Table, directory: "str | Path | Storage", prefix: str = "part") -> "Path | Storage":
+    """Write a whole stage output as ``<prefix>.parquet`` (atomically replacing it), then drop any other
+    files of that directory. The fixed name means a rerun leaves the same file set behind."""
+    d = as_storage(directory)
+    old = [f for f in d.parquet_files() if f.name != f"{prefix}.parquet"]
+    path = write_parquet_part(table, d, prefix, name=prefix)
     for f in old:
-        f.unlink(missing_ok=True)
+        f.delete()
     return path

@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -75,60 +75,122 @@ def mine_confidence(train: pa.Table, cfg: "MiningConfig", true_prob: Sequence[fl
     }, schema=HARD_SCHEMA)
 
 
-def _image_batches(train: pa.Table, root: str | None, batch_size: int, transform: Callable):
-    import torch
+class ConfidenceScorer:
+    """Ray Data actor: canonical rows → (image_id, true-class probability) under the mining classifier.
 
-    from discl_ray.io import load_image
+    Loads the classifier once per actor and resolves ``scoring.device`` where it runs (``auto`` → CUDA if
+    this actor sees one), so confidence mining runs on the GPU nodes, never on the head."""
 
-    images, paths = train["image"].to_pylist(), train["path"].to_pylist()
-    for start in range(0, train.num_rows, batch_size):
-        ims = [transform(load_image(images[i], paths[i], root)) for i in range(start, min(start + batch_size,
-                                                                                            train.num_rows))]
-        yield torch.stack(ims)
+    def __init__(self, cfg: dict, texts: Optional[list[str]] = None, class_names: Optional[list[str]] = None):
+        import torch
 
+        from discl_ray.config import ExperimentConfig
+        from discl_ray.runtime import RunPaths, resolve_device
 
-def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table | None = None) -> np.ndarray:
-    """True-class probability of each training image under the configured classifier."""
-    import torch
-    from torchvision.transforms.functional import pil_to_tensor
+        torch.set_grad_enabled(False)
+        self.cfg = ExperimentConfig.model_validate(cfg)
+        m = self.cfg.mining
+        self.device = resolve_device(self.cfg.scoring.device, "mining")
+        cache = RunPaths.from_config(self.cfg).cache
+        self.texts = texts
+        self.trained_run = None
+        if m.classifier == "trained_run":     # the baseline trained on this dataset (§3.3), see hard_set.py
+            from torchvision.transforms.functional import pil_to_tensor
 
-    from discl_ray.runtime import RunPaths, resolve_device
+            from discl_ray.hard_set import TrainedRunClassifier
 
-    m = cfg.mining
-    device = resolve_device(cfg.scoring.device)
-    paths = RunPaths.from_config(cfg)
-    labels = torch.tensor(train["label"].to_pylist())
-    outs = []
-    if m.classifier == "trained_run":      # the baseline trained on this dataset (§3.3), see hard_set.py
-        from discl_ray.hard_set import trained_run_probs
+            self.trained_run = TrainedRunClassifier(self.cfg, class_names or [], self.device)
+            size = self.trained_run.image_size
+            self.transform = lambda im: pil_to_tensor(im.convert("RGB").resize((size, size))).float() / 255.0
+        elif m.classifier in ("torchscript", "toy"):
+            from torchvision.transforms.functional import pil_to_tensor
 
-        return trained_run_probs(cfg, train, device)
-    with torch.no_grad():
-        if m.classifier in ("torchscript", "toy"):
             from discl_ray.toyworld import classifier_file
 
-            file = classifier_file(paths.cache) if m.classifier == "toy" else m.classifier_path
+            file = classifier_file(cache) if m.classifier == "toy" else m.classifier_path
             if not Path(file).is_file():
                 hint = " (run `discl world` to train the toy judge)" if m.classifier == "toy" else ""
                 raise FileNotFoundError(f"mining classifier not found: {file}{hint}")
-            model = torch.jit.load(str(file), map_location=device).eval()
-            size = cfg.dataset.image_size
-
-            def tf(im):
-                return pil_to_tensor(im.resize((size, size))).float() / 255.0
-
-            for x in _image_batches(train, cfg.dataset.root, m.batch_size, tf):
-                outs.append(torch.softmax(model(x.to(device)), dim=-1).cpu())
+            self.model = torch.jit.load(str(file), map_location=self.device).eval()
+            size = self.cfg.dataset.image_size
+            self.transform = lambda im: pil_to_tensor(im.resize((size, size))).float() / 255.0
         else:
-            from discl_ray.scoring.clip import load_clip, zero_shot_probs
+            from discl_ray.scoring.clip import load_clip
 
-            if prompts is None:
-                raise ValueError("open_clip_zero_shot mining needs the prompts table (run `discl prompts` first)")
-            model, preprocess, tokenizer = load_clip(cfg.scoring, paths.cache, device)
-            by_label = dict(zip(prompts["label"].to_pylist(), prompts["clip_prompt"].to_pylist()))
-            n_cls = max(by_label) + 1
-            texts = [by_label.get(c, f"a photo of class {c}") for c in range(n_cls)]
-            for x in _image_batches(train, cfg.dataset.root, m.batch_size, preprocess):
-                outs.append(zero_shot_probs(model, tokenizer, x.to(device), texts).cpu())
-    probs = torch.cat(outs) if outs else torch.zeros((0, 1))
-    return probs[torch.arange(len(labels)), labels].numpy().astype(np.float64)
+            self.model, self.transform, self.tokenizer = load_clip(self.cfg.scoring, cache, self.device)
+        from discl_ray.runtime import actor_record
+
+        self.actor = actor_record(self.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+
+        root = self.cfg.dataset.root
+        with torch.inference_mode():  # Ray Data calls from a worker thread: grad mode is per thread
+            return self._score(batch, root)
+
+    def _score(self, batch: pa.Table, root) -> pa.Table:
+        import torch
+
+        from discl_ray.io import load_image
+
+        x = torch.stack([self.transform(load_image(img, path, root)) for img, path in
+                         zip(batch["image"].to_pylist(), batch["path"].to_pylist())]).to(self.device)
+        if self.trained_run is not None:
+            true = self.trained_run.probs(x, batch["label"].to_pylist())
+            return pa.table({"image_id": batch["image_id"], "prob": pa.array(true, pa.float64()),
+                             "actor": pa.array([self.actor] * batch.num_rows, pa.string())})
+        if self.texts is None:
+            probs = torch.softmax(self.model(x), dim=-1)
+        else:
+            from discl_ray.scoring.clip import zero_shot_probs
+
+            probs = zero_shot_probs(self.model, self.tokenizer, x, self.texts)
+        labels = torch.tensor(batch["label"].to_pylist(), device=probs.device)
+        true = probs[torch.arange(len(labels), device=probs.device), labels].cpu().numpy().astype(np.float64)
+        return pa.table({"image_id": batch["image_id"], "prob": pa.array(true, pa.float64()),
+                         "actor": pa.array([self.actor] * batch.num_rows, pa.string())})
+
+
+def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table | None = None,
+                     actors: list | None = None) -> np.ndarray:
+    """True-class probability of each training image under the configured classifier (a Ray Data stage
+    on ``scoring``'s device and actor settings); ``actors`` receives the actors' descriptions."""
+    import json
+
+    import ray
+
+    from discl_ray.runtime import actor_gpus, init_ray
+
+    m = cfg.mining
+    texts = None
+    if m.classifier == "open_clip_zero_shot":
+        if prompts is None:
+            raise ValueError("open_clip_zero_shot mining needs the prompts table (run `discl prompts` first)")
+        by_label = dict(zip(prompts["label"].to_pylist(), prompts["clip_prompt"].to_pylist()))
+        texts = [by_label.get(c, f"a photo of class {c}") for c in range(max(by_label) + 1)]
+    elif m.classifier == "torchscript" and not Path(m.classifier_path).is_file():
+        raise FileNotFoundError(f"mining classifier not found: {m.classifier_path}")
+    names = None
+    if m.classifier == "trained_run":
+        from discl_ray.data import class_names, read_rows
+        from discl_ray.training.init_from import resolve_checkpoint
+
+        resolve_checkpoint(cfg, m.classifier_from)      # a missing baseline fails here, before any actor starts
+        by_label = class_names(read_rows(cfg))
+        names = [by_label.get(c, str(c)) for c in range(max(by_label) + 1)]
+    init_ray(cfg)
+    sc = cfg.scoring
+    size = sc.actors_max if sc.actors_min is None else sc.actors_min
+    rows = train.select(["image_id", "image", "path", "label"])
+    ds = ray.data.from_arrow(rows).map_batches(
+        ConfidenceScorer, fn_constructor_kwargs=dict(cfg=cfg.model_dump(mode="json"), texts=texts, class_names=names),
+        batch_size=m.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=size, max_size=sc.actors_max),
+        num_gpus=actor_gpus(cfg, sc.device, sc.num_gpus_per_actor, "mining"), num_cpus=sc.num_cpus_per_actor)
+    out = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
+    if actors is not None:
+        actors.extend(json.loads(a) for a in sorted(set(out["actor"].to_pylist())) if a)
+    prob = dict(zip(out["image_id"].to_pylist(), out["prob"].to_pylist()))
+    return np.array([prob[i] for i in train["image_id"].to_pylist()], dtype=np.float64)

@@ -32,7 +32,9 @@ def resolve_asset(path: str) -> Path:
 
 
 def _read_json(path: str, what: str) -> dict:
-    p = resolve_asset(path)
+    from discl_ray.storage import as_storage, is_uri
+
+    p = as_storage(path) if is_uri(path) else resolve_asset(path)   # a local/packaged file or an s3://, gs:// URI
     if not p.is_file():
         raise FileNotFoundError(f"prompts.{what}: file not found: {p}")
     try:

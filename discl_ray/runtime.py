@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from discl_ray.storage import Storage, as_storage, is_uri, local_or_storage
+
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, RayConfig
 
@@ -28,46 +30,94 @@ _MAX_RAY_TEMP_LEN = 40
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Resolved output locations of one experiment."""
+    """Resolved output locations of one experiment.
 
-    root: Path
+    ``root`` is a ``Path`` when ``run_root`` is local and a :class:`~discl_ray.storage.Storage` when it is an
+    object-store URI; :meth:`stage` follows it (a Path-like result for local roots, so callers that use
+    Path methods keep working) and :meth:`store` always gives a ``Storage``. ``str()`` of either is the
+    path or URI. ``cache`` (model weights, toy models) is always local: libraries load weights from disk.
+    """
+
+    root: "Path | Storage"
     experiment: str
     cache: Path
 
     @classmethod
     def from_config(cls, cfg: "ExperimentConfig") -> "RunPaths":
-        root = Path(cfg.run_root).resolve()
-        cache = Path(cfg.cache_dir).resolve() if cfg.cache_dir else root / "_cache"
+        root = local_or_storage(cfg.run_root)
+        if cfg.cache_dir:
+            if is_uri(cfg.cache_dir):
+                raise ValueError(f"cache_dir must be a local (or mounted) path, not {cfg.cache_dir}")
+            cache = Path(cfg.cache_dir).resolve()
+        elif isinstance(root, Path):
+            cache = root / "_cache"
+        else:  # object-store run root: weights still need a local (node or shared-volume) folder
+            cache = Path(os.environ.get("DISCL_CACHE_DIR", Path.home() / ".cache" / "discl-ray")).resolve()
         return cls(root=root, experiment=cfg.experiment, cache=cache)
 
     @property
-    def exp(self) -> Path:
+    def is_local(self) -> bool:
+        return isinstance(self.root, Path)
+
+    @property
+    def exp(self) -> "Path | Storage":
         return self.root / self.experiment
 
-    def stage(self, name: str, *parts: str) -> Path:
+    def stage(self, name: str, *parts: str) -> "Path | Storage":
         """``runs/<experiment>/<stage>/<parts…>`` (not created)."""
         return self.exp.joinpath(name, *parts)
 
+    def store(self, name: str, *parts: str) -> Storage:
+        """:meth:`stage` as a :class:`~discl_ray.storage.Storage` (what the stages read and write through)."""
+        return as_storage(self.stage(name, *parts))
+
     @property
-    def dataset(self) -> Path:
+    def dataset(self) -> "Path | Storage":
         return self.stage("dataset")
 
 
+class TrackingConfigError(ValueError):
+    """The tracking settings cannot work where the stage runs (message names the setting)."""
+
+
+def cluster_address(cfg: "ExperimentConfig") -> Optional[str]:
+    """The Ray cluster this driver joins (``ray.address`` or ``RAY_ADDRESS``); None = embedded local cluster."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def tracking_uri(cfg: "ExperimentConfig") -> str:
-    """MLflow tracking URI: MLFLOW_TRACKING_URI wins, then the config, then sqlite under run_root."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
+    """MLflow tracking URI: MLFLOW_TRACKING_URI wins, then the config, then sqlite under a local run_root.
+
+    On a cluster (``ray.address`` set) the store must be an ``http(s)`` MLflow server: a sqlite file on
+    shared storage corrupts under several writers and a local one is invisible to the other nodes."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+    address = cluster_address(cfg)
+    if address and not (uri or "").startswith(("http://", "https://", "databricks")):
+        raise TrackingConfigError(
+            f"ray.address is set ({address}): tracking.tracking_uri (or MLFLOW_TRACKING_URI) must be an "
+            f"http(s) MLflow server, got {uri or 'nothing (the sqlite default)'}; "
+            "or set tracking.enabled=false")
+    if uri:
+        return uri
+    if is_uri(cfg.run_root):
+        raise TrackingConfigError(f"run_root is an object store ({cfg.run_root}): sqlite cannot live there; set "
+                                  "tracking.tracking_uri (or MLFLOW_TRACKING_URI) or tracking.enabled=false")
     root = Path(cfg.run_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def _local_temp_dir(ray_cfg: "RayConfig", run_root: Path) -> Optional[str]:
+def check_tracking(cfg: "ExperimentConfig") -> None:
+    """Raise :class:`TrackingConfigError` now (before cluster work) when tracking is on and cannot work."""
+    if cfg.tracking.enabled:
+        tracking_uri(cfg)
+
+
+def _local_temp_dir(ray_cfg: "RayConfig", run_root: "Path | Storage") -> Optional[str]:
     if ray_cfg.temp_dir:
         return str(Path(ray_cfg.temp_dir).resolve())
+    if not isinstance(run_root, Path):
+        return None
     candidate = run_root / ".ray"
     if len(str(candidate)) <= _MAX_RAY_TEMP_LEN:
         return str(candidate)
@@ -87,21 +137,46 @@ def init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
         _init_ray(cfg, **kwargs)
 
 
+# Environment a driver forwards to its workers: object-store credentials/endpoints, the tracking store and
+# the weights cache. On a local cluster workers inherit them anyway; on a joined cluster they would not.
+FORWARD_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "HF_", "MLFLOW_TRACKING_", "DISCL_CACHE_DIR")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
+
+
+def pin_loopback() -> None:
+    """Make a Ray cluster started by this process advertise 127.0.0.1, not the machine's network address.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once at import (0 = loopback node IP on Linux too); the
+    env var reaches the raylet and workers, and the already-imported constant is set for this process."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "1":
+        return  # the operator asked for a network-visible local cluster
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as rc
+
+    rc.ENABLE_RAY_CLUSTER = False
+
+
 def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     import ray
 
+    check_tracking(cfg)
     if ray.is_initialized():
         return
     rc = cfg.ray
-    address = rc.address or os.environ.get("RAY_ADDRESS")
-    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
+    address = cluster_address(cfg)
+    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
+                **forwarded_env()}
     runtime_env = kwargs.pop("runtime_env", None) or {"env_vars": env_vars}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
         return
+    pin_loopback()
     # Workers at Ray's default nice 15 starve behind the driver on small machines (measured 3x slower).
     os.environ.setdefault("RAY_worker_niceness", "0")
-    temp_dir = _local_temp_dir(rc, Path(cfg.run_root).resolve())
+    temp_dir = _local_temp_dir(rc, local_or_storage(cfg.run_root))
     if temp_dir:
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
         # A stale marker from a cluster that was stopped makes the next init hang.
@@ -116,10 +191,57 @@ def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     ray.init(**init_kwargs)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → cuda when available, else cpu."""
+def resolve_device(device: str, what: str = "") -> str:
+    """``auto`` → cuda when this process sees a GPU, else cpu (logged, so a CPU fallback is never silent).
+
+    Call it where the work runs (inside the actor), never on the driver: a cluster's head has no GPU."""
     if device != "auto":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    log.warning("%sdevice auto: no CUDA device visible in this process; falling back to CPU",
+                f"{what}: " if what else "")
+    return "cpu"
+
+
+def actor_info(device: str) -> dict:
+    """Where this Ray actor runs: ``{node_id, resources, device}`` (recorded in the stage summaries)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    res = {k: float(v) for k, v in ctx.get_assigned_resources().items()}
+    return {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "resources": res, "device": device}
+
+
+def actor_record(device: str) -> str:
+    """:func:`actor_info` as JSON inside a Ray actor; "" elsewhere (in-process runs, tests)."""
+    import json
+
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id():
+            return json.dumps(actor_info(device), sort_keys=True)
+    except Exception as err:  # noqa: BLE001 — bookkeeping must never fail a stage
+        log.debug("no actor info: %s", err)
+    return ""
+
+
+def actor_gpus(cfg: "ExperimentConfig", device: str, per_actor: float, what: str) -> float:
+    """GPUs a stage's actors ask Ray for: ``per_actor`` whenever ``device`` is not cpu.
+
+    No check against the cluster's current GPUs: on an autoscaling cluster the GPU group may be at zero
+    when the job starts, and asking is what makes the autoscaler add nodes. One exception keeps the
+    embedded local cluster usable on a laptop: ``device: auto`` there, with no GPU in it, asks for none
+    (the actor then resolves ``auto`` to CPU and logs it)."""
+    if device == "cpu" or not per_actor:
+        return 0
+    if device == "auto" and not cluster_address(cfg):
+        import ray
+
+        if not ray.cluster_resources().get("GPU"):
+            log.info("%s: device auto on a local cluster without GPUs: actors run on CPU", what)
+            return 0
+    return per_actor

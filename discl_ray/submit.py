@@ -88,9 +88,34 @@ def entrypoint(stage: str, config: Optional[str], overrides: Iterable[str], work
     return shlex.join(cmd + overrides), env
 
 
+LOOPBACK_HOSTS = ("localhost", "0.0.0.0", "::1", "[::1]")
+
+
+def check_forwardable(uri: Optional[str], setting: str) -> None:
+    """Refuse a tracking URI that means this client machine: a loopback server or a local file store.
+
+    On the cluster 127.0.0.1 is the job's own pod/node, where no MLflow server runs, and a sqlite/file path
+    is a path on this laptop; the job would fail (or log somewhere nobody looks) after minutes of work."""
+    from urllib.parse import urlparse
+
+    if not uri:
+        return
+    parsed = urlparse(uri)
+    host = (parsed.hostname or "").lower()
+    if parsed.scheme in ("http", "https"):
+        if host in LOOPBACK_HOSTS or host.startswith("127."):
+            raise ValueError(f"{setting}={uri} is a loopback address: on the cluster it names the job's own node. "
+                             "Use the tracking server's cluster-reachable address (e.g. the infra's MLflow service)")
+        return
+    if parsed.scheme in ("", "file", "sqlite"):
+        raise ValueError(f"{setting}={uri} is a store on this machine, not reachable from the cluster; use an "
+                         "http(s) MLflow server")
+
+
 def runtime_env(working_dir: Path, env_vars: Optional[dict] = None, excludes: Iterable[str] = EXCLUDES) -> dict:
     """Runtime env: the checkout as working_dir minus outputs/data, plus env vars the stages expect."""
     env = {"PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    check_forwardable(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     for key in ("MLFLOW_TRACKING_URI", "RAY_AUTH_MODE"):
         if os.environ.get(key):
             env[key] = os.environ[key]
@@ -107,7 +132,9 @@ def submit_stage(stage: str, address: str, *, config: Optional[str] = None, over
     from ray.job_submission import JobSubmissionClient
 
     overrides = list(overrides)
-    resolve_config_yaml(config, overrides)  # fail here, not on the cluster
+    resolved = yaml.safe_load(resolve_config_yaml(config, overrides))  # fail here, not on the cluster
+    check_forwardable((resolved.get("tracking") or {}).get("tracking_uri"), "tracking.tracking_uri")
+    check_forwardable(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     wd = Path(working_dir).resolve()
     cmd, extra_env = entrypoint(stage, config, overrides, wd)
     client = JobSubmissionClient(address, headers=auth_headers())

@@ -7,18 +7,26 @@ Reads ``<exp>/mine/`` and ``<exp>/prompts/``, writes ``<exp>/generate/spectrum/`
 from __future__ import annotations
 
 import json
+import sys
 
 from discl_ray.cli_common import run_stage
 
 
 def _body(cfg, args) -> int:
     from discl_ray.generation.job import run_generate
+    from discl_ray.lease import StageBusy
 
-    summary = run_generate(cfg)
+    try:
+        summary = run_generate(cfg)
+    except (FileNotFoundError, ValueError, StageBusy) as err:
+        print(f"discl generate: {err}", file=sys.stderr)
+        return 2
     print(f"generate: generated {summary['generated']}, skipped {summary['skipped']} (already written), "
           f"failed {summary['failed']} of {summary['planned']} keys in {summary['wall_s']:.1f} s "
           f"({summary['outputs_per_s']:.2f} outputs/s)")
     print(json.dumps({k: summary[k] for k in ("spectrum_dir", "errors_dir", "grid")}, indent=1))
+    nodes = sorted({(a["node_id"][:12], a["device"], a["resources"].get("GPU", 0)) for a in summary["actors"]})
+    print("actors (node, device, GPUs): " + ", ".join(f"{n} {d} {g:g}" for n, d, g in nodes))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 
 from discl_ray.cli_common import run_stage
@@ -24,9 +25,14 @@ def _body(cfg: ExperimentConfig, args) -> int:
         hard = mining.mine_frequency(train, cfg.mining)
     else:
         prompts = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
-        probs = mining.true_class_probs(cfg, train, prompts)
+        actors: list = []
+        try:
+            probs = mining.true_class_probs(cfg, train, prompts, actors)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"discl mine: {err}", file=sys.stderr)
+            return 2
         hard = mining.mine_confidence(train, cfg.mining, probs)
-    out = paths.stage("mine")
+    out = paths.store("mine")
     replace_parquet_dir(hard, out, prefix="hard")
     groups = mining.class_groups(train["label"].to_pylist(), cfg.mining.few_max, cfg.mining.many_min)
     summary = {
@@ -34,7 +40,9 @@ def _body(cfg: ExperimentConfig, args) -> int:
         "hard_per_class": dict(sorted(Counter(hard["label"].to_pylist()).items())),
         "class_groups": {g: sorted(c for c, v in groups.items() if v == g) for g in ("many", "medium", "few")},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if cfg.mining.mode != "frequency":
+        summary["actors"] = actors
+    out.join("summary.json").write_text(json.dumps(summary, indent=1))
     print(f"hard samples: {hard.num_rows} of {train.num_rows} training images ({cfg.mining.mode}) -> {out}")
     print(f"class groups: {summary['class_groups']}")
     return 0

@@ -36,7 +36,7 @@ def _body(cfg: ExperimentConfig, args) -> int:
         cfg = cfg.model_copy(update={"prompts": cfg.prompts.model_copy(update={"prompts_file": str(path)})})
 
     table = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
-    out = RunPaths.from_config(cfg).stage("prompts")
+    out = RunPaths.from_config(cfg).store("prompts")
     replace_parquet_dir(table, out, prefix="prompts")
     first = table.slice(0, 1).to_pylist()[0]
     print(f"prompts for {table.num_rows} classes -> {out}")

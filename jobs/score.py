@@ -1,7 +1,7 @@
 """`discl score`: CLIP-score the spectrum, filter it at ``scoring.threshold``, summarise per λ and class.
 
 Reads ``runs/<exp>/generate/spectrum/``, the train split's real images and ``runs/<exp>/prompts/``;
-writes ``runs/<exp>/score/{scores,errors,filtered}/``, ``summary.json`` and ``hist_*.png``. Rerunning
+writes ``runs/<exp>/score/{scores,errors,kept}/``, ``summary.json`` and ``hist_*.png``. Rerunning
 resumes (scored ids are skipped) and re-applies the threshold without new CLIP work.
 """
 
@@ -13,16 +13,18 @@ from discl_ray.cli_common import run_stage
 
 
 def _body(cfg, args) -> int:
+    from discl_ray.lease import StageBusy
+    from discl_ray.runtime import TrackingConfigError
     from discl_ray.scoring.job import ScoreInputError, run_score
 
     try:
         res = run_score(cfg)
-    except ScoreInputError as err:
+    except (ScoreInputError, TrackingConfigError, StageBusy) as err:
         print(f"discl score: {err}", file=sys.stderr)
         return 2
     print(f"scored {res.scored} rows ({res.skipped} already scored, {res.errors} errors); "
           f"kept {res.kept}/{res.total} at clip_text_cos >= {cfg.scoring.threshold}")
-    print(f"outputs: {res.out_dir} (scores/, filtered/, errors/, summary.json, "
+    print(f"outputs: {res.out_dir} (scores/, kept/, errors/, summary.json, "
           f"{', '.join(p.name for p in res.histograms)})")
     return 0
 

@@ -10,6 +10,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray starts workers at nice 15 by default; on a busy 2-core machine they starve behind the test process.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# Every cluster the tests start advertises 127.0.0.1 (Ray reads this once, at import; 0 = loopback on Linux).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +19,10 @@ def ray_local():
     """A 2-CPU local Ray cluster shared by the session's tests (stopped at the end)."""
     import ray
 
+    from discl_ray.runtime import pin_loopback
+
     if not ray.is_initialized():
+        pin_loopback()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

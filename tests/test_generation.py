@@ -15,8 +15,9 @@ from PIL import Image
 from discl_ray.config import ConfigError, load_config
 from discl_ray.generation.actor import SpectrumGenerator
 from discl_ray.generation.engine import SpectrumEngine, WorkItem, output_key, steps_for
+from discl_ray.generation.output import encode_rows, part_name
 from discl_ray.generation.pipeline import fix_aesthetics_flag, is_sdxl, load_img2img
-from discl_ray.generation.plan import fan_out, plan_sources, read_inputs
+from discl_ray.generation.plan import plan_sources, prepare_sources, read_inputs
 from discl_ray.io import read_parquet_dir
 
 torch.set_num_threads(1)
@@ -95,13 +96,21 @@ def test_determinism_across_batch_sizes(models):
 
 
 def test_generator_actor_class_rows(models, tmp_path):
-    """The callable class turns work rows into schema rows (in-process, SDXL), passing error rows on."""
+    """The callable class fans prepared sources out into their missing keys (in-process, SDXL), passing
+    error rows on; the CPU encoder turns its raw pixels into PNG (or lossless WebP) rows."""
     cfg = write_experiment(tmp_path / "runs", models["sdxl"], n_sources=2, corrupt=True)
     hard, rows, prompts = read_inputs(cfg)
-    work = fan_out(plan_sources(hard, rows, prompts), [0.0, 0.9], [0, 1], skip={"src0|l0.000|s0"})
-    assert work.num_rows == 3 * 4 - 1
+    prep = prepare_sources(plan_sources(hard, rows, prompts), [0.0, 0.9], [0, 1], skip={"src0|l0.000|s0"})
+    assert prep.num_rows == 3 and prep["lams"][0].as_py() == [0.0, 0.9, 0.9]     # one row per source
     gen = SpectrumGenerator(cfg.generation.model_dump(mode="json"), threads=1)
-    out = gen(work)
+    raw = gen(prep)
+    assert raw.num_rows == 3 * 4 - 1 and gen.device == "cpu"
+    out = encode_rows(raw)
+    webp = encode_rows(raw, "webp")
+    assert set(webp["format"].to_pylist()) == {"webp"}
+    a, b = (Image.open(io.BytesIO(t["image"][0].as_py())) for t in (out, webp))
+    assert np.array_equal(np.asarray(a), np.asarray(b))                          # lossless
+    assert part_name(["x", "y"]) == part_name(["y", "x"]) != part_name(["x"])
     ok = out.filter(pa.compute.equal(out["error"], ""))
     assert ok.num_rows == 2 * 4 - 1
     assert set(out.filter(pa.compute.not_equal(out["error"], ""))["source_image_id"].to_pylist()) == {"bad0"}
@@ -136,17 +145,28 @@ def test_job_on_ray_resumes_and_records_errors(models, tmp_path, ray_local):
     error rows; the grid, summary and MLflow run are written; other settings cannot resume."""
     from discl_ray.generation.job import run_generate
     from discl_ray.io import write_parquet_part
+    from discl_ray.lease import LEASE, StageBusy
 
     cfg = _job_cfg(tmp_path, models)
     hard, rows, prompts = read_inputs(cfg)
-    work = fan_out(plan_sources(hard, rows, prompts).slice(0, 1), [0.0, 0.9], [0, 1])
-    earlier = SpectrumGenerator(cfg.generation.model_dump(mode="json"), threads=1)(work)
+    prep = prepare_sources(plan_sources(hard, rows, prompts).slice(0, 1), [0.0, 0.9], [0, 1])
+    earlier = encode_rows(SpectrumGenerator(cfg.generation.model_dump(mode="json"), threads=1)(prep))
     out_dir = tmp_path / "runs" / "gt" / "generate" / "spectrum"
     write_parquet_part(earlier.drop_columns(["error"]), out_dir)
     first = earlier["image_id"].to_pylist()
+    lease = tmp_path / "runs" / "gt" / "generate" / LEASE              # a live writer holds the stage
+    lease.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 1, "run": "other",
+                                 "heartbeat": __import__("time").time()}))
+    with pytest.raises(StageBusy, match="being written by another"):
+        run_generate(cfg)
+    lease.unlink()
+    (out_dir / ".part-dead.parquet.1234.tmp").write_bytes(b"half a file")     # a killed writer's leftover
 
     summary = run_generate(cfg)
     full, table = _check_complete(cfg, tmp_path, summary, first)
+    assert not list(out_dir.glob("*.tmp")) and not lease.exists()
+    assert summary["actors"] and all(a["device"] == "cpu" and a["node_id"] for a in summary["actors"])
+    assert summary["bytes_per_output"] > 0 and set(table["format"].to_pylist()) == {"png"}
     row = table.filter(pa.compute.equal(table["image_id"], "src1|l0.900|s1")).to_pylist()[0]
     assert (row["lam"], row["seed"], row["steps"], row["guidance_scale"]) == (0.9, 1, 10, 3.0)
     assert json.loads((tmp_path / "runs" / "gt" / "generate" / "summary.json").read_text())["failed"] == 8

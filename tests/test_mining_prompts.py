@@ -72,3 +72,33 @@ def test_prompts_bad_files(tmp_path):
     (tmp_path / "nolist.json").write_text(json.dumps({"b": ["x"]}))
     with pytest.raises(ValueError, match="no generation prompt"):
         build_prompts({0: "a"}, PromptsConfig(prompts_file=str(tmp_path / "nolist.json"), include_template=False))
+
+
+def test_confidence_mining_runs_as_a_ray_data_stage(tmp_path, ray_local):
+    """true_class_probs: the classifier runs in Ray Data actors (device resolved there), rows keep their order."""
+    import numpy as np
+    import torch
+
+    from discl_ray.config import load_config
+    from discl_ray.io import png_bytes
+    from discl_ray.mining import true_class_probs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    file = tmp_path / "judge.pt"
+    torch.jit.script(net).save(str(file))
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(7)]
+    labels = [i % 3 for i in range(7)]
+    train = pa.table({"image_id": [f"i{i}" for i in range(7)], "image": [png_bytes(x) for x in imgs],
+                      "path": pa.nulls(7, pa.string()), "label": labels, "class_name": [f"n{c}" for c in labels]})
+    cfg = load_config(data={"run_root": str(tmp_path / "runs"), "dataset": {"image_size": 8},
+                            "mining": {"mode": "confidence", "classifier": "torchscript",
+                                       "classifier_path": str(file), "lowest_k": 1, "batch_size": 3},
+                            "scoring": {"device": "auto"}, "tracking": {"enabled": False}})
+    actors: list = []
+    probs = true_class_probs(cfg, train, actors=actors)
+    x = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 255.0 for a in imgs])
+    want = torch.softmax(net(x), -1)[torch.arange(7), torch.tensor(labels)].detach().numpy()
+    assert np.allclose(probs, want, atol=1e-6)
+    assert actors and all(a["device"] == "cpu" and a["resources"].get("GPU", 0) == 0 for a in actors)

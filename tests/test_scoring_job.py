@@ -89,11 +89,12 @@ def test_score_job_end_to_end_then_resume(tmp_path, ray_local):
     reasons = dict(zip(errors["image_id"].to_pylist(), errors["reason"].to_pylist()))
     assert "cannot decode image" in reasons[ids[3]] and reasons["train-bad"].startswith("source image: cannot decode")
     assert "not in the train split" in reasons["ghost"]
-    # threshold 0 keeps exactly the non-negative cosines; filtered rows are spectrum rows plus their scores.
-    filtered = read_parquet_dir(out / "filtered")
-    assert filtered.num_rows == res.kept == int((text_cos >= 0).sum())
-    assert {"image", "prompt", "steps", "clip_text_cos"} <= set(filtered.column_names)
+    # threshold 0 keeps exactly the non-negative cosines; kept/ holds ids and cosines, not a spectrum copy.
+    kept = read_parquet_dir(out / "kept")
+    assert kept.num_rows == res.kept == int((text_cos >= 0).sum())
+    assert kept.column_names == ["image_id", "lam", "clip_text_cos"] and not (out / "filtered").exists()
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["actors"] and all(a["device"] == "cpu" for a in summary["actors"])
     assert summary["total"] == n - 1 and summary["errors"] == 3 and summary["kept"] == res.kept
     assert sum(g["total"] for g in summary["per_lam"].values()) == n - 1
     assert set(summary["per_lam"]) == {"0.000", "0.500"} and set(summary["per_class"]) == {"0", "1"}
@@ -129,7 +130,7 @@ def test_score_job_end_to_end_then_resume(tmp_path, ray_local):
     assert at.scored == 0 and at.kept == int((text_cos >= pivot).sum())
     above = run_score(load_config(data=data, overrides=[f"scoring.threshold={float(np.nextafter(pivot, 2.0))!r}"]))
     assert above.kept == at.kept - int((text_cos == pivot).sum())
-    assert read_parquet_dir(out / "filtered").num_rows == above.kept
+    assert read_parquet_dir(out / "kept").num_rows == above.kept
 
 
 def test_cli_scores_and_reports_missing_inputs(tmp_path, ray_local, capsys):
@@ -141,11 +142,11 @@ def test_cli_scores_and_reports_missing_inputs(tmp_path, ray_local, capsys):
     assert main(["--config", str(cfg_path), "scoring.threshold=-1.0"]) == 0
     assert "kept 8/8" not in capsys.readouterr().out  # sanity: the message reports real counts
     out = Path(data["run_root"]) / "t" / "score"
-    assert read_parquet_dir(out / "filtered").num_rows == len(ids) - 1
+    assert read_parquet_dir(out / "kept").num_rows == len(ids) - 1
     # threshold 1.0 from the file: nothing kept (no CLIP work); this time logged to MLflow (sqlite in run_root).
     assert main(["--config", str(cfg_path), "tracking.enabled=true"]) == 0
     assert json.loads((out / "summary.json").read_text())["kept"] == 0
-    assert read_parquet_dir(out / "filtered").num_rows == 0
+    assert read_parquet_dir(out / "kept").num_rows == 0
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{Path(data['run_root']).resolve() / 'mlflow.db'}")

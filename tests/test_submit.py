@@ -99,11 +99,17 @@ def test_entrypoint_and_runtime_env(tmp_path):
     assert {"/runs/", "/.venv/", "/data/"} <= set(renv["excludes"]) and renv["excludes"] == EXCLUDES
 
 
-def test_submit_bad_config_submits_nothing(tmp_path, capsys):
+def test_submit_bad_config_submits_nothing(tmp_path, capsys, monkeypatch):
     from jobs.submit import main
 
     assert main(["train", "--address", "http://127.0.0.1:1", "training.strategy=sideways"]) == 2
     assert "training.strategy" in capsys.readouterr().err
+    # A client-side tracking store is refused before anything is submitted (the job would fail on the cluster).
+    assert main(["train", "--address", "http://127.0.0.1:1", "tracking.tracking_uri=http://127.0.0.1:5000"]) == 2
+    assert "tracking.tracking_uri=http://127.0.0.1:5000 is a loopback address" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
+    assert main(["train", "--address", "http://127.0.0.1:1"]) == 2
+    assert "MLFLOW_TRACKING_URI=http://localhost:5000 is a loopback" in capsys.readouterr().err
 
 
 def test_submit_prompts_stage_succeeds(ray_head, tmp_path, capsys, monkeypatch):

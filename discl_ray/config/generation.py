@@ -42,10 +42,13 @@ class GenerationConfig(StrictModel):
     height: Optional[int] = Field(None, ge=8, description="Resize sources to this height (None = keep).")
     width: Optional[int] = Field(None, ge=8, description="Resize sources to this width (None = keep).")
     batch_size: int = Field(8, ge=1, description="Output images per pipeline call (seeds of a source batched).")
-    rows_per_block: int = Field(64, ge=1, description="Work items per Ray Data batch handed to an actor.")
-    actors_min: int = Field(1, ge=1, description="Minimum generator actors in the pool.")
-    actors_max: int = Field(1, ge=1, description="Maximum generator actors in the pool.")
-    num_gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per generator actor (0 on CPU-only machines).")
+    rows_per_block: int = Field(64, ge=1, description="Outputs per block handed to an actor (rounded up to whole "
+                                "sources, a multiple of |λ|·|seeds|, and to at least 4 batches).")
+    actors_min: Optional[int] = Field(None, ge=1, description="Minimum generator actors (None = actors_max: a fixed "
+                                      "pool; Ray grows a pool one pending actor at a time).")
+    actors_max: int = Field(1, ge=1, description="Generator actors in the pool (maximum when actors_min is lower).")
+    num_gpus_per_actor: float = Field(1.0, ge=0, description="GPUs each generator actor asks Ray for whenever device "
+                                      "is not cpu (device auto on a local cluster without GPUs asks for none).")
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per generator actor.")
     aesthetic_score: float = Field(6.0, description="SDXL refiner aesthetic conditioning (positive).")
     negative_aesthetic_score: float = Field(2.5, description="SDXL refiner aesthetic conditioning (negative).")
@@ -53,6 +56,9 @@ class GenerationConfig(StrictModel):
     grid_sources: int = Field(4, ge=0, description="Sources shown in the spectrum grid PNG.")
     grid_seeds: int = Field(3, ge=1, description="Seeds per λ shown in the spectrum grid PNG.")
     compile_unet: bool = Field(False, description="torch.compile the UNet (GPU runs).")
+    image_format: Literal["png", "webp", "jpeg"] = Field("png", description="Encoding of spectrum images (webp is "
+                                                          "lossless); recorded per row in the `format` column.")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality when image_format is jpeg.")
 
     @field_validator("lams")
     @classmethod
@@ -72,6 +78,9 @@ class GenerationConfig(StrictModel):
         if empty:
             raise ValueError(f"generation.steps={self.steps} runs int(steps × (1 − λ)) = 0 denoising steps for "
                              f"λ in {empty}; raise generation.steps or drop those λ")
-        if self.actors_min > self.actors_max:
+        if self.actors_min is not None and self.actors_min > self.actors_max:
             raise ValueError(f"generation.actors_min ({self.actors_min}) must be <= actors_max ({self.actors_max})")
+        if self.device == "cuda" and self.num_gpus_per_actor == 0:
+            raise ValueError("generation.device=cuda needs generation.num_gpus_per_actor > 0 (Ray hides GPUs from "
+                             "actors that asked for none)")
         return self

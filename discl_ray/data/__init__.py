@@ -19,6 +19,7 @@ from discl_ray.io import read_parquet_dir, replace_parquet_dir
 
 if TYPE_CHECKING:
     from discl_ray.config import DatasetConfig, ExperimentConfig
+    from discl_ray.storage import Storage
 
 CANONICAL_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -57,19 +58,22 @@ def load_rows(cfg: "DatasetConfig") -> pa.Table:
     return table.select(CANONICAL_SCHEMA.names).cast(CANONICAL_SCHEMA)
 
 
-def materialize(cfg: "ExperimentConfig", force: bool = False) -> Path:
-    """Write the experiment's canonical rows to ``runs/<exp>/dataset/`` once; reuse while the config matches."""
+def materialize(cfg: "ExperimentConfig", force: bool = False) -> "Path | Storage":
+    """Write the experiment's canonical rows to ``runs/<exp>/dataset/`` once; reuse while the config matches.
+
+    Works on any storage (local or object store); returns a Path for a local run root."""
     from discl_ray.runtime import RunPaths
 
-    out = RunPaths.from_config(cfg).dataset
-    marker = out / "_dataset_config.json"
+    paths = RunPaths.from_config(cfg)
+    out = paths.store("dataset")
+    marker = out.join("_dataset_config.json")
     spec = cfg.dataset.model_dump(mode="json")
     if not force and marker.is_file() and json.loads(marker.read_text()) == spec:
-        return out
+        return paths.dataset
     table = load_rows(cfg.dataset)
     replace_parquet_dir(table, out, prefix="rows")
     marker.write_text(json.dumps(spec, indent=1, sort_keys=True))
-    return out
+    return paths.dataset
 
 
 def read_rows(cfg: "ExperimentConfig", splits: tuple[str, ...] | None = None) -> pa.Table:

@@ -13,20 +13,21 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 from PIL import Image, ImageDraw
 
-from discl_ray.io import parquet_files
+from discl_ray.storage import Storage, as_storage
 
 GAP = 2
 LABEL_H = 12
 
 
-def spectrum_grid(spectrum_dir: str | Path, sources: dict[str, Image.Image], lams: list[float], seeds: list[int],
+def spectrum_grid(spectrum_dir: "str | Path | Storage", sources: dict[str, Image.Image], lams: list[float], seeds: list[int],
                   n_sources: int, n_seeds: int) -> Optional[Image.Image]:
     """Grid image for up to ``n_sources`` of ``sources`` (id → real image); None when nothing to show."""
-    files = parquet_files(spectrum_dir)
+    where = as_storage(spectrum_dir)
+    files = where.parquet_files()
     if not files or n_sources == 0 or not sources:
         return None
     chosen = sorted(sources)[:n_sources]
-    table = pads.dataset([str(f) for f in files], format="parquet").to_table(
+    table = pads.dataset([f.path for f in files], format="parquet", filesystem=where.fs).to_table(
         columns=["source_image_id", "lam", "seed", "image"],
         filter=pads.field("source_image_id").isin(pa.array(chosen)))
     cells = {(r["source_image_id"], round(r["lam"], 3), r["seed"]): r["image"] for r in table.to_pylist()}

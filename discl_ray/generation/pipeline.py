@@ -16,8 +16,11 @@ a checkpoint that loads here runs everywhere. What it settles once, so callers n
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
+
+from discl_ray.storage import is_uri, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,14 @@ def resolve_model(model: str, cache: Optional[Path] = None) -> str:
             raise FileNotFoundError(f"toy generator not found at {path}; build the toy world first (discl world)")
         return str(path)
     return model
+
+
+def fetch_model_dir(uri: str, cache: Optional[Path]) -> Path:
+    """A checkpoint folder on object storage, copied to ``<cache>/models/`` once per node."""
+    if cache is None:
+        raise ValueError(f"model {uri} is on object storage: a local cache_dir is needed to load it")
+    log.info("using a node-local copy of %s", uri)
+    return local_copy(uri, cache)
 
 
 def is_sdxl(pipe: Any) -> bool:
@@ -102,9 +113,14 @@ def load_img2img(model: str, device: str = "cpu", dtype: str = "float32", schedu
         log.info("CPU run: using float32 instead of %s", dtype)
         dtype = "float32"
     source = resolve_model(model, cache)
+    if is_uri(source):
+        source = str(fetch_model_dir(source, cache))
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if Path(source).is_dir():
         kwargs["local_files_only"] = True
+    elif cache is not None and not os.environ.get("HF_HUB_CACHE") and not os.environ.get("HF_HOME"):
+        # Hub weights land once per node (or once per cluster on a shared run volume), not per actor.
+        kwargs["cache_dir"] = str(Path(cache) / "hf")
     elif dtype == "float16":
         kwargs["variant"] = "fp16"        # hub checkpoints ship half-size fp16 weights
     try:

@@ -1,10 +1,12 @@
-"""Planning a spectrum run: which (source, λ, seed) keys to make, and the cheap CPU fan-out step.
+"""Planning a spectrum run: which (source, λ, seed) keys to make, and the cheap CPU preparation step.
 
 Inputs are the hard-sample table (``<exp>/mine/``), the canonical training rows (image bytes or path) and
 the prompts table (``<exp>/prompts/``). ``plan_sources`` joins them into one row per hard source;
-``fan_out`` (run as a Ray Data CPU ``map_batches`` step) validates and decodes each source once, resizes
-it, and emits one work row per (λ, seed) key not yet written. Sources that cannot be loaded become work
-rows with an ``error`` reason, so they flow to the error table instead of stopping the job.
+``prepare_sources`` (a Ray Data CPU ``map_batches`` step) validates, decodes and resizes each source once
+and lists the (λ, seed) keys still missing for it. The generator actor fans a source out into its keys
+itself, so a source image travels once, not once per key. Sources that cannot be loaded carry an
+``error`` reason, so their keys flow to the error table instead of stopping the job.
+``fan_out`` (one row per key) remains for the benchmark's one-call-per-output baseline.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from discl_ray.io import ImageLoadError, load_image, parquet_files, png_bytes, r
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, GenerationConfig
+    from discl_ray.storage import Storage
 
 SPECTRUM_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source_image_id", pa.string()), ("label", pa.int64()),
     ("class_name", pa.string()), ("lam", pa.float64()), ("seed", pa.int64()), ("prompt", pa.string()),
     ("image", pa.binary()), ("width", pa.int64()), ("height", pa.int64()), ("generator", pa.string()),
-    ("steps", pa.int64()), ("guidance_scale", pa.float64()),
+    ("steps", pa.int64()), ("guidance_scale", pa.float64()), ("format", pa.string()),
 ])
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source_image_id", pa.string()), ("reason", pa.string())])
 SOURCES_SCHEMA = pa.schema([
@@ -41,6 +44,14 @@ WORK_SCHEMA = pa.schema([
 ])
 
 
+# Prepared sources: one row per source with its resized PNG and the (λ, seed) pairs still to make.
+PREP_SCHEMA = pa.schema([
+    ("source_image_id", pa.string()), ("label", pa.int64()), ("class_name", pa.string()),
+    ("source", pa.binary()), ("gen_prompts", pa.list_(pa.string())), ("lams", pa.list_(pa.float64())),
+    ("seeds", pa.list_(pa.int64())), ("error", pa.string()),
+])
+
+
 def spectrum_lams(gen: "GenerationConfig") -> list[float]:
     """The λ levels to generate: the configured ones minus λ = 1 (the real image itself)."""
     return [float(lam) for lam in gen.lams if lam < 1.0]
@@ -51,11 +62,47 @@ def pick_prompt(gen_prompts: list[str], source_image_id: str, seed: int) -> str:
     return gen_prompts[stable_seed(source_image_id, int(seed)) % len(gen_prompts)]
 
 
-def done_keys(directory: str | Path) -> set[str]:
+def done_keys(directory: "str | Path | Storage") -> set[str]:
     """Keys already written to a spectrum directory (finished part files only)."""
     if not parquet_files(directory):
         return set()
     return set(read_parquet_dir(directory, columns=["image_id"])["image_id"].to_pylist())
+
+
+def block_sources(gen: "GenerationConfig") -> int:
+    """Sources per block: a block holds whole sources (a multiple of |Λ|·|seeds| outputs), at least
+    ``rows_per_block`` outputs and at least 4 pipeline batches, so actors never get ragged tails."""
+    per_source = max(1, len(spectrum_lams(gen)) * len(gen.seeds))
+    want = max(gen.rows_per_block, 4 * gen.batch_size)
+    return max(1, -(-want // per_source))
+
+
+def prepare_sources(batch: pa.Table, lams: list[float], seeds: list[int], skip: Iterable[str] = (),
+                    root: Optional[str] = None, width: Optional[int] = None,
+                    height: Optional[int] = None) -> pa.Table:
+    """Sources → one row per source with a missing key: resized PNG (decoded once) + its missing (λ, seed)."""
+    skip = skip if isinstance(skip, (set, frozenset)) else set(skip)
+    out: dict[str, list] = {k: [] for k in PREP_SCHEMA.names}
+    for row in batch.to_pylist():
+        sid = row["source_image_id"]
+        todo = [(lam, seed) for lam in lams for seed in seeds if output_key(sid, lam, seed) not in skip]
+        if not todo:
+            continue
+        error, source = row["error"] or "", None
+        if not error:
+            try:
+                source = load_source(row["image"], row["path"], root, width, height)
+            except ImageLoadError as err:
+                error = str(err)
+        out["source_image_id"].append(sid)
+        out["label"].append(row["label"])
+        out["class_name"].append(row["class_name"])
+        out["source"].append(source)
+        out["gen_prompts"].append(row["gen_prompts"] or [])
+        out["lams"].append([float(t[0]) for t in todo])
+        out["seeds"].append([int(t[1]) for t in todo])
+        out["error"].append(error)
+    return pa.table(out, schema=PREP_SCHEMA)
 
 
 def check_existing(directory: str | Path, gen: "GenerationConfig") -> None:
@@ -157,8 +204,8 @@ def read_inputs(cfg: "ExperimentConfig") -> tuple[pa.Table, pa.Table, pa.Table]:
     tables = []
     for stage, cmd in (("mine", "discl mine"), ("prompts", "discl prompts")):
         try:
-            tables.append(read_parquet_dir(paths.stage(stage)))
+            tables.append(read_parquet_dir(paths.store(stage)))
         except FileNotFoundError:
-            raise FileNotFoundError(f"no {stage} table at {paths.stage(stage)}; run `{cmd}` first") from None
+            raise FileNotFoundError(f"no {stage} table at {paths.store(stage)}; run `{cmd}` first") from None
     hard, prompts = tables
     return hard, read_rows(cfg, splits=("train",)), prompts

@@ -49,6 +49,11 @@ def resolve_clip_source(scoring_cfg: "ScoringConfig", cache_dir: Path) -> tuple[
             if not Path(path).is_file():
                 raise FileNotFoundError(f"toy CLIP {what} not found at {path}; train the toy world first "
                                         "(discl world) or set scoring.model_config_path / scoring.pretrained")
+    from discl_ray.storage import is_uri, local_copy
+
+    # Weights or an architecture file on object storage: one node-local copy, loaded like a local file.
+    config_path = str(local_copy(config_path, cache_dir)) if is_uri(config_path) else config_path
+    pretrained = str(local_copy(pretrained, cache_dir)) if is_uri(pretrained) else pretrained
     return config_path, pretrained
 
 

@@ -150,10 +150,11 @@ class SpectrumScorer:
 
     def __init__(self, scoring_cfg: Any, cache_dir: str, sources: Any, label_prompts: dict[int, str],
                  clip_model: str, root: Optional[str] = None):
-        from discl_ray.runtime import resolve_device
+        from discl_ray.runtime import actor_record, resolve_device
 
         torch.set_grad_enabled(False)
-        self.device = resolve_device(scoring_cfg.device)
+        self.device = resolve_device(scoring_cfg.device, "scoring")
+        self.actor = actor_record(self.device)
         self.model, self.preprocess, tokenizer = load_clip(scoring_cfg, Path(cache_dir), self.device)
         if isinstance(sources, list):
             import ray
@@ -163,4 +164,5 @@ class SpectrumScorer:
         self.clip_model = clip_model
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return score_batch(self.model, self.preprocess, batch, self.refs, self.clip_model)
+        out = score_batch(self.model, self.preprocess, batch, self.refs, self.clip_model)
+        return out.append_column("actor", pa.array([self.actor] * out.num_rows, pa.string()))
