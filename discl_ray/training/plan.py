@@ -24,7 +24,6 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from discl_ray.io import read_parquet_dir, stable_seed
 from discl_ray.training import data as D
@@ -87,7 +86,7 @@ def _synthetic_meta(cfg, paths, hard: pa.Table) -> tuple[pa.Table, bool]:
                    pc.greater_equal(joined["clip_text_cos"], threshold))
     keep = pc.and_(keep, pc.is_in(joined["source_image_id"], ids))
     out = limit_per_source(joined.filter(keep), tc.syn_per_source).sort_by("image_id")
-    return out.select(["source_image_id", "label", "lam"]), False
+    return out.select(["image_id", "source_image_id", "label", "lam"]), False
 
 
 def metadata_pool(cfg) -> tuple[D.Pool, bool]:
@@ -106,7 +105,8 @@ def metadata_pool(cfg) -> tuple[D.Pool, bool]:
     split = np.array(["train"] * real.num_rows + ["syn"] * syn.num_rows, dtype=object)
     names = dict(zip(real["label"].to_pylist(), real["class_name"].to_pylist()))
     num_classes = max(names) + 1 if names else 0
-    pool = D.Pool(images=torch.empty(0, dtype=torch.uint8), labels=labels, split=split,
+    syn_ids = syn["image_id"].to_pylist() if "image_id" in syn.column_names else [None] * syn.num_rows
+    pool = D.Pool(image_id=np.array(ids + syn_ids, dtype=object), labels=labels, split=split,
                   lam=np.concatenate([np.ones(real.num_rows), np.asarray(syn["lam"].to_pylist(), np.float64)]),
                   source=np.array(ids + syn["source_image_id"].to_pylist(), dtype=object),
                   hard=np.array([i in hard_ids for i in ids] + [False] * syn.num_rows, dtype=bool),
