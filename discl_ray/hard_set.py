@@ -76,6 +76,14 @@ class TrainedRunClassifier:
         self.net = net.to(device).eval()
         self.device = device
         self.image_size = tc.image_size or cfg.dataset.image_size
+        from discl_ray.training.transforms import build_pipeline
+
+        # the baseline's own eval transform (e.g. CLIP's resize + mean/std): what it was validated on
+        self.pipe = build_pipeline(cfg, getattr(net, "clip", None))
+
+    def transform(self, img):
+        """PIL image → float (3, S, S), the input pipeline's eval path."""
+        return self.pipe(img.convert("RGB"), train=False)
 
     def probs(self, images, labels):
         import torch
@@ -85,23 +93,34 @@ class TrainedRunClassifier:
         return p[torch.arange(len(labels)), torch.as_tensor(labels)].numpy().astype(np.float64)
 
 
-def trained_run_probs(cfg: "ExperimentConfig", train: pa.Table, device: str) -> np.ndarray:
-    """True-class probability of each ``train`` row under the run ``mining.classifier_from`` names."""
-    from torchvision.transforms.functional import pil_to_tensor
+def check_fits(cfg: "ExperimentConfig", class_names: Sequence[str]) -> None:
+    """Driver-side: the run ``mining.classifier_from`` exists and its weights fit this config's model (built
+    on the meta device, so no weights are allocated), before any Ray actor starts."""
+    import torch
 
-    from discl_ray.data import class_names, read_rows
-    from discl_ray.mining import _image_batches
+    from discl_ray.training.checkpointing import load_model_state
+    from discl_ray.training.clip_backbone import caption_prompts
+    from discl_ray.training.init_from import resolve_checkpoint
+    from discl_ray.training.models import build_model
 
-    names = class_names(read_rows(cfg))
-    scorer = TrainedRunClassifier(cfg, [names.get(c, str(c)) for c in range(max(names) + 1)], device)
-    size = scorer.image_size
+    m, tc = cfg.mining, cfg.training
+    path = resolve_checkpoint(cfg, m.classifier_from)
+    with torch.device("meta"):
+        net = build_model(tc.backbone, len(class_names), cfg=cfg, prompts=caption_prompts(cfg, class_names),
+                          device="meta")
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in load_model_state(str(path)).items()}
+    bad = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if bad:
+        raise ValueError(f"mining.classifier_from={m.classifier_from}: its checkpoint does not fit "
+                         f"training.backbone={tc.backbone} of this config ({len(bad)} mismatched tensors, "
+                         f"e.g. {bad[0]})")
 
-    def tf(im):
-        return pil_to_tensor(im.convert("RGB").resize((size, size))).float() / 255.0
 
-    labels = np.asarray(train["label"].to_pylist(), dtype=np.int64)
-    outs, start = [], 0
-    for x in _image_batches(train, cfg.dataset.root, cfg.mining.batch_size, tf):
-        outs.append(scorer.probs(x, labels[start:start + len(x)]))
-        start += len(x)
-    return np.concatenate(outs) if outs else np.zeros(0, dtype=np.float64)
+def trained_run_probs(cfg: "ExperimentConfig", train: pa.Table, device: str | None = None) -> np.ndarray:
+    """True-class probability of each ``train`` row under the run ``mining.classifier_from`` names (the
+    mining stage's Ray Data actors, on ``scoring``'s device settings; ``device`` is accepted for old callers)."""
+    from discl_ray.mining import true_class_probs
+
+    cfg = cfg.model_copy(update={"mining": cfg.mining.model_copy(update={"classifier": "trained_run"})})
+    return true_class_probs(cfg, train)

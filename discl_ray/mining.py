@@ -95,13 +95,10 @@ class ConfidenceScorer:
         self.texts = texts
         self.trained_run = None
         if m.classifier == "trained_run":     # the baseline trained on this dataset (§3.3), see hard_set.py
-            from torchvision.transforms.functional import pil_to_tensor
-
             from discl_ray.hard_set import TrainedRunClassifier
 
             self.trained_run = TrainedRunClassifier(self.cfg, class_names or [], self.device)
-            size = self.trained_run.image_size
-            self.transform = lambda im: pil_to_tensor(im.convert("RGB").resize((size, size))).float() / 255.0
+            self.transform = self.trained_run.transform
         elif m.classifier in ("torchscript", "toy"):
             from torchvision.transforms.functional import pil_to_tensor
 
@@ -175,11 +172,11 @@ def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table
     names = None
     if m.classifier == "trained_run":
         from discl_ray.data import class_names, read_rows
-        from discl_ray.training.init_from import resolve_checkpoint
+        from discl_ray.hard_set import check_fits
 
-        resolve_checkpoint(cfg, m.classifier_from)      # a missing baseline fails here, before any actor starts
         by_label = class_names(read_rows(cfg))
         names = [by_label.get(c, str(c)) for c in range(max(by_label) + 1)]
+        check_fits(cfg, names)      # a missing or mismatched baseline fails here, before any actor starts
     init_ray(cfg)
     sc = cfg.scoring
     size = sc.actors_max if sc.actors_min is None else sc.actors_min

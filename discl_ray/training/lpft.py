@@ -23,18 +23,16 @@ from discl_ray.training.models import ClipClassifier, unwrap
 
 
 class LinearHeadClip(nn.Module):
-    """CLIP image tower + linear head; takes float images in [0, 1] like every backbone here."""
+    """CLIP image tower + linear head; takes images normalised by the clip input pipeline (``transforms.py``)
+    like every backbone here."""
 
-    def __init__(self, visual: nn.Module, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-                 std: torch.Tensor, image_size: Optional[tuple]):
+    def __init__(self, visual: nn.Module, weight: torch.Tensor, bias: torch.Tensor, image_size: Optional[tuple]):
         super().__init__()
         self.visual = visual
         self.head = nn.Linear(weight.shape[1], weight.shape[0])
         with torch.no_grad():
             self.head.weight.copy_(weight)
             self.head.bias.copy_(bias)
-        self.register_buffer("mean", mean.clone(), persistent=False)
-        self.register_buffer("std", std.clone(), persistent=False)
         self.image_size = image_size
 
     @classmethod
@@ -43,14 +41,14 @@ class LinearHeadClip(nn.Module):
         with torch.no_grad():
             txt = F.normalize(clf.clip.encode_text(clf.class_tokens), dim=-1)
             weight = clf.clip.logit_scale.exp() * txt
-        return cls(clf.clip.visual, weight, torch.zeros(weight.shape[0]), clf.mean, clf.std, clf.image_size)
+        return cls(clf.clip.visual, weight, torch.zeros(weight.shape[0]), clf.image_size)
 
     def forward(self, x: torch.Tensor, flyp_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if flyp_labels is not None:
             raise ValueError("training.head=linear trains with cross-entropy; FLYP needs the text tower")
         if self.image_size and tuple(x.shape[-2:]) != tuple(self.image_size):
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
-        return self.head(F.normalize(self.visual((x - self.mean) / self.std), dim=-1))
+        return self.head(F.normalize(self.visual(x), dim=-1))
 
 
 def in_linear_probe(tc, epoch: int) -> bool:
