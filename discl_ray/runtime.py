@@ -81,8 +81,10 @@ class TrackingConfigError(ValueError):
 
 
 def cluster_address(cfg: "ExperimentConfig") -> Optional[str]:
-    """The Ray cluster this driver joins (``ray.address`` or ``RAY_ADDRESS``); None = embedded local cluster."""
-    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    """The Ray cluster this driver joins (``ray.address`` or ``RAY_ADDRESS``); None = embedded local cluster
+    (also for Ray's own ``local``, which means "start a new local cluster", not "join one")."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
 
 
 def tracking_uri(cfg: "ExperimentConfig") -> str:

@@ -66,25 +66,38 @@ def resolve_config_yaml(config: Optional[str], overrides: Iterable[str] = ()) ->
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def entrypoint(stage: str, config: Optional[str], overrides: Iterable[str], working_dir: Path) -> tuple[str, dict]:
-    """The job's shell command and extra env vars for ``stage`` with ``config`` and ``overrides``."""
+def entrypoint(stage: str, config: Optional[str], overrides: Iterable[str], working_dir: Path,
+               stage_args: Iterable[str] = ()) -> tuple[str, dict]:
+    """The job's shell command and extra env vars for ``stage`` with ``config`` and ``overrides``;
+    ``stage_args`` are the stage's own positional words (``pipeline``'s stage names)."""
     from discl_ray.cli import COMMANDS
 
     if stage not in COMMANDS or stage in ("submit", "ui"):
         valid = [c for c in COMMANDS if c not in ("submit", "ui")]
         raise ValueError(f"stage {stage!r} cannot be submitted; choose from: {', '.join(valid)}")
+    stage_args = list(stage_args)
+    if stage == "pipeline":
+        from jobs.pipeline import STAGES
+
+        bad = [s for s in stage_args if s not in STAGES]
+        if bad or not stage_args:
+            raise ValueError(f"pipeline needs stage names in order; {'unknown ' + repr(bad[0]) if bad else 'none given'}"
+                             f"; choose from: {', '.join(STAGES)}")
+    elif stage_args:
+        raise ValueError(f"{stage} takes key=value overrides only; got {stage_args[0]!r}")
+    stage = shlex.join([stage, *stage_args])
     overrides = list(overrides)
     env: dict[str, str] = {}
     if config is None:
-        cmd = ["python", "-m", "discl_ray.cli", stage]
+        cmd = ["python", "-m", "discl_ray.cli", *shlex.split(stage)]
     else:
         cfg_path = Path(config).resolve()
         try:
             rel = cfg_path.relative_to(working_dir.resolve())
-            cmd = ["python", "-m", "discl_ray.cli", stage, "--config", rel.as_posix()]
+            cmd = ["python", "-m", "discl_ray.cli", *shlex.split(stage), "--config", rel.as_posix()]
         except ValueError:  # outside the uploaded tree: ship the resolved config itself
             env[CONFIG_ENV] = resolve_config_yaml(config, overrides)
-            cmd, overrides = ["python", "-m", "discl_ray.submit", stage], []
+            cmd, overrides = ["python", "-m", "discl_ray.submit", *shlex.split(stage)], []
     return shlex.join(cmd + overrides), env
 
 
@@ -126,7 +139,7 @@ def runtime_env(working_dir: Path, env_vars: Optional[dict] = None, excludes: It
 def submit_stage(stage: str, address: str, *, config: Optional[str] = None, overrides: Iterable[str] = (),
                  working_dir: str | Path = ".", submission_id: Optional[str] = None,
                  num_cpus: Optional[float] = None, num_gpus: Optional[float] = None,
-                 env_vars: Optional[dict] = None) -> str:
+                 env_vars: Optional[dict] = None, stage_args: Iterable[str] = ()) -> str:
     """Validate the config, submit ``stage`` as a Ray job at ``address``; returns the submission id."""
     enable_token_auth()  # before Ray is imported in this process
     from ray.job_submission import JobSubmissionClient
@@ -136,7 +149,7 @@ def submit_stage(stage: str, address: str, *, config: Optional[str] = None, over
     check_forwardable((resolved.get("tracking") or {}).get("tracking_uri"), "tracking.tracking_uri")
     check_forwardable(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     wd = Path(working_dir).resolve()
-    cmd, extra_env = entrypoint(stage, config, overrides, wd)
+    cmd, extra_env = entrypoint(stage, config, overrides, wd, stage_args)
     client = JobSubmissionClient(address, headers=auth_headers())
     kwargs = {}
     if num_cpus is not None:

@@ -38,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     from discl_ray.config import ConfigError
     from discl_ray.submit import follow, submit_stage
 
+    # `discl submit pipeline mine prompts generate key=value`: bare words are the pipeline's stages.
+    stage_args = [o for o in args.overrides if "=" not in o]
+    overrides = [o for o in args.overrides if "=" in o]
     try:
-        job_id = submit_stage(args.stage, args.address, config=args.config, overrides=args.overrides,
-                              working_dir=args.working_dir, submission_id=args.submission_id,
+        job_id = submit_stage(args.stage, args.address, config=args.config, overrides=overrides,
+                              stage_args=stage_args, working_dir=args.working_dir, submission_id=args.submission_id,
                               num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     except (ConfigError, ValueError) as err:
         print(f"discl submit: {err}", file=sys.stderr)

@@ -94,6 +94,17 @@ def test_entrypoint_and_runtime_env(tmp_path):
     assert "experiment: ext" in env["DISCL_CONFIG_YAML"] and "seed: 3" in env["DISCL_CONFIG_YAML"]
     with pytest.raises(ValueError, match="cannot be submitted; choose from: world, mine"):
         entrypoint("ui", None, [], REPO)
+    # one command for a whole pipeline: the stage names follow `pipeline`, overrides after them
+    cmd, _ = entrypoint("pipeline", str(REPO / "configs/toy/digits_lt.yaml"), ["training.epochs=1"], REPO,
+                        ["mine", "prompts"])
+    assert cmd == ("python -m discl_ray.cli pipeline mine prompts --config configs/toy/digits_lt.yaml "
+                   "training.epochs=1")
+    cmd, _ = entrypoint("pipeline", str(outside), [], REPO, ["prompts"])
+    assert cmd == "python -m discl_ray.submit pipeline prompts"
+    with pytest.raises(ValueError, match="unknown 'mind'; choose from: world, mine"):
+        entrypoint("pipeline", None, [], REPO, ["mind"])
+    with pytest.raises(ValueError, match="takes key=value overrides only"):
+        entrypoint("train", None, [], REPO, ["mine"])
     renv = runtime_env(REPO, {"A": "1"})
     assert renv["working_dir"] == str(REPO) and renv["env_vars"]["A"] == "1"
     assert {"/runs/", "/.venv/", "/data/"} <= set(renv["excludes"]) and renv["excludes"] == EXCLUDES
