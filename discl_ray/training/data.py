@@ -75,15 +75,20 @@ class Pool:
 
 
 def read_table(uri: str, columns: list[str], filter=None) -> pa.Table:
-    """Columns of a stage directory (local path or URI) as one table; hidden/underscore files are skipped."""
+    """Columns of a stage directory (local path or URI) as one table: its finished ``*.parquet`` files only
+    (a stage's ``summary.json``, hidden and temporary files are skipped)."""
     import pyarrow.dataset as ds
 
+    from discl_ray.storage import as_storage
+
+    d = as_storage(uri)
     try:
-        dataset = ds.dataset(uri, format="parquet")
+        files = d.parquet_files()
     except (FileNotFoundError, OSError) as err:
         raise FileNotFoundError(f"no parquet files in {uri} ({err})") from None
-    if not dataset.files:
+    if not files:
         raise FileNotFoundError(f"no parquet files in {uri}")
+    dataset = ds.dataset([f.path for f in files], filesystem=d.fs, format="parquet")
     return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names], filter=filter)
 
 

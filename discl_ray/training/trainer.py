@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any, Optional
 
 from discl_ray.io import stable_seed
@@ -40,7 +39,7 @@ def default_storage(cfg) -> str:
     from discl_ray.runtime import RunPaths
 
     path = RunPaths.from_config(cfg).stage("train")
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)       # a no-op on object stores (no directories there)
     return str(path)
 
 
@@ -83,7 +82,12 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
     check_data_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
     os.environ.setdefault(CONTROLLER_POLL_ENV, str(CONTROLLER_POLL_S))
     run_name = check_run_name(run_name or default_run_name(cfg))
-    storage = str(Path(storage_path or default_storage(cfg)).resolve())
+    from discl_ray.storage import as_storage
+
+    # Local folders absolute (trials run elsewhere); object stores through the project's filesystem client
+    # (endpoint and region from the environment), so Ray Train writes checkpoints where the stages write.
+    where = as_storage(storage_path or default_storage(cfg))
+    storage, storage_fs = (where.path, None) if where.is_local else (where.path, where.fs)
     selector = get_selector(run_name, tc)
     resources = {"CPU": tc.cpus_per_worker}
     if tc.gpus_per_worker:
@@ -98,7 +102,8 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=storage, callbacks=callbacks or None,
+        run_config=RunConfig(name=run_name, storage_path=storage, storage_filesystem=storage_fs,
+                             callbacks=callbacks or None,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              # Ranked by validation improvements (loop.SELECTION_RANK); the latest
                              # checkpoint is always kept besides the best num_to_keep.
