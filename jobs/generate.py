@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli_common import preflight, run_stage
 
 
 def _body(cfg, args) -> int:
     from discl_ray.generation.job import run_generate
 
+    preflight(cfg, "generate")  # missing inputs, models, an unreachable MLflow: before any cluster work
     summary = run_generate(cfg)
     print(f"generate: generated {summary['generated']}, skipped {summary['skipped']} (already written), "
           f"failed {summary['failed']} of {summary['planned']} keys in {summary['wall_s']:.1f} s "

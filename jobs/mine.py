@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli_common import preflight, run_stage
 from discl_ray.config import ExperimentConfig
 
 
@@ -15,6 +15,7 @@ def _body(cfg: ExperimentConfig, args) -> int:
     from discl_ray.prompts import build_prompts
     from discl_ray.runtime import RunPaths
 
+    preflight(cfg, "mine")  # missing inputs, models, an unreachable MLflow: before any cluster work
     paths = RunPaths.from_config(cfg)
     train = data.read_rows(cfg, splits=("train",))
     if train.num_rows == 0:
