@@ -10,6 +10,12 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray starts workers at nice 15 by default; on a busy 2-core machine they starve behind the test process.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# MLflow retries a failed HTTP request 7 times with exponential backoff (~4 minutes) before it gives up. The
+# tests that stop a tracking server want that failure in seconds; set before the local cluster starts so its
+# workers inherit it (sqlite stores, which every other test uses, never retry over HTTP).
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
 
 
 @pytest.fixture(scope="session")
