@@ -79,7 +79,7 @@ def test_balanced_softmax_prior_is_the_epochs_class_counts(runs):
     """At (near-)initial weights Balanced Softmax minus CE over an epoch is H(p) − log K when the prior p is
     the epoch's class counts (the mean of −log p_y over the epoch's rows is exactly H(p)); a missing or
     uniform prior gives 0. Same seed, same batches, lr ≈ 0: both runs see identical logits."""
-    (bs, bs_data), (ce, ce_data) = runs["bs_frozen"], runs["ce_frozen"]
+    (bs, bs_data), (_, ce_data) = runs["bs_frozen"], runs["ce_frozen"]
     assert _history(bs_data, "n_train") == _history(ce_data, "n_train") == [sum(COUNTS)]
     p = np.array(COUNTS) / sum(COUNTS)
     expected = float(-(p * np.log(p)).sum() - math.log(len(COUNTS)))     # −0.262
