@@ -173,6 +173,19 @@ def test_killed_sweep_driver_resubmitted(tmp_path, ray_local, capsys):
     assert sorted(k.data.params["training.seed"] for k in kids) == ["0", "1"]
     assert all(k.info.status == "FINISHED" for k in kids)
     assert finished.info.run_id in {k.info.run_id for k in kids}
+    # The interrupted trial either reopened its child (it had a checkpoint) or replaced it: then the old child,
+    # left RUNNING by the killed driver, is deleted and points at its replacement.
+    interrupted = next(r for r in children if r.info.run_id != finished.info.run_id)
+    from mlflow.entities import ViewType
+
+    deleted = client.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY)
+    if interrupted.info.run_id in {k.info.run_id for k in kids}:
+        assert not deleted
+    else:
+        (old,) = deleted
+        assert old.info.run_id == interrupted.info.run_id and old.info.status == "KILLED"
+        replacement = next(k for k in kids if k.info.run_name == interrupted.info.run_name)
+        assert old.data.tags["discl.superseded_by"] == replacement.info.run_id
     for kid in kids:
         hist = client.get_metric_history(kid.info.run_id, "epoch")
         assert sorted(m.step for m in hist) == [0, 1, 2], kid.info.run_name   # each epoch once
