@@ -36,7 +36,24 @@ def check(cfg: "ExperimentConfig", stage: str) -> list[str]:
     checker = {"mine": _mine, "generate": _generate, "score": _score, "train": _train, "sweep": _sweep}.get(stage)
     if checker:
         checker(cfg, notes)
+    if stage in ROWS:
+        check_dataset(cfg)
     return notes
+
+
+# Stages that read the canonical rows (materialized once, in the driver, before any cluster work).
+ROWS = {"mine", "prompts", "generate", "score", "train", "sweep"}
+
+
+def check_dataset(cfg: "ExperimentConfig") -> None:
+    """Build (or reuse) the experiment's canonical rows: a missing or malformed dataset root fails here."""
+    from discl_ray.data import materialize
+    from discl_ray.data.loaders.common import DatasetError
+
+    try:
+        materialize(cfg)
+    except (DatasetError, FileNotFoundError) as err:
+        raise PreflightError(f"dataset {cfg.dataset.name}: {err}") from None
 
 
 def check_tracking(cfg: "ExperimentConfig") -> None:

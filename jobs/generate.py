@@ -7,6 +7,7 @@ Reads ``<exp>/mine/`` and ``<exp>/prompts/``, writes ``<exp>/generate/spectrum/`
 from __future__ import annotations
 
 import json
+import sys
 
 from discl_ray.cli_common import preflight, run_stage
 
@@ -15,7 +16,11 @@ def _body(cfg, args) -> int:
     from discl_ray.generation.job import run_generate
 
     preflight(cfg, "generate")  # missing inputs, models, an unreachable MLflow: before any cluster work
-    summary = run_generate(cfg)
+    try:
+        summary = run_generate(cfg)
+    except (FileNotFoundError, ValueError) as err:  # inputs the preflight cannot judge (e.g. GPUs vs the cluster)
+        print(f"discl generate: {err}", file=sys.stderr)
+        return 2
     print(f"generate: generated {summary['generated']}, skipped {summary['skipped']} (already written), "
           f"failed {summary['failed']} of {summary['planned']} keys in {summary['wall_s']:.1f} s "
           f"({summary['outputs_per_s']:.2f} outputs/s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 
 from discl_ray.cli_common import preflight, run_stage
@@ -19,13 +20,17 @@ def _body(cfg: ExperimentConfig, args) -> int:
     paths = RunPaths.from_config(cfg)
     train = data.read_rows(cfg, splits=("train",))
     if train.num_rows == 0:
-        print(f"discl mine: dataset {cfg.dataset.name} has no train rows")
-        return 1
+        print(f"discl mine: dataset {cfg.dataset.name} has no train rows", file=sys.stderr)
+        return 2
     if cfg.mining.mode == "frequency":
         hard = mining.mine_frequency(train, cfg.mining)
     else:
         prompts = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
-        probs = mining.true_class_probs(cfg, train, prompts)
+        try:
+            probs = mining.true_class_probs(cfg, train, prompts)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"discl mine: {err}", file=sys.stderr)
+            return 2
         hard = mining.mine_confidence(train, cfg.mining, probs)
     out = paths.stage("mine")
     replace_parquet_dir(hard, out, prefix="hard")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli_common import preflight, run_stage
 from discl_ray.config import ExperimentConfig
 
 
@@ -12,6 +12,7 @@ def _body(cfg: ExperimentConfig, args) -> int:
     from discl_ray.prompts import build_prompts
     from discl_ray.runtime import RunPaths
 
+    preflight(cfg, "prompts")  # the dataset's rows can be built (a missing root fails here)
     table = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
     out = RunPaths.from_config(cfg).stage("prompts")
     replace_parquet_dir(table, out, prefix="prompts")

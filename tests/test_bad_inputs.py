@@ -287,3 +287,16 @@ def test_unreachable_mlflow_fails_before_work(stage, tmp_path, capsys, monkeypat
     one_line_error(capsys, stage, uri, "cannot be reached")
     out_dir = {"train": "train", "generate": "generate", "score": "score", "report": "report"}[stage]
     assert not (exp / out_dir).exists() or stage == "generate" and not list((exp / out_dir).rglob("*.parquet"))
+
+
+# -- datasets ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", ["prompts", "mine"])
+def test_real_dataset_root_missing(stage, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(f"jobs.{stage}").main
+    args = [f"run_root={tmp_path / 'runs'}", "dataset.name=imagenet_lt", "tracking.enabled=false"]
+    assert main(args) == 2
+    one_line_error(capsys, stage, "dataset imagenet_lt", "dataset.root is not set")
+    assert main([*args, f"dataset.root={tmp_path / 'nowhere'}"]) == 2
+    one_line_error(capsys, stage, "nowhere", "is not a directory")
