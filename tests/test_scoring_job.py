@@ -139,9 +139,10 @@ def test_cli_scores_and_reports_missing_inputs(tmp_path, ray_local, capsys):
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     assert main(["--config", str(cfg_path), "scoring.threshold=-1.0"]) == 0
-    # One corrupt synthetic image is an error row; every other row is scored and kept at threshold −1.
+    # Error rows: the corrupt synthetic image (not scored) and the two rows whose source is missing or unreadable
+    # (scored against their prompt, no image–image cosine); every scored row is kept at threshold −1.
     n = len(ids) - 1
-    assert f"scored {n} rows (0 already scored, 1 errors); kept {n}/{n} at clip_text_cos >= -1.0" \
+    assert f"scored {n} rows (0 already scored, 3 errors); kept {n}/{n} at clip_text_cos >= -1.0" \
         in capsys.readouterr().out
     out = Path(data["run_root"]) / "t" / "score"
     assert read_parquet_dir(out / "filtered").num_rows == len(ids) - 1
