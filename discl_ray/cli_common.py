@@ -52,7 +52,30 @@ def run_stage(argv: list[str] | None, prog: str, description: str,
     except ConfigError as err:
         print(f"discl {prog}: {err}", file=sys.stderr)
         return 2
-    return int(body(cfg, args) or 0)
+    from discl_ray.preflight import PreflightError
+    from discl_ray.tracking import TrackingUnavailable
+
+    try:
+        return int(body(cfg, args) or 0)
+    except PreflightError as err:
+        print(f"discl {prog}: {err}", file=sys.stderr)
+        return 2
+    except TrackingUnavailable as err:
+        # The server answered the preflight but went away during the run: the stage's outputs are written
+        # (parquet, checkpoints); rerunning resumes them and only logs again.
+        print(f"discl {prog}: {err}; the outputs written so far are kept: rerun once the server is back",
+              file=sys.stderr)
+        return 1
+
+
+def preflight(cfg: ExperimentConfig, prog: str) -> None:
+    """The stage's driver-side input checks (``discl_ray.preflight``), notes printed; call before cluster work.
+
+    A failed check raises ``PreflightError``, which ``run_stage`` turns into one line and exit status 2."""
+    from discl_ray.preflight import check
+
+    for note in check(cfg, prog):
+        print(f"discl {prog}: note: {note}", file=sys.stderr)
 
 
 def not_yet(stage: str, issue: str) -> int:

@@ -127,8 +127,38 @@ def _trial(params: dict[str, Any], *, base: dict, parent_run_id: Optional[str], 
     label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(params.items()))
     log.info("trial %s: %s", trial_id, label)
     # The run name names the Train run's folder and selector actor too: keep it path- and actor-safe.
-    fit(cfg, run_name=f"{sweep}-{trial_id}", callbacks=[TuneReportCallback()],
-        mlflow_parent_run_id=parent_run_id, storage_path=storage)
+    run_name = f"{sweep}-{trial_id}"
+    fit(cfg, run_name=run_name, callbacks=[TuneReportCallback()], mlflow_parent_run_id=parent_run_id,
+        storage_path=storage)
+    if parent_run_id and cfg.tracking.enabled:
+        drop_stale_children(cfg, parent_run_id, run_name)
+
+
+def drop_stale_children(cfg: ExperimentConfig, parent_run_id: str, run_name: str) -> list[str]:
+    """Delete the MLflow child runs a killed sweep driver left behind for this trial; returns their ids.
+
+    A trial interrupted before its first checkpoint starts over when the sweep is resubmitted, and the
+    trainer opens a new child run: the first attempt's child stays RUNNING forever, a duplicate of the trial.
+    Once the trial has a FINISHED child, every other child of that name is such a leftover; it is marked
+    KILLED, tagged with the run that replaced it and deleted (restorable with ``mlflow runs restore``)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment_name or cfg.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                                   f"tags.mlflow.runName = '{run_name}'")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if not finished:
+        return []
+    stale = [r.info.run_id for r in runs if r.info.status != "FINISHED"]
+    for run_id in stale:
+        client.set_tag(run_id, "discl.superseded_by", finished[0].info.run_id)
+        client.set_terminated(run_id, "KILLED")
+        client.delete_run(run_id)
+        log.info("trial %s: deleted the MLflow child %s left by an interrupted attempt", run_name, run_id)
+    return stale
 
 
 @dataclass

@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 import sys
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli_common import preflight, run_stage
 
 
 def _body(cfg, args) -> int:
     from discl_ray.generation.job import run_generate
     from discl_ray.lease import StageBusy
 
+    preflight(cfg, "generate")  # missing inputs, models, an unreachable MLflow: before any cluster work
     try:
         summary = run_generate(cfg)
-    except (FileNotFoundError, ValueError, StageBusy) as err:
+    except (FileNotFoundError, ValueError, StageBusy) as err:  # inputs the preflight cannot judge (e.g. GPUs vs the cluster)
         print(f"discl generate: {err}", file=sys.stderr)
         return 2
     print(f"generate: generated {summary['generated']}, skipped {summary['skipped']} (already written), "

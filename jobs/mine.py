@@ -6,7 +6,7 @@ import json
 import sys
 from collections import Counter
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli_common import preflight, run_stage
 from discl_ray.config import ExperimentConfig
 
 
@@ -16,11 +16,12 @@ def _body(cfg: ExperimentConfig, args) -> int:
     from discl_ray.prompts import build_prompts
     from discl_ray.runtime import RunPaths
 
+    preflight(cfg, "mine")  # missing inputs, models, an unreachable MLflow: before any cluster work
     paths = RunPaths.from_config(cfg)
     train = data.read_rows(cfg, splits=("train",))
     if train.num_rows == 0:
-        print(f"discl mine: dataset {cfg.dataset.name} has no train rows")
-        return 1
+        print(f"discl mine: dataset {cfg.dataset.name} has no train rows", file=sys.stderr)
+        return 2
     if cfg.mining.mode == "frequency":
         hard = mining.mine_frequency(train, cfg.mining)
     else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli_common import preflight, run_stage
 from discl_ray.config import ExperimentConfig
 
 
@@ -22,6 +22,7 @@ def _body(cfg: ExperimentConfig, args) -> int:
     from discl_ray.prompts import build_prompts
     from discl_ray.runtime import RunPaths
 
+    preflight(cfg, "prompts")  # the dataset's rows can be built (a missing root fails here)
     if args.llm:
         from discl_ray.llm_prompts import llm_prompt_file
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli_common import preflight, run_stage
 
 
 def _body(cfg, args) -> int:
@@ -17,6 +17,7 @@ def _body(cfg, args) -> int:
     from discl_ray.runtime import TrackingConfigError
     from discl_ray.scoring.job import ScoreInputError, run_score
 
+    preflight(cfg, "score")  # missing inputs, models, an unreachable MLflow: before any cluster work
     try:
         res = run_score(cfg)
     except (ScoreInputError, TrackingConfigError, StageBusy) as err:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli_common import preflight, run_stage
 from discl_ray.config import ConfigError, ExperimentConfig
 
 
@@ -28,6 +28,7 @@ def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         print("discl sweep: sweep.space is empty; give it in the config or as an override, e.g. "
               "'sweep.space={training.seed: {grid: [0, 1, 2]}}'", file=sys.stderr)
         return 2
+    preflight(cfg, "sweep")
     print(f"discl sweep: {grid_size(cfg.sweep.space, cfg.sweep.num_samples)} trials over "
           f"{', '.join(cfg.sweep.space)}", flush=True)
     try:

@@ -14,7 +14,7 @@ import json
 import math
 import sys
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli_common import preflight, run_stage
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +26,9 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _body(cfg, args) -> int:
+    from discl_ray.preflight import tracking_lost
     from discl_ray.training import fit
+    from discl_ray.training.trainer import check_run_name
 
     if args.plan:
         from discl_ray.training.plan import run_plan
@@ -34,11 +36,23 @@ def _body(cfg, args) -> int:
         return run_plan(cfg, args.json)
 
     try:
+        if args.run_name:
+            check_run_name(args.run_name)
+        preflight(cfg, "train")  # missing inputs, an empty filtered spectrum, MLflow down: before any Ray work
         metrics = fit(cfg, run_name=args.run_name, storage_path=args.storage_path,
                       mlflow_parent_run_id=args.parent_run_id)
     except (FileNotFoundError, ValueError) as err:
         print(f"discl train: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 — a worker's error arrives wrapped by Ray Train
+        # The MLflow server going away mid-run fails the workers after MLflow's own retries; say that in one
+        # line (the checkpoints are kept: the same command resumes) instead of Ray's nested traceback.
+        lost = tracking_lost(cfg)
+        if lost is None:
+            raise
+        print(f"discl train: the run failed ({type(err).__name__}) because the {lost}; its checkpoints are kept: "
+              "rerun the same command once the server is back to resume", file=sys.stderr)
+        return 1
     width = max(len(k) for k in metrics) if metrics else 0
     for key, val in metrics.items():
         shown = f"{val:.4f}" if isinstance(val, float) and math.isfinite(val) else val

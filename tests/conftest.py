@@ -12,6 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_worker_niceness", "0")
 # Every cluster the tests start advertises 127.0.0.1 (Ray reads this once, at import; 0 = loopback on Linux).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# MLflow retries a failed HTTP request 7 times with exponential backoff (~4 minutes) before it gives up. The
+# tests that stop a tracking server want that failure in seconds; set before the local cluster starts so its
+# workers inherit it (sqlite stores, which every other test uses, never retry over HTTP).
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
 
 
 @pytest.fixture(scope="session")

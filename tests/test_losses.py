@@ -91,7 +91,7 @@ def test_flyp_on_open_clip_classifier_trains_both_towers(tiny_clip):
     assert vis is not None and vis.abs().sum() > 0 and text is not None and text.abs().sum() > 0
 
 
-def test_wise_ft_endpoints_and_midpoint(tiny_clip):
+def test_wise_ft_endpoints_and_midpoint():
     torch.manual_seed(1)
     a, b = SmallCNN(3), SmallCNN(3)
     with torch.no_grad():
@@ -100,12 +100,17 @@ def test_wise_ft_endpoints_and_midpoint(tiny_clip):
         b.features[0][1].num_batches_tracked.fill_(7)
     za, fb = a.state_dict(), b.state_dict()
     w0, w1, wh = (wise_interpolate(za, fb, al) for al in (0.0, 1.0, 0.5))
+    ints = [k for k in za if not za[k].is_floating_point()]
+    assert ints and not torch.equal(za[ints[0]], fb[ints[0]])       # the integer buffers really differ
     for k in za:
         if za[k].is_floating_point():
             assert torch.equal(w0[k], za[k]) and torch.equal(w1[k], fb[k])
             assert torch.allclose(wh[k], (za[k] + fb[k]) / 2)
         else:
-            assert torch.equal(w1[k], fb[k])
+            # Integer buffers (BatchNorm's num_batches_tracked) are not interpolated: at every α they come
+            # from the fine-tuned side, unchanged in dtype.
+            for w in (w0, wh, w1):
+                assert torch.equal(w[k], fb[k]) and w[k].dtype == fb[k].dtype
     with pytest.raises(ValueError, match="alpha"):
         wise_interpolate(za, fb, 1.5)
     with pytest.raises(ValueError, match="differ in keys"):

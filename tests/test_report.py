@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import statistics
 
+import mlflow  # a hard dependency: a broken install must fail here, not turn into a skip
 import pytest
 
-mlflow = pytest.importorskip("mlflow")
-
-from discl_ray.report import build_tables, format_table, to_markdown  # noqa: E402
+from discl_ray.report import build_tables, format_table, to_markdown
 
 STRATS = {"diverse_to_specific": [0.0, 0.5, 1.0], "easy_to_hard": [1.0, 0.5, 0.0]}
 

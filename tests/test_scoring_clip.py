@@ -159,10 +159,13 @@ def test_threshold_filter_is_inclusive_and_exact():
     assert clip_score(np.array([-0.5, 0.0, 0.3])).tolist() == [0.0, 0.0, 2.5 * 0.3]
     summary = summarize(scores, 0.3, "m", {0: "zero", 1: "one"}, n_errors=2)
     assert (summary["total"], summary["kept"], summary["errors"]) == (5, 2, 2)
-    assert summary["per_lam"]["0.000"] | {} == summary["per_lam"]["0.000"]
     assert (summary["per_lam"]["0.000"]["kept"], summary["per_lam"]["0.500"]["kept"]) == (1, 1)
+    assert (summary["per_lam"]["0.000"]["total"], summary["per_lam"]["0.500"]["total"]) == (2, 3)
     assert summary["per_class"]["1"] == {"class_name": "one", "total": 3, "kept": 1, "kept_frac": 1 / 3}
-    json.dumps(summary)
+    assert summary["per_class"]["0"] == {"class_name": "zero", "total": 2, "kept": 1, "kept_frac": 1 / 2}
+    # summary.json is written with json.dumps: the summary must survive a round trip unchanged (no NaN
+    # turned into an invalid token, no numpy scalars).
+    assert json.loads(json.dumps(summary, allow_nan=False)) == summary
 
 
 def test_histograms_are_pngs(tmp_path):

@@ -140,7 +140,11 @@ def test_cli_scores_and_reports_missing_inputs(tmp_path, ray_local, capsys):
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     assert main(["--config", str(cfg_path), "scoring.threshold=-1.0"]) == 0
-    assert "kept 8/8" not in capsys.readouterr().out  # sanity: the message reports real counts
+    # Error rows: the corrupt synthetic image (not scored) and the two rows whose source is missing or unreadable
+    # (scored against their prompt, no image–image cosine); every scored row is kept at threshold −1.
+    n = len(ids) - 1
+    assert f"scored {n} rows (0 already scored, 3 errors); kept {n}/{n} at clip_text_cos >= -1.0" \
+        in capsys.readouterr().out
     out = Path(data["run_root"]) / "t" / "score"
     assert read_parquet_dir(out / "kept").num_rows == len(ids) - 1
     # threshold 1.0 from the file: nothing kept (no CLIP work); this time logged to MLflow (sqlite in run_root).

@@ -1,0 +1,100 @@
+"""Helpers shared by the fault and bad-input tests: small experiments on disk, free ports, a real MLflow server.
+
+Everything goes through the public entry points (``jobs.<stage>.main(argv)``) and the MLflow client, so the
+tests keep their meaning whatever the training or generation internals become.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+# A 5-class long-tail experiment small enough for a few seconds of Ray Train on one CPU.
+LT_DATA = {
+    "experiment": "fx", "dataset": {"image_size": 16}, "mining": {"few_max": 10, "many_min": 30},
+    "generation": {"lams": [0.0, 0.5, 0.9]}, "scoring": {"threshold": 0.3},
+    "training": {"lams": [0.0, 0.5, 1.0], "backbone": "small_cnn", "strategy": "diverse_to_specific",
+                 "epochs": 4, "curriculum_epochs": 3, "cpus_per_worker": 0.5, "batch_size": 16, "lr": 0.003,
+                 "max_failures": 2},
+    "tracking": {"log_checkpoint": False},
+}
+
+
+def deep_update(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def lt_experiment(tmp_path: Path, over: dict | None = None, **fixture) -> tuple[Path, dict]:
+    """Config file + upstream tables (rows, hard samples, spectrum, scores) as the stages write them.
+
+    ``fixture`` goes to ``write_fixture`` (train_counts, low_quality, corrupt, …)."""
+    from discl_ray.config import load_config
+    from discl_ray.training.fixture import write_fixture
+
+    run_root = tmp_path / "runs"
+    data = deep_update(LT_DATA, {"run_root": str(run_root),
+                                 "tracking": {"tracking_uri": f"sqlite:///{run_root / 'mlflow.db'}"}})
+    data = deep_update(data, over or {})
+    path = write_config(tmp_path / "exp.yaml", data)
+    write_fixture(load_config(path), **fixture)
+    return path, data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite store) for the duration of the block; yields (uri, proc)."""
+    from discl_ray.tracking import ui_command, wait_until_up
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = ui_command(f"sqlite:///{root / 'server.db'}", port=port, artifacts=str(root / "artifacts"))
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(uri + "/health", timeout=120, proc=proc)
+        yield uri, proc
+    finally:
+        stop_server(proc)
+        log.close()
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the server and every process it started (its own session: the workers die with it)."""
+    import os
+    import signal
+
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def python() -> str:
+    return sys.executable
