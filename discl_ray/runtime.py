@@ -184,9 +184,10 @@ def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
         # A stale marker from a cluster that was stopped makes the next init hang.
         stale = Path(temp_dir, "ray_current_cluster")
         stale.unlink(missing_ok=True)
-    init_kwargs = dict(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
-                       object_store_memory=rc.object_store_memory, runtime_env=runtime_env,
-                       log_to_driver=True)
+    # address="local": always this process's own cluster, never one some other `ray start` left running
+    init_kwargs = dict(address="local", num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
+                       include_dashboard=rc.include_dashboard, object_store_memory=rc.object_store_memory,
+                       runtime_env=runtime_env, log_to_driver=True)
     if temp_dir:
         init_kwargs["_temp_dir"] = temp_dir
     init_kwargs.update(kwargs)
