@@ -56,6 +56,9 @@ class GenerationConfig(StrictModel):
     grid_sources: int = Field(4, ge=0, description="Sources shown in the spectrum grid PNG.")
     grid_seeds: int = Field(3, ge=1, description="Seeds per λ shown in the spectrum grid PNG.")
     compile_unet: bool = Field(False, description="torch.compile the UNet (GPU runs).")
+    shared_noise: bool = Field(False, description="One noise trajectory per (source, seed) shared by every λ (the "
+                                                  "authors' release); default: independent noise per (source, λ, "
+                                                  "seed). The seed used is recorded per row (noise_seed).")
     image_format: Literal["png", "webp", "jpeg"] = Field("png", description="Encoding of spectrum images (webp is "
                                                           "lossless); recorded per row in the `format` column.")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality when image_format is jpeg.")

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from discl_ray.generation.engine import SpectrumEngine, WorkItem, output_key
+from discl_ray.generation.engine import SpectrumEngine, WorkItem, noise_seed, output_key
 from discl_ray.generation.plan import SPECTRUM_SCHEMA, pick_prompt
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class SpectrumGenerator:
             out["generator"].append(self.gen.model)
             out["steps"].append(self.gen.steps)
             out["guidance_scale"].append(self.gen.guidance_scale)
+            out["noise_seed"].append(noise_seed(r["source_image_id"], r["lam"], r["seed"], self.gen.shared_noise))
             out["error"].append("" if img is not None else (r["error"] or "not generated"))
             out["actor"].append(self.actor)
         return pa.table(out, schema=RAW_SCHEMA)

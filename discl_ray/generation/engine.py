@@ -56,8 +56,13 @@ def output_key(source_image_id: str, lam: float, seed: int) -> str:
     return f"{source_image_id}|l{float(lam):.3f}|s{int(seed)}"
 
 
-def noise_seed(source_image_id: str, lam: float, seed: int) -> int:
-    """The per-image torch seed: a stable hash of the key (never Python's salted hash())."""
+def noise_seed(source_image_id: str, lam: float, seed: int, shared: bool = False) -> int:
+    """The per-image torch seed: a stable hash of the key (never Python's salted hash()).
+
+    ``shared`` (``generation.shared_noise``, the authors' choice): one noise trajectory per (source, seed), the
+    same for every λ, so a spectrum's levels differ only in where denoising starts."""
+    if shared:
+        return stable_seed(source_image_id, "shared-noise", int(seed))
     return stable_seed(source_image_id, round(float(lam), 6), int(seed))
 
 
@@ -78,7 +83,7 @@ class SpectrumEngine:
 
     def __init__(self, pipe: Any, *, steps: int, guidance_scale: float, batch_size: int,
                  negative_prompt: str = "", aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-                 reuse: bool = True):
+                 reuse: bool = True, shared_noise: bool = False):
         self.pipe = pipe
         self.steps = steps
         self.guidance_scale = guidance_scale
@@ -87,6 +92,7 @@ class SpectrumEngine:
         self.aesthetic_score = aesthetic_score
         self.negative_aesthetic_score = negative_aesthetic_score
         self.reuse = reuse
+        self.shared_noise = shared_noise
         self.sdxl = is_sdxl(pipe)
         self.latent_input = pipe.vae.config.latent_channels == 4
         self._prompts: dict[str, tuple] = {}
@@ -103,7 +109,7 @@ class SpectrumEngine:
             pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")  # varying batch shapes
         return cls(pipe, steps=gen.steps, guidance_scale=gen.guidance_scale, batch_size=gen.batch_size,
                    negative_prompt=gen.negative_prompt, aesthetic_score=gen.aesthetic_score,
-                   negative_aesthetic_score=gen.negative_aesthetic_score)
+                   negative_aesthetic_score=gen.negative_aesthetic_score, shared_noise=gen.shared_noise)
 
     # -- caches -------------------------------------------------------------------------------------
     def prompt_embeds(self, prompt: str) -> tuple:
@@ -178,7 +184,8 @@ class SpectrumEngine:
     def _call(self, chunk: list[WorkItem], lam: float) -> list["Image.Image"]:
         import torch
 
-        gens = [torch.Generator("cpu").manual_seed(noise_seed(it.source_image_id, it.lam, it.seed)) for it in chunk]
+        gens = [torch.Generator("cpu").manual_seed(noise_seed(it.source_image_id, it.lam, it.seed, self.shared_noise))
+                for it in chunk]
         kwargs: dict[str, Any] = dict(strength=strength_of(lam), num_inference_steps=self.steps,
                                       guidance_scale=self.guidance_scale, generator=gens, output_type="pil")
         if self.reuse:

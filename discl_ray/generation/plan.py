@@ -29,6 +29,7 @@ SPECTRUM_SCHEMA = pa.schema([
     ("class_name", pa.string()), ("lam", pa.float64()), ("seed", pa.int64()), ("prompt", pa.string()),
     ("image", pa.binary()), ("width", pa.int64()), ("height", pa.int64()), ("generator", pa.string()),
     ("steps", pa.int64()), ("guidance_scale", pa.float64()), ("format", pa.string()),
+    ("noise_seed", pa.int64()),          # the torch seed of the image's noise (generation.shared_noise)
 ])
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source_image_id", pa.string()), ("reason", pa.string())])
 SOURCES_SCHEMA = pa.schema([
@@ -119,6 +120,26 @@ def check_existing(directory: str | Path, gen: "GenerationConfig") -> None:
     if other:
         raise ValueError(f"{directory} already holds outputs made with (generation.model, steps, guidance_scale) = "
                          f"{other}, not {want}; use another experiment name or remove that directory")
+    _check_noise(directory, gen)
+
+
+def _check_noise(directory, gen: "GenerationConfig") -> None:
+    """Refuse to mix noise modes: rows whose recorded noise seed is not what ``generation.shared_noise`` gives
+    (rows written before the column existed count as per-key noise)."""
+    from discl_ray.generation.engine import noise_seed
+
+    cols = ["source_image_id", "lam", "seed", "noise_seed"]
+    try:
+        table = read_parquet_dir(directory, columns=cols)
+    except (KeyError, ValueError):
+        table = None
+    rows = table.to_pylist()[:1000] if table is not None and "noise_seed" in table.column_names else []
+    for r in rows:
+        if r["noise_seed"] is None:
+            r["noise_seed"] = noise_seed(r["source_image_id"], r["lam"], r["seed"], shared=False)
+        if r["noise_seed"] != noise_seed(r["source_image_id"], r["lam"], r["seed"], shared=gen.shared_noise):
+            raise ValueError(f"{directory} already holds outputs made with generation.shared_noise="
+                             f"{not gen.shared_noise}; use another experiment name or remove that directory")
 
 
 def plan_sources(hard: pa.Table, rows: pa.Table, prompts: pa.Table) -> pa.Table:
