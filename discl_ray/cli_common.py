@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from discl_ray import logs
 from discl_ray.config import ConfigError, ExperimentConfig, load_config
 
 DEFAULT_CONFIG = "configs/toy/digits_lt.yaml"
@@ -52,6 +53,7 @@ def run_stage(argv: list[str] | None, prog: str, description: str,
     except ConfigError as err:
         print(f"discl {prog}: {err}", file=sys.stderr)
         return 2
+    logs.setup(args.verbose, cfg.run_root)
     return int(body(cfg, args) or 0)
 
 

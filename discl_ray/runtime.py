@@ -78,6 +78,11 @@ def _local_temp_dir(ray_cfg: "RayConfig", run_root: Path) -> Optional[str]:
 _INIT_LOCK = threading.Lock()
 
 
+def _log_to_driver() -> bool:
+    """Ray's own RAY_LOG_TO_DRIVER switch (set quiet by discl_ray.logs; --verbose turns it back on)."""
+    return os.environ.get("RAY_LOG_TO_DRIVER", "1").strip().lower() not in ("0", "false", "no")
+
+
 def init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     """Start a local Ray cluster (default) or join ``ray.address``; a no-op when Ray is already up.
 
@@ -97,7 +102,7 @@ def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
     runtime_env = kwargs.pop("runtime_env", None) or {"env_vars": env_vars}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=_log_to_driver(), **kwargs)
         return
     # Workers at Ray's default nice 15 starve behind the driver on small machines (measured 3x slower).
     os.environ.setdefault("RAY_worker_niceness", "0")
@@ -109,7 +114,7 @@ def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
         stale.unlink(missing_ok=True)
     init_kwargs = dict(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=rc.include_dashboard,
                        object_store_memory=rc.object_store_memory, runtime_env=runtime_env,
-                       log_to_driver=True)
+                       log_to_driver=_log_to_driver())
     if temp_dir:
         init_kwargs["_temp_dir"] = temp_dir
     init_kwargs.update(kwargs)
