@@ -27,6 +27,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="retrain even when a matching cache or the shipped weights exist")
     p.add_argument("--no-gates", action="store_true", help="skip the quality gates (exit 0 if training ran)")
+    p.add_argument("--ship", action="store_true",
+                   help="after a run that passed every gate, write the compact copy shipped with the package "
+                        "(discl_ray/assets/toyworld: float16, captions' token rows only)")
     p.add_argument("--train-text", action="store_true",
                    help="fine-tune the generator's text encoder (the toy CLIP's text tower) with the UNet "
                         "(default: frozen, as in Stable Diffusion)")
@@ -89,6 +92,16 @@ def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         print("discl world: a quality gate FAILED (see above); artifacts were written but should not be trusted.",
               file=sys.stderr)
         return 1
+    if args.ship:
+        from discl_ray.toyworld import ship
+
+        if man.get("passed") is not True or man.get("source") != "trained":
+            print("discl world: --ship needs a world trained here that passed its gates (use --force, no --no-gates)",
+                  file=sys.stderr)
+            return 2
+        shipped = ship.export(cache, man)
+        print(f"shipped copy: {ship.ASSET_DIR} ({shipped['size_mb']:.2f} MB, "
+              f"{shipped['token_rows']['stored']} token rows stored)")
     return 0
 
 
