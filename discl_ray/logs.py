@@ -40,6 +40,21 @@ loggers:
   ray.data: {level: DEBUG, handlers: [file, console], propagate: false}
 """
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (pytest and the quickstart swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):      # StreamHandler.__init__ assigns it; the property always follows sys.stderr
+        pass
+
+
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -78,7 +93,7 @@ def setup(verbose: bool = False, run_root: str | Path | None = None) -> Path | N
             root.removeHandler(h)
             logging.getLogger("ray").removeHandler(h)
             h.close()
-        console = logging.StreamHandler(sys.stderr)
+        console = _Stderr()
         console.setLevel(logging.DEBUG if verbose else logging.WARNING)
         console.setFormatter(logging.Formatter(CONSOLE_FORMAT))
         handlers = [console]
