@@ -154,11 +154,12 @@ def _configure_ray(verbose: bool, file_handlers: list[logging.Handler], path: Pa
 
 
 def _configure_hf(verbose: bool) -> None:
-    """transformers/diffusers read their verbosity env vars at import; set it too if already imported."""
+    """transformers/diffusers already imported: their log level and model loading/saving progress bars
+    (imported later, transformers reads the env switches above; diffusers' loading bar only shows where a
+    pipeline is loaded with ``from_pretrained``, which the driver does not do for the toy world)."""
     level = logging.INFO if verbose else logging.ERROR
-    for mod in ("transformers", "diffusers"):
-        if mod in sys.modules:
-            try:
-                sys.modules[mod].logging.set_verbosity(level)
-            except AttributeError:
-                pass
+    for mod in ("transformers.utils.logging", "diffusers.utils.logging"):
+        hf = sys.modules.get(mod)
+        if hf is not None:
+            hf.set_verbosity(level)
+            hf.enable_progress_bar() if verbose else hf.disable_progress_bar()
