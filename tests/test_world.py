@@ -134,7 +134,8 @@ def test_bad_image_size_is_a_clear_error(tmp_path):
 def test_full_budget_world_passes_its_gates(tmp_path):
     from discl_ray.toyworld.train import train_world
 
-    man = train_world(tmp_path, seed=0, image_size=32, progress=False)
+    man = train_world(tmp_path, seed=0, image_size=32, progress=False, force=True)    # not the shipped copy
+    assert man["source"] == "trained"
     g = man["gates"]
     assert g["clip"]["zero_shot_acc"] >= 0.90
     assert g["generator"]["lam0_acc"] >= 0.60 and g["generator"]["agreement_rises"]
@@ -227,4 +228,5 @@ def test_shipped_weights_pass_the_gates():
                                s["seed"])
     assert gates["clip"]["zero_shot_acc"] >= 0.90, gates["clip"]
     assert gates["generator"]["lam0_acc"] >= 0.60 and gates["generator"]["agreement_rises"], gates["generator"]
-    assert gates["classifier"]["heldout_acc"] >= 0.95
+    # the judge has no threshold of its own: its float16 copy must judge like the float32 one did
+    assert abs(gates["classifier"]["heldout_acc"] - man["trained"]["gates"]["classifier"]["heldout_acc"]) <= 0.01
