@@ -3,16 +3,46 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.discl-installed
+# INSTALLER=pip skips uv (uv is the default: it resolves and installs several times faster than pip).
+INSTALLER ?= uv
 
 .PHONY: setup test test-all quickstart lint format mlflow-ui clean
 
+# uv does not read pip's configuration (pip.conf, PIP_* variables): hand it the package indexes, find-links
+# and constraint files pip is configured with on this machine, read from `pip config list` at run time.
+define PIP_TO_UV
+import re, subprocess, sys
+flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
+         "constraint": "--constraint"}
+out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+args = []
+for line in out.splitlines():
+    m = re.match(r"^[^.]*\.([a-z-]+)='(.*)'$$", line.strip())
+    if m and m[1] in flags:
+        for value in m[2].split():
+            if (flags[m[1]], value) not in args:
+                args.append((flags[m[1]], value))
+print(" ".join(f"{f} {v}" for f, v in args))
+endef
+export PIP_TO_UV
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
-# Reinstall only when the dependency list changes (fast no-op otherwise).
+# Reinstall only when the dependency list changes (fast no-op otherwise). uv keeps its download/build cache
+# in ~/.cache/uv (UV_CACHE_DIR), reused by every later install; pip is the fallback when uv is unavailable.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev]"
+	@set -e; \
+	if [ "$(INSTALLER)" = uv ]; then \
+	  UV=$$(command -v uv || true); \
+	  if [ -z "$$UV" ] && $(BIN)/python -m pip install -q uv >/dev/null 2>&1; then UV=$(BIN)/uv; fi; \
+	fi; \
+	if [ -n "$$UV" ] && $$UV pip install --python $(BIN)/python --index-strategy unsafe-best-match \
+	     $$($(PY) -c "$$PIP_TO_UV") -e ".[dev]"; then \
+	  echo "installed with uv ($$UV)"; \
+	else \
+	  echo "installing with pip"; $(BIN)/python -m pip install -q -e ".[dev]"; \
+	fi
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,8 +53,9 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""
 
+# VERBOSE=1 shows Ray's worker output and every library log line on the console.
 quickstart: setup
-	$(BIN)/discl quickstart
+	$(BIN)/discl quickstart $(if $(VERBOSE),--verbose,)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from discl_ray import logs
 from discl_ray.config import ConfigError, ExperimentConfig, load_config
 
 DEFAULT_CONFIG = "configs/toy/digits_lt.yaml"
@@ -55,6 +56,7 @@ def run_stage(argv: list[str] | None, prog: str, description: str,
     from discl_ray.preflight import PreflightError
     from discl_ray.tracking import TrackingUnavailable
 
+    logs.setup(args.verbose, cfg.run_root)
     try:
         return int(body(cfg, args) or 0)
     except PreflightError as err:

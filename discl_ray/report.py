@@ -145,24 +145,57 @@ def lam_histories(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run_id", "strategy", "epoch", "lam"])
 
 
+REAL_ONLY_Y = -0.22        # where real-only epochs (λ stored as the sentinel −1) are drawn
+ALL_LEVELS_Y = -0.40       # where all-λ-mixed epochs (λ stored as NaN) are drawn
+_MARKERS = "osD^vP*X"
+
+
 def plot_lams(hist: pd.DataFrame, path: Path) -> Optional[Path]:
-    """λ chosen per epoch, mean over runs of each strategy (the curricula side by side)."""
+    """λ chosen per epoch by strategy: curriculum epochs on the λ axis (mean over the strategy's runs),
+    real-only epochs (sentinel λ = −1) and all-λ epochs (NaN) as markers in their own labelled bands below
+    it, so a ``none`` baseline (real data every epoch) is a visible row of markers, not an empty chart."""
     if hist.empty:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for strategy, grp in hist.groupby("strategy"):
-        mean = grp.groupby("epoch")["lam"].mean()
-        ax.plot(mean.index, mean.values, marker=".", label=str(strategy))
+    strategies = sorted(hist["strategy"].astype(str).unique())
+    n = len(strategies)
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    has_mixed = bool(hist["lam"].isna().any())
+    bottom = (ALL_LEVELS_Y if has_mixed else REAL_ONLY_Y) - 0.1
+    ax.axhspan(REAL_ONLY_Y - 0.08, REAL_ONLY_Y + 0.08, color="0.92", zorder=0)
+    if has_mixed:
+        ax.axhspan(ALL_LEVELS_Y - 0.08, ALL_LEVELS_Y + 0.08, color="#efe6f5", zorder=0)
+    ax.axhline(-0.06, color="0.6", lw=0.8)
+    for i, strategy in enumerate(strategies):
+        grp = hist[hist["strategy"].astype(str) == strategy]
+        color, marker = f"C{i % 10}", _MARKERS[i % len(_MARKERS)]
+        dy = (i - (n - 1) / 2) * 0.12 / max(n - 1, 1)      # strategies one above the other inside a band
+        cur = grp[grp["lam"] >= 0].groupby("epoch")["lam"].mean()
+        if len(cur):
+            ax.plot(cur.index, cur.values, marker=marker, ms=5, color=color, label=strategy)
+        real = np.sort(grp.loc[grp["lam"] < 0, "epoch"].unique())
+        if len(real):
+            ax.scatter(real, np.full(len(real), REAL_ONLY_Y + dy), marker=marker, s=28, color=color,
+                       label=None if len(cur) else strategy, zorder=3)
+        mixed = np.sort(grp.loc[grp["lam"].isna(), "epoch"].unique())
+        if len(mixed):
+            ax.scatter(mixed, np.full(len(mixed), ALL_LEVELS_Y + dy), marker=marker, s=28, color=color,
+                       label=None if len(cur) or len(real) else strategy, zorder=3)
+    ticks = [0.0, 0.25, 0.5, 0.75, 1.0, REAL_ONLY_Y] + ([ALL_LEVELS_Y] if has_mixed else [])
+    labels = ["0", "0.25", "0.5", "0.75", "1 (real)", "real only"] + (["all λ mixed"] if has_mixed else [])
+    ax.set_yticks(ticks, labels)
+    ax.set_ylim(bottom, 1.06)
     ax.set_xlabel("epoch")
     ax.set_ylabel("λ (image guidance)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=7)
-    ax.set_title("λ per epoch by strategy")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(axis="y", color="0.9", lw=0.6)
+    ax.legend(fontsize=8, title="strategy", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("λ per epoch (mean over seeds); markers below the axis: epochs without a λ", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

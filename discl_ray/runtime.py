@@ -130,6 +130,11 @@ def _local_temp_dir(ray_cfg: "RayConfig", run_root: "Path | Storage") -> Optiona
 _INIT_LOCK = threading.Lock()
 
 
+def _log_to_driver() -> bool:
+    """Ray's own RAY_LOG_TO_DRIVER switch (set quiet by discl_ray.logs; --verbose turns it back on)."""
+    return os.environ.get("RAY_LOG_TO_DRIVER", "1").strip().lower() not in ("0", "false", "no")
+
+
 def init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     """Start a local Ray cluster (default) or join ``ray.address``; a no-op when Ray is already up.
 
@@ -173,7 +178,7 @@ def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
                 **forwarded_env()}
     runtime_env = kwargs.pop("runtime_env", None) or {"env_vars": env_vars}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=_log_to_driver(), **kwargs)
         return
     pin_loopback()
     # Workers at Ray's default nice 15 starve behind the driver on small machines (measured 3x slower).
@@ -187,7 +192,7 @@ def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     # address="local": always this process's own cluster, never one some other `ray start` left running
     init_kwargs = dict(address="local", num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
                        include_dashboard=rc.include_dashboard, object_store_memory=rc.object_store_memory,
-                       runtime_env=runtime_env, log_to_driver=True)
+                       runtime_env=runtime_env, log_to_driver=_log_to_driver())
     if temp_dir:
         init_kwargs["_temp_dir"] = temp_dir
     init_kwargs.update(kwargs)

@@ -46,22 +46,33 @@ def artifact_root(cfg: "ExperimentConfig", uri: Optional[str] = None) -> Optiona
     return str(Path(cfg.run_root).resolve() / "mlartifacts")
 
 
+# MLflow 3's UI opens an experiment without this tag as a GenAI "traces" overview; with it, as the runs table
+# of a model-training experiment (the value the UI writes when a user picks "custom model development").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Stages whose runs show the datasets they trained on (the runs table's "Dataset" column).
+DATASET_STAGES = ("train", "sweep")
+
+
 def ensure_experiment(uri: str, name: str, artifacts: Optional[str] = None) -> str:
-    """The id of MLflow experiment ``name``, created with ``artifacts/<name>`` as its artifact location."""
+    """The id of MLflow experiment ``name`` (tagged as a model-training experiment), created with
+    ``artifacts/<name>`` as its artifact location."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = Path(artifacts, name).as_uri() if artifacts else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created concurrently by another trial
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        location = Path(artifacts, name).as_uri() if artifacts else None
+        try:
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException:  # created concurrently by another trial
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:     # made by an older version or by hand
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def use_uri(uri: str) -> None:
@@ -145,6 +156,67 @@ def base_tags(cfg: "ExperimentConfig", stage: str) -> dict[str, str]:
             "seed": str(cfg.training.seed), "git_commit": git_commit()}
 
 
+def _metadata_frame(directory: Path, keep: Optional[tuple[str, ...]] = None):
+    """The non-binary columns of a parquet directory as a DataFrame (never the image bytes)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    from discl_ray.io import parquet_files
+
+    files = parquet_files(directory)
+    if not files:
+        return None
+    ds = pads.dataset([str(f) for f in files], format="parquet")
+    cols = [f.name for f in ds.schema if not pa.types.is_binary(f.type) and not pa.types.is_large_binary(f.type)
+            and (keep is None or f.name in keep)]
+    return ds.to_table(columns=cols).to_pandas()
+
+
+def dataset_inputs(cfg: "ExperimentConfig") -> list[tuple[Any, str]]:
+    """``(mlflow Dataset, context)`` for the real rows and, for a curriculum, the scored synthetic spectrum.
+
+    Metadata only (ids, labels, splits, λ, seeds, CLIP scores): MLflow stores the schema, row count and a
+    digest, so two runs trained on the same data show the same dataset digest in the runs table."""
+    import mlflow.data
+
+    from discl_ray.runtime import RunPaths
+
+    paths = RunPaths.from_config(cfg)
+    out = []
+    real = _metadata_frame(paths.dataset)
+    if real is not None:
+        out.append((mlflow.data.from_pandas(real, source=str(paths.dataset), targets="label",
+                                            name=f"{cfg.dataset.name}-real"), "training"))
+    if cfg.training.strategy != "none":
+        spec = _metadata_frame(paths.stage("generate", "spectrum"),
+                               ("image_id", "source_image_id", "label", "lam", "seed"))
+        scores = _metadata_frame(paths.stage("score", "scores"), ("image_id", "clip_text_cos"))
+        if spec is not None:
+            if scores is not None:
+                spec = spec.merge(scores, on="image_id", how="left")
+            out.append((mlflow.data.from_pandas(spec.sort_values("image_id", ignore_index=True),
+                                                source=str(paths.stage("generate", "spectrum")), targets="label",
+                                                name=f"{cfg.dataset.name}-synthetic"), "synthetic"))
+    return out
+
+
+def log_dataset_inputs(cfg: "ExperimentConfig") -> int:
+    """Log :func:`dataset_inputs` to the active run; returns how many were logged (0 on any failure:
+    bookkeeping never stops a training)."""
+    import logging
+
+    import mlflow
+
+    try:
+        inputs = dataset_inputs(cfg)
+        for ds, context in inputs:
+            mlflow.log_input(ds, context=context)
+        return len(inputs)
+    except Exception as err:  # noqa: BLE001 - unreadable inputs must not fail the run they describe
+        logging.getLogger(__name__).warning("could not log dataset inputs to MLflow: %s", err)
+        return 0
+
+
 @contextlib.contextmanager
 def run(cfg: "ExperimentConfig", stage: str, run_name: Optional[str] = None,
         parent_run_id: Optional[str] = None, tags: Optional[dict[str, Any]] = None,
@@ -159,4 +231,6 @@ def run(cfg: "ExperimentConfig", stage: str, run_name: Optional[str] = None,
     with mlflow.start_run(run_name=run_name, tags=all_tags) as active:
         if log_params:
             mlflow.log_params(flat_params(cfg))
+        if stage in DATASET_STAGES:
+            log_dataset_inputs(cfg)
         yield active

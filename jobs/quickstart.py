@@ -1,17 +1,25 @@
 """`discl quickstart`: the whole DisCL method on the built-in toy world.
 
-world (when not cached) → digits-LT: prompts → mine → generate → score → train CE baseline and DisCL
-diverse→specific → digits-LQ: prompts → mine → generate → score → train the FLYP fine-tuning baseline and DisCL
-adaptive → report. Every step is the same stage command a user runs by hand (see the printed commands).
-The two trainings of a task run at the same time (each Ray Train run holds one CPU; ``--sequential`` runs
-them one after the other).
+world (the models shipped with the package; `discl world --force` retrains them) → digits-LT: prompts → mine
+→ generate → score → train CE baseline and DisCL diverse→specific → digits-LQ: prompts → mine → generate →
+score → train the FLYP fine-tuning baseline and DisCL adaptive → report. Every step is the same stage command
+a user runs by hand (printed with it). The two trainings of a task run at the same time on one Ray session,
+started once for the whole quickstart (``--sequential`` trains one arm after the other).
+
+The console shows one line per step (its command, time and result), the gates and the result tables; each
+stage's full output goes to ``<run-root>/logs/quickstart.log`` and Ray's worker logs stay in Ray's session
+folder. ``--verbose`` prints everything as the stages run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import shlex
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,14 +31,45 @@ SMOKE = {
     "generation": ["generation.seeds=[0,1]", "generation.steps=10"],
     "training": ["training.epochs=2", "training.curriculum_epochs=1", "training.steps_per_epoch=4",
                  "training.random_real_size=32", "training.guidance_val_size=8", "training.probe_steps=2",
-                 # smoke-trained toy models score at random: keep every synthetic row
+                 # two-epoch trainings on a few images: keep every synthetic row whatever its score
                  "training.threshold=-1.0"],
 }
+TASKS = (
+    ("digits_lt.yaml", "digits-LT", [("CE baseline", ["training.strategy=none"]),
+                                     ("DisCL diverse→specific", ["training.strategy=diverse_to_specific"])]),
+    ("digits_lq.yaml", "digits-LQ", [("FLYP fine-tuning baseline", ["training.strategy=none"]),
+                                     ("DisCL adaptive", ["training.strategy=adaptive"])]),
+)
+HEADLINE = {"long_tail": (("many", "final_test_many_acc"), ("medium", "final_test_medium_acc"),
+                          ("few", "final_test_few_acc"), ("overall", "final_test_acc")),
+            "low_quality": (("OOD F1", "final_test_ood_f1"), ("ID F1", "final_test_id_f1"))}
+
+
+def _arm_id(overrides: list[str]) -> str:
+    """``training.strategy=none`` → ``none`` (the file name of that arm's metrics)."""
+    return overrides[0].split("=", 1)[1]
 
 
 def _config(name: str) -> str:
     local = Path("configs/toy") / name
     return str(local if local.is_file() else ROOT / "configs" / "toy" / name)
+
+
+class Console:
+    """The quickstart's own lines go to the terminal; stage output (stdout) goes to the log file unless verbose."""
+
+    def __init__(self, stream, total_steps: int):
+        self.out, self.total, self.done = stream, total_steps, 0
+        self.lock = threading.Lock()
+
+    def line(self, text: str = "") -> None:
+        with self.lock:
+            print(text, file=self.out, flush=True)
+
+    def step(self, title: str, took: float, rc: int, result: str = "") -> None:
+        self.done += 1
+        mark = "ok" if rc == 0 else f"exit {rc}"
+        self.line(f"[{self.done:2d}/{self.total}] {title:<38} {took:6.1f} s  {mark}{'  ' + result if result else ''}")
 
 
 def _run_stage(command: str, argv: list[str]) -> tuple[int, float]:
@@ -43,68 +82,162 @@ def _run_stage(command: str, argv: list[str]) -> tuple[int, float]:
     return rc, time.perf_counter() - start
 
 
-def _check(title: str, rc: int, tolerate: tuple[int, ...]) -> None:
+def _check(console: Console, title: str, rc: int, tolerate: tuple[int, ...]) -> None:
     if rc in tolerate and rc:
-        print(f"WARNING: '{title}' exited {rc}; continuing (see its report above)", flush=True)
+        console.line(f"  WARNING: '{title}' exited {rc}; continuing (details in the log)")
     elif rc != 0:
-        raise SystemExit(f"discl quickstart: step '{title}' failed with exit code {rc}")
+        raise SystemExit(f"discl quickstart: step '{title}' failed with exit code {rc} (details in the log)")
 
 
-def _step(title: str, command: str, argv: list[str], log: list, tolerate: tuple[int, ...] = ()) -> None:
-    print(f"\n=== {title}\n$ discl {command} {shlex.join(argv)}", flush=True)
-    rc, took = _run_stage(command, argv)
-    log.append((title, round(took, 1), rc))
-    _check(title, rc, tolerate)
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
-def _steps_together(steps: list[tuple[str, str, list[str]]], log: list) -> None:
-    """Run independent stage commands at once on the shared Ray cluster (threads of this driver)."""
-    for title, command, argv in steps:
-        print(f"\n=== {title} (concurrently)\n$ discl {command} {shlex.join(argv)}", flush=True)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(steps)) as pool:
-        results = list(pool.map(lambda step: _run_stage(*step[1:]), steps))
-    for (title, _, _), (rc, took) in zip(steps, results):
-        log.append((title, round(took, 1), rc))
-    log.append(("  (both, wall clock)", round(time.perf_counter() - start, 1), 0))
-    for (title, _, _), (rc, _) in zip(steps, results):
-        _check(title, rc, ())
+def _result(command: str, exp_dir: Path, argv: list[str]) -> str:
+    """One short phrase on what a step produced, read from the files it wrote."""
+    if command == "mine":
+        s = _read_json(exp_dir / "mine" / "summary.json")
+        return f"{s['hard_images']} hard of {s['train_images']} training images" if s else ""
+    if command == "generate":
+        s = _read_json(exp_dir / "generate" / "summary.json")
+        return f"{s['generated'] + s['skipped']} images ({s['failed']} failed)" if s else ""
+    if command == "score":
+        s = _read_json(exp_dir / "score" / "summary.json")
+        return f"kept {s['kept']} of {s['total']} (CLIP ≥ {s.get('threshold', '?')})" if s else ""
+    if command == "train" and "--json" in argv:
+        m = _read_json(Path(argv[argv.index("--json") + 1]))
+        for cols in HEADLINE.values():
+            if all(k in m for _, k in cols):
+                return ", ".join(f"{label} {100 * float(m[k]):.1f}" for label, k in cols)
+    return ""
 
 
-def run(profile: str, run_root: str, extra: list[str], sequential: bool = False) -> int:
-    log: list = []
+def _world_lines(cache: Path) -> list[str]:
+    from discl_ray.toyworld.train import read_manifest
+
+    man = read_manifest(cache) or {}
+    g = man.get("gates") or {}
+    src = "shipped weights" if man.get("source") == "shipped" else "trained here"
+    out = [f"  toy world: {src}" + (f", code {man['code_version'].get('toyworld_sha256', '?')}"
+                                    if man.get("code_version") else "")]
+    if "clip" in g:
+        out.append(f"  [{'PASS' if g['clip']['passed'] else 'FAIL'}] CLIP zero-shot {100 * g['clip']['zero_shot_acc']:.1f} %"
+                   f" (≥ {100 * g['clip']['min_acc']:.0f} %); judge held-out {100 * g['classifier']['heldout_acc']:.1f} %")
+    if "generator" in g:
+        c = g["generator"]
+        out.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] generator λ=0 recognised {100 * c['lam0_acc']:.0f} %"
+                   f" (≥ {100 * c['min_lam0_acc']:.0f} %), by λ " + " ".join(f"{v:.2f}" for v in c["acc_by_lam"].values()))
+    if not g:
+        out.append("  gates not run (--no-gates)")
+    return out
+
+
+def run(profile: str, run_root: str, extra: list[str], sequential: bool = False, verbose: bool = False) -> int:
+    from discl_ray import logs
+    from discl_ray.config import load_config
+    from discl_ray.runtime import RunPaths, init_ray
+    from discl_ray.toyworld import ship
+
     t0 = time.perf_counter()
-    common = [f"run_root={run_root}"] + extra
+    log_path = logs.setup(verbose, run_root)
+    common = [f"run_root={run_root}"] + extra + (["--verbose"] if verbose else [])
     gen = SMOKE["generation"] if profile == "smoke" else []
     trn = SMOKE["training"] if profile == "smoke" else []
-    world_args = ["--config", _config("base.yaml"), *common] + (["--budget-s", "20", "--no-gates"] if profile == "smoke" else [])
-    # Exit 1 = a quality gate missed: the models exist and the method still runs, so say so and go on.
-    _step("toy world models (cached after the first run)", "world", world_args, log, tolerate=(1,))
-    for cfg_name, task, arms in (
-        ("digits_lt.yaml", "digits-LT", [("CE baseline", ["training.strategy=none"]),
-                                         ("DisCL diverse→specific", ["training.strategy=diverse_to_specific"])]),
-        ("digits_lq.yaml", "digits-LQ", [("FLYP fine-tuning baseline", ["training.strategy=none"]),
-                                         ("DisCL adaptive", ["training.strategy=adaptive"])]),
-    ):
-        base = ["--config", _config(cfg_name), *common]
-        _step(f"{task}: prompts", "prompts", base, log)
-        _step(f"{task}: hard samples", "mine", base, log)
-        _step(f"{task}: spectrum", "generate", base + gen, log)
-        _step(f"{task}: CLIP filter", "score", base, log)
-        trainings = [(f"{task}: train {arm}", "train", base + trn + over) for arm, over in arms]
-        if sequential:
-            for title, command, argv in trainings:
-                _step(title, command, argv, log)
-        else:
-            _steps_together(trainings, log)
-    for cfg_name in ("digits_lt.yaml", "digits_lq.yaml"):
-        _step(f"report {cfg_name[:-5]}", "report", ["--config", _config(cfg_name), *common], log)
+    lt_cfg = load_config(_config("digits_lt.yaml"), [f"run_root={run_root}", *extra])
+    root = RunPaths.from_config(lt_cfg).root
+    if not (lt_cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        # A local cluster: say that token auth (Ray's default) is wanted, so Ray does not warn that it chose it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # One machine: Ray's processes talk over loopback, not the machine's network address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray Train's controller takes one reported result per poll of its workers, every 2 s by default, and a
+        # worker's report blocks until then (a queue of one): the toy's sub-second epochs, each reported, would
+        # wait ~2 s apiece (40 epochs ≈ 80 s of a digits-LT training). Poll at the pace of the toy's epochs.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    console = Console(sys.stdout, 1 + 6 * len(TASKS) + len(TASKS))
+    timings: list[tuple[str, float]] = []
+    stage_log = log_path.parent / "quickstart.log"
+    console.line(f"discl quickstart ({profile} profile): the DisCL method on the toy digits world")
+    console.line(f"  stage output: {stage_log}" + ("" if verbose else "  (--verbose prints it here)"))
+
+    sink = contextlib.nullcontext() if verbose else open(stage_log, "a", encoding="utf-8")  # noqa: SIM115
+    with sink as fh, (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(fh)):
+        def step(title: str, command: str, argv: list[str], tolerate: tuple[int, ...] = (), exp: str = "",
+                 meanwhile=None) -> None:
+            if fh is not None:
+                print(f"\n=== {title}\n$ discl {command} {shlex.join(argv)}", flush=True)
+            console.line(f"$ discl {command} {shlex.join(a for a in argv if a not in common)}")
+            if meanwhile is None:
+                rc, took = _run_stage(command, argv)
+            else:       # the stage in a thread, ``meanwhile`` in the main thread (Ray wants to start there)
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    running = pool.submit(_run_stage, command, argv)
+                    meanwhile()
+                    rc, took = running.result()
+            timings.append((title, took))
+            console.step(title, took, rc, _result(command, root / exp, argv) if rc == 0 else "")
+            _check(console, title, rc, tolerate)
+
+        def together(steps: list[tuple[str, list[str]]], exp: str) -> None:
+            for _title, argv in steps:
+                console.line(f"$ discl train {shlex.join(a for a in argv if a not in common)}   (at the same time)")
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=len(steps)) as pool:
+                results = list(pool.map(lambda s: _run_stage("train", s[1]), steps))
+            for (title, argv), (rc, took) in zip(steps, results):
+                timings.append((title, took))
+                console.step(title, took, rc, _result("train", root / exp, argv) if rc == 0 else "")
+            timings.append(("  (both trainings, wall clock)", time.perf_counter() - start))
+            for (title, _), (rc, _) in zip(steps, results):
+                _check(console, title, rc, ())
+
+        console.line("\n== toy world models")
+        world_args = ["--config", _config("base.yaml"), *common]
+        if profile == "smoke":      # the shipped models without their gates; a few training steps without them
+            world_args += ["--no-gates"] + ([] if ship.read_manifest() else ["--budget-s", "20"])
+        # Exit 1 = a quality gate missed: the models exist and the method still runs, so say so and go on.
+        # One Ray session for every stage, started while the world loads (the stages find it up and use it).
+        step("toy world", "world", world_args, tolerate=(1,), meanwhile=lambda: init_ray(lt_cfg))
+        for line in _world_lines(RunPaths.from_config(lt_cfg).cache):
+            console.line(line)
+        for cfg_name, task, arms in TASKS:
+            exp = load_config(_config(cfg_name), [f"run_root={run_root}", *extra]).experiment
+            console.line(f"\n== {task} (experiment {exp})")
+            base = ["--config", _config(cfg_name), *common]
+            step(f"{task}: prompts", "prompts", base, exp=exp)
+            step(f"{task}: hard samples", "mine", base, exp=exp)
+            step(f"{task}: spectrum", "generate", base + gen, exp=exp)
+            step(f"{task}: CLIP filter", "score", base, exp=exp)
+            out = root / exp / "quickstart"
+            out.mkdir(parents=True, exist_ok=True)
+            trainings = [(f"{task}: train {arm}", base + trn + over + ["--json", str(out / f"{_arm_id(over)}.json")])
+                         for arm, over in arms]
+            if sequential:
+                for title, argv in trainings:
+                    step(title, "train", argv, exp=exp)
+            else:
+                together(trainings, exp)
+        reports = []
+        for cfg_name, _, _ in TASKS:
+            exp = load_config(_config(cfg_name), [f"run_root={run_root}", *extra]).experiment
+            step(f"report {exp}", "report", ["--config", _config(cfg_name), *common], exp=exp)
+            reports.append(root / exp / "report")
+    for folder in reports:
+        md = folder / "report.md"
+        console.line("\n" + (md.read_text().strip() if md.is_file() else f"(no report in {folder})"))
+        pngs = sorted(p.name for p in folder.glob("*.png"))
+        console.line(f"plots: {folder}/ ({', '.join(pngs)})")
     total = time.perf_counter() - t0
-    print("\n=== quickstart timings")
-    for title, took, _ in log:
-        print(f"  {took:7.1f} s  {title}")
-    print(f"  {total:7.1f} s  total ({profile} profile)")
-    print(f"\nOpen the runs in the MLflow UI:  discl ui run_root={run_root}   (or: make mlflow-ui)")
+    console.line("\n== timings")
+    for title, took in timings:
+        console.line(f"  {took:7.1f} s  {title}")
+    console.line(f"  {total:7.1f} s  total ({profile} profile)")
+    console.line(f"\nlogs: {log_path.parent}/ (Ray workers: {root / '.ray' / 'session_latest' / 'logs'} "
+                 "or Ray's default temp folder)")
+    console.line(f"Compare the runs in the MLflow UI:  discl ui run_root={run_root}   (or: make mlflow-ui)")
     return 0
 
 
@@ -116,10 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-root", default="runs", help="where outputs, toy models and MLflow go (default runs/)")
     p.add_argument("--sequential", action="store_true",
                    help="train a task's two arms one after the other (default: at the same time)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print every stage's output, Ray's worker logs and library logs as they come")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every stage")
     args = p.parse_args(argv)
     try:
-        return run(args.profile, args.run_root, args.overrides, args.sequential)
+        return run(args.profile, args.run_root, args.overrides, args.sequential, args.verbose)
     except SystemExit as err:
         print(err, file=sys.stderr)
         return 1

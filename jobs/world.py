@@ -3,7 +3,9 @@
     discl world [--config FILE] [key=value ...] [--budget-s N] [--force] [--no-gates]
 
 Uses ``dataset.seed``, ``dataset.image_size`` and ``dataset.toy.world_fraction``; caches under
-``RunPaths.cache/toyworld``. Exit status: 0 when every quality gate passes (or the cache that passed is
+``RunPaths.cache/toyworld``. Without ``--force``, the models shipped with the package
+(``discl_ray/assets/toyworld``) are unpacked instead of trained when they match the settings, and the gates
+run on them. Exit status: 0 when every quality gate passes (or the cache that passed is
 reused), 1 when a gate fails (artifacts are still written, the manifest says which gate failed)."""
 
 from __future__ import annotations
@@ -22,22 +24,34 @@ def _args(p: argparse.ArgumentParser) -> None:
                         "proportionally fewer steps (smoke runs)")
     p.add_argument("--max-wall-s", type=float, default=None,
                    help="also stop each model early once its share of this wall-clock time is spent")
-    p.add_argument("--force", action="store_true", help="retrain even when a matching cache exists")
+    p.add_argument("--force", action="store_true",
+                   help="retrain even when a matching cache or the shipped weights exist")
     p.add_argument("--no-gates", action="store_true", help="skip the quality gates (exit 0 if training ran)")
+    p.add_argument("--ship", action="store_true",
+                   help="after a run that passed every gate, write the compact copy shipped with the package "
+                        "(discl_ray/assets/toyworld: float16, captions' token rows only)")
     p.add_argument("--train-text", action="store_true",
                    help="fine-tune the generator's text encoder (the toy CLIP's text tower) with the UNet "
                         "(default: frozen, as in Stable Diffusion)")
 
 
-def format_report(man: dict) -> str:
-    """Human summary of a manifest: timings, sizes and every gate with PASS/FAIL."""
+def _source(man: dict) -> str:
+    made = "shipped weights" if man.get("source") == "shipped" else "trained"
+    return f"reused cache of {made}" if man.get("reused") else made
+
+
+def format_report(man: dict, verbose: bool = False) -> str:
+    """Human summary of a manifest: timings, sizes and every gate with PASS/FAIL (the CLIP score
+    distributions only when ``verbose``)."""
     t = man["timing"]
-    lines = [f"toy world ({'reused cache' if man.get('reused') else 'trained'}); budget {man['budget_s']:.0f} s"]
-    for k in ("classifier", "clip", "vae", "unet", "train_total", "total"):
+    lines = [f"toy world ({_source(man)}); budget {man['budget_s']:.0f} s"]
+    if man.get("source") == "shipped" and not man.get("reused"):
+        lines[0] += " (`discl world --force` retrains)"
+    for k in ("classifier", "clip", "vae", "unet", "train_total", "install", "gates", "total"):
         if k in t:
             steps = f", {t[k]['steps']}/{t[k]['planned']} steps" if "steps" in t[k] else ""
             lines.append(f"  {k:<12} {t[k]['seconds']:7.1f} s wall {t[k]['cpu_seconds']:7.1f} s CPU{steps}")
-    lines.append("  size MB: " + ", ".join(f"{k} {v:.2f}" for k, v in man["size_mb"].items()))
+    lines.append("  size MB: " + ", ".join(f"{k} {v:.2f}" for k, v in man["size_mb"].items() if v is not None))
     g = man.get("gates") or {}
     if "classifier" in g:
         lines.append(f"  judge classifier held-out accuracy {g['classifier']['heldout_acc']:.3f}")
@@ -51,7 +65,7 @@ def format_report(man: dict) -> str:
         lines.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] generator λ=0 recognised {c['lam0_acc']:.3f} "
                      f"(≥ {c['min_lam0_acc']:.2f}), agreement rises with λ: {c['agreement_rises']} ({by}); "
                      f"shifted-prompt λ=0 {c['lam0_shifted_prompt_acc']:.2f}; w={c['guidance']}")
-    if "clip_scores" in g:
+    if "clip_scores" in g and verbose:
         lines.append("  toy-CLIP cosine to the prompted class (mean ± std, q10/q50):")
         for k, s in g["clip_scores"].items():
             lines.append(f"    {k:<8} {s['mean']:.3f} ± {s['std']:.3f}  q10 {s['q10']:.3f}  q50 {s['q50']:.3f}")
@@ -71,13 +85,23 @@ def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"discl world: {err}", file=sys.stderr)
         return 2
-    print(format_report(man))
+    print(format_report(man, verbose=args.verbose))
     if args.verbose:
         print(json.dumps(man, indent=2))
     if man.get("passed") is False:
         print("discl world: a quality gate FAILED (see above); artifacts were written but should not be trusted.",
               file=sys.stderr)
         return 1
+    if args.ship:
+        from discl_ray.toyworld import ship
+
+        if man.get("passed") is not True or man.get("source") != "trained":
+            print("discl world: --ship needs a world trained here that passed its gates (use --force, no --no-gates)",
+                  file=sys.stderr)
+            return 2
+        shipped = ship.export(cache, man)
+        print(f"shipped copy: {ship.ASSET_DIR} ({shipped['size_mb']:.2f} MB, "
+              f"{shipped['token_rows']['stored']} token rows stored)")
     return 0
 
 

@@ -171,7 +171,9 @@ def test_job_on_ray_resumes_and_records_errors(models, tmp_path, ray_local):
     assert (row["lam"], row["seed"], row["steps"], row["guidance_scale"]) == (0.9, 1, 10, 3.0)
     assert json.loads((tmp_path / "runs" / "gt" / "generate" / "summary.json").read_text())["failed"] == 8
     grid = Image.open(tmp_path / "runs" / "gt" / "generate" / "spectrum_grid.png")
-    assert grid.width == 5 * 34 and grid.height == 12 + 2 * 34     # real + 2 λ × 2 seeds; 2 sources
+    # real + 2 λ × 2 seeds, 2 sources; 32 px images shown at 96 px (×3, nearest), λ groups set apart
+    # columns at x = 0 | 104, 202 | 306, 404 (cell 96 + gap 2, +6 between groups); label row 20 px
+    assert grid.size == (404 + 96, 20 + 2 * 98)
 
     tracked = cfg.model_copy(deep=True)                           # nothing left: no duplicates appear
     tracked.tracking.enabled = True

@@ -112,3 +112,25 @@ def test_unknown_experiment_names_existing(store):
     uri = store[0]
     with pytest.raises(ValueError, match="'nope' not found.*rep"):
         build_tables(uri, "nope")
+
+
+def test_lam_plot_draws_real_only_epochs_and_the_baseline(tmp_path):
+    """Real-only epochs (sentinel λ = −1) and a `none` baseline appear as markers in their own band."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from discl_ray.report import plot_lams
+
+    rows = [{"run_id": "b", "strategy": "none", "epoch": e, "lam": -1.0} for e in range(6)]
+    path = plot_lams(pd.DataFrame(rows), tmp_path / "lam.png")
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    h, w, _ = img.shape
+    blue = (np.abs(img - np.array([31, 119, 180])).sum(-1) < 60)      # matplotlib's C0: the first strategy
+    plot_area = blue[:, : int(0.7 * w)]                                 # the legend sits right of the axes
+    ys = np.nonzero(plot_area)[0]
+    assert len(ys) > 50 and ys.min() > 0.6 * h        # six markers, all in the lower band, none on the λ axis
+
+    mixed = rows + [{"run_id": "d", "strategy": "diverse_to_specific", "epoch": e, "lam": v}
+                    for e, v in enumerate([0.0, 0.5, 0.9, float("nan"), -1.0, -1.0])]
+    assert plot_lams(pd.DataFrame(mixed), tmp_path / "lam2.png").is_file()

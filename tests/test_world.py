@@ -5,6 +5,7 @@ One module-scoped run (~30-60 s on 2 idle cores) is shared by the tests; the ful
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -133,7 +134,8 @@ def test_bad_image_size_is_a_clear_error(tmp_path):
 def test_full_budget_world_passes_its_gates(tmp_path):
     from discl_ray.toyworld.train import train_world
 
-    man = train_world(tmp_path, seed=0, image_size=32, progress=False)
+    man = train_world(tmp_path, seed=0, image_size=32, progress=False, force=True)    # not the shipped copy
+    assert man["source"] == "trained"
     g = man["gates"]
     assert g["clip"]["zero_shot_acc"] >= 0.90
     assert g["generator"]["lam0_acc"] >= 0.60 and g["generator"]["agreement_rises"]
@@ -163,3 +165,68 @@ def test_generator_text_encoder_is_the_toy_clip_text_tower(tmp_path):
     oc = open_clip.get_tokenizer(toyworld.TOY_CLIP)(["a photo of the digit seven"])[0]
     n = int((oc != 0).sum())
     assert torch.equal(oc[:n], ids[0, :n])
+
+
+def test_shipped_form_round_trips_the_trained_models(smoke_world, tmp_path):
+    """export → install reproduces the trained models (float16 storage, token rows rebuilt from the seed)."""
+    import open_clip
+
+    from discl_ray.toyworld import clip as clip_mod
+    from discl_ray.toyworld import generator as gen_mod
+    from discl_ray.toyworld import ship
+    from discl_ray.toyworld.data import heldout
+
+    cache, man = smoke_world
+    assets = tmp_path / "assets"
+    shipped = ship.export(cache, man, assets)
+    assert shipped["settings"] == man["settings"] and shipped["code_version"]["toyworld_sha256"]
+    assert shipped["token_rows"]["stored"] < 100 and shipped["size_mb"] < 5
+    assert ship.available(man["settings"], assets) and not ship.available({**man["settings"], "seed": 1}, assets)
+    pipe, judge, clip_model = ship.install(tmp_path / "cache", assets)
+
+    x = heldout(0, 32)[0][:16]
+    ref_clip, _, _ = clip_mod.load(*toyworld.clip_files(cache))
+    tok = open_clip.get_tokenizer(toyworld.TOY_CLIP)
+    # a prompt of the captions, and one whose tokens were never trained (rows rebuilt from the seed)
+    texts = tok(["a photo of the digit seven", "an oil painting of a cat"])
+    with torch.no_grad():
+        torch.testing.assert_close(clip_model.encode_text(texts), ref_clip.encode_text(texts), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(clip_model.encode_image(x), ref_clip.encode_image(x), atol=2e-3, rtol=2e-3)
+        ref_judge = torch.jit.load(str(toyworld.classifier_file(cache)))
+        torch.testing.assert_close(judge(x), ref_judge(x), atol=2e-2, rtol=2e-2)
+        again = torch.jit.load(str(toyworld.classifier_file(tmp_path / "cache")))
+        torch.testing.assert_close(again(x), judge(x))
+    ref = gen_mod.load(toyworld.generator_dir(cache))
+    got = gen_mod.load(toyworld.generator_dir(tmp_path / "cache"))   # what the generation stage loads
+    kw = dict(prompt=["a photo of the digit seven"], image=x[:1], strength=0.5, guidance_scale=3.0,
+              num_inference_steps=6, output_type="np")
+    a = ref(**kw, generator=[torch.Generator().manual_seed(0)]).images[0]
+    b = got(**kw, generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert np.abs(a - b).max() < 0.02
+
+
+def test_shipped_weights_pass_the_gates():
+    """The models in the package (float16) pass the same gates as the float32 run that made them."""
+    from discl_ray.toyworld import data, ship
+    from discl_ray.toyworld.train import FULL_BUDGET_S, WorldPlan, evaluate_gates
+
+    man = ship.read_manifest()
+    if man is None:
+        pytest.fail("no shipped toy world under discl_ray/assets/toyworld (make it: discl world --force --ship)")
+    assert (ship.ASSET_DIR / ship.WEIGHTS).stat().st_size < 5 * 2**20
+    assert man["trained"]["passed"] is True and man["code_version"]
+    torch.set_num_threads(2)
+    import tempfile
+    from pathlib import Path
+
+    s = man["settings"]
+    assert s["plan"] == json.loads(json.dumps(dataclasses.asdict(WorldPlan.for_budget(FULL_BUDGET_S))))
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe, judge, clip_model = ship.install(Path(tmp))
+        xh, yh = data.heldout(s["seed"], s["image_size"], s["world_fraction"])
+        gates = evaluate_gates(pipe, judge, clip_model, xh, yh, WorldPlan(**{**s["plan"], "share": tuple(s["plan"]["share"])}),
+                               s["seed"])
+    assert gates["clip"]["zero_shot_acc"] >= 0.90, gates["clip"]
+    assert gates["generator"]["lam0_acc"] >= 0.60 and gates["generator"]["agreement_rises"], gates["generator"]
+    # the judge has no threshold of its own: its float16 copy must judge like the float32 one did
+    assert abs(gates["classifier"]["heldout_acc"] - man["trained"]["gates"]["classifier"]["heldout_acc"]) <= 0.01

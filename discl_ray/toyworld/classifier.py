@@ -7,6 +7,7 @@ so the mining stage can load it with ``torch.jit.load`` and no project code."""
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,7 +81,9 @@ def predict(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
 def save_torchscript(model: nn.Module, path: Path, image_size: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    scripted = torch.jit.trace(model.eval(), torch.rand(2, 3, image_size, image_size))
+    with warnings.catch_warnings():     # TorchScript is deprecated upstream but is the loader's contract here
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        scripted = torch.jit.trace(model.eval(), torch.rand(2, 3, image_size, image_size))
     scripted.save(str(path))
     return path
 

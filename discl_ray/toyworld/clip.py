@@ -8,6 +8,7 @@ plus a state dict (``toy-clip.pt``), so the scoring stage loads it exactly like 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -42,7 +43,14 @@ def build(image_size: int, json_path: Path, seed: int = 0):
     json_path.write_text(json.dumps(clip_config(image_size), indent=2) + "\n", encoding="utf-8")
     register(json_path)
     torch.manual_seed(seed)
-    return open_clip.create_model(TOY_CLIP, pretrained=None)
+    # A random init is what this asks for; open_clip warns about it on the root logger (no library logger
+    # whose level could be set), so logging is muted for the duration of the call.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(TOY_CLIP, pretrained=None)
+    finally:
+        logging.disable(previous)
 
 
 def load(json_path: Path, weights: Path):

@@ -41,6 +41,15 @@ def generate(pipe, sources: torch.Tensor, labels: torch.Tensor, lam: float, guid
     return torch.cat(out)
 
 
+def agreement_rises(vals: list[float]) -> bool:
+    """Each λ step may dip by at most ``MONOTONE_SLACK`` and the last beats the first. Compared with a
+    tolerance: accuracies are image counts / n, so a dip of exactly 3 of 100 images (0.97 → 0.94) must pass,
+    which 0.94 >= 0.97 - 0.03 does not in floating point."""
+    eps = 1e-6
+    return (all(b >= a - MONOTONE_SLACK - eps for a, b in zip(vals, vals[1:]))
+            and vals[-1] > vals[0] + eps)
+
+
 def balanced_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:
     """Indices of ``per_class`` images of every class (deterministic for a seed)."""
     gen = torch.Generator().manual_seed(seed)
@@ -70,7 +79,7 @@ def generator_gate(pipe, judge, images: torch.Tensor, labels: torch.Tensor, per_
     gen = generate(pipe, src, shifted, 0.0, guidance, steps, seed + 1)
     text_only = float((predict(judge, gen) == shifted).float().mean())
     vals = [acc[f"{lam:g}"] for lam in lams]
-    rising = all(b >= a - MONOTONE_SLACK for a, b in zip(vals, vals[1:])) and vals[-1] > vals[0]
+    rising = agreement_rises(vals)
     result = {"passed": bool(vals[0] >= MIN_TEXT_ACC and rising), "lam0_acc": vals[0],
               "min_lam0_acc": MIN_TEXT_ACC, "agreement_rises": bool(rising), "acc_by_lam": acc,
               "lam0_shifted_prompt_acc": text_only, "guidance": guidance, "steps": steps,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from discl_ray import toyworld
-from discl_ray.toyworld import gates
+from discl_ray.toyworld import gates, ship
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ def train_world(cache_dir: Path, seed: int = 0, image_size: int = 32, budget_s: 
     if not force and (man := _cached(cache_dir, settings)) is not None:
         log.info("toy world cached at %s (reused; --force retrains)", toyworld.toy_dir(cache_dir))
         return {**man, "reused": True}
+    if not force and ship.available(settings):
+        return install_shipped(cache_dir, settings, plan, budget_s, check_gates)
     if threads:
         torch.set_num_threads(threads)
     root = toyworld.toy_dir(cache_dir)
@@ -155,7 +157,8 @@ def train_world(cache_dir: Path, seed: int = 0, image_size: int = 32, budget_s: 
     gen_mod.save(pipe, toyworld.generator_dir(cache_dir))
     timing["train_total"] = {"seconds": time.perf_counter() - t_start, "cpu_seconds": time.process_time() - c_start}
 
-    manifest = {"settings": settings, "budget_s": budget_s, "timing": timing,
+    manifest = {"settings": settings, "source": "trained", "code_version": ship.code_version(),
+                "budget_s": budget_s, "timing": timing,
                 "params": {"classifier": _n_params(judge), "clip": _n_params(clip_model), "vae": _n_params(vae),
                            "unet": _n_params(ema_unet), "text_encoder": _n_params(ema_text)},
                 "size_mb": {"generator": _dir_mb(toyworld.generator_dir(cache_dir)),
@@ -168,6 +171,41 @@ def train_world(cache_dir: Path, seed: int = 0, image_size: int = 32, budget_s: 
                                  and "passed" in g)
     manifest["timing"]["total"] = {"seconds": time.perf_counter() - t_start,
                                    "cpu_seconds": time.process_time() - c_start}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def install_shipped(cache_dir: Path, settings: dict, plan: WorldPlan, budget_s: float,
+                    check_gates: bool = True) -> dict:
+    """Unpack the models shipped with the package into the cache and run the same gates on them (the
+    float16 copies must pass what the trained float32 models passed); returns the cache's manifest."""
+    from discl_ray.toyworld import data
+
+    root = toyworld.toy_dir(cache_dir)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    t_start, c_start = time.perf_counter(), time.process_time()
+    shipped = ship.read_manifest() or {}
+    pipe, judge, clip_model = ship.install(cache_dir)
+    timing = {"install": {"seconds": time.perf_counter() - t_start, "cpu_seconds": time.process_time() - c_start}}
+    manifest = {"settings": settings, "source": "shipped", "code_version": shipped.get("code_version"),
+                "budget_s": budget_s, "timing": timing,
+                "params": {"classifier": _n_params(judge), "clip": _n_params(clip_model), "vae": _n_params(pipe.vae),
+                           "unet": _n_params(pipe.unet), "text_encoder": _n_params(pipe.text_encoder)},
+                "size_mb": {"shipped": shipped.get("size_mb"),
+                            "generator": _dir_mb(toyworld.generator_dir(cache_dir)),
+                            "clip": _dir_mb(toyworld.clip_files(cache_dir)[0].parent),
+                            "classifier": round(toyworld.classifier_file(cache_dir).stat().st_size / 2**20, 3)},
+                "trained": shipped.get("trained"), "gates": {}, "passed": None, "reused": False}
+    if check_gates:
+        xh, yh = data.heldout(settings["seed"], settings["image_size"], settings["world_fraction"])
+        g0, c0 = time.perf_counter(), time.process_time()
+        manifest["gates"] = evaluate_gates(pipe, judge, clip_model, xh, yh, plan, settings["seed"])
+        manifest["passed"] = all(g["passed"] for g in manifest["gates"].values() if isinstance(g, dict)
+                                 and "passed" in g)
+        timing["gates"] = {"seconds": time.perf_counter() - g0, "cpu_seconds": time.process_time() - c0}
+    timing["total"] = {"seconds": time.perf_counter() - t_start, "cpu_seconds": time.process_time() - c_start}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
