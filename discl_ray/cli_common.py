@@ -54,12 +54,13 @@ def run_stage(argv: list[str] | None, prog: str, description: str,
         print(f"discl {prog}: {err}", file=sys.stderr)
         return 2
     from discl_ray.preflight import PreflightError
+    from discl_ray.runtime import TrackingConfigError
     from discl_ray.tracking import TrackingUnavailable
 
     logs.setup(args.verbose, cfg.run_root)
     try:
         return int(body(cfg, args) or 0)
-    except PreflightError as err:
+    except (PreflightError, TrackingConfigError) as err:
         print(f"discl {prog}: {err}", file=sys.stderr)
         return 2
     except TrackingUnavailable as err:

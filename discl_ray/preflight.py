@@ -208,6 +208,13 @@ def _train_inputs(cfg, notes: list[str]) -> None:
     from discl_ray.runtime import RunPaths
 
     tc = cfg.training
+    if tc.init_from:           # the baseline run this one starts from must exist (Algorithm 1's pretrained f_θ)
+        from discl_ray.training.init_from import resolve_checkpoint
+
+        try:
+            resolve_checkpoint(cfg, tc.init_from)
+        except (FileNotFoundError, ValueError) as err:
+            raise PreflightError(str(err)) from None
     if tc.init_checkpoint and not _is_remote(tc.init_checkpoint):
         p = Path(tc.init_checkpoint)
         if not (p.is_file() or (p / "state.pt").is_file() or (p / "model.pt").is_file()):

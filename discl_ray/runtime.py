@@ -139,9 +139,35 @@ def init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     """Start a local Ray cluster (default) or join ``ray.address``; a no-op when Ray is already up.
 
     Thread-safe: stages run concurrently from one driver (the quickstart's trainings, ``bench replicate``)
-    share one cluster; without the lock two threads could both see Ray down and start two."""
+    share one cluster; without the lock two threads could both see Ray down and start two.
+
+    From a non-main thread the start runs on a keeper thread that never exits: Ray's GCS and raylet are
+    started with a parent-death signal, which Linux sends when the *thread* that started them ends, so a
+    cluster started by a short-lived worker thread died with it (every later call hung on the GCS)."""
     with _INIT_LOCK:
-        _init_ray(cfg, **kwargs)
+        if threading.current_thread() is threading.main_thread():
+            _init_ray(cfg, **kwargs)
+        else:
+            _on_keeper_thread(lambda: _init_ray(cfg, **kwargs))
+
+
+def _on_keeper_thread(fn) -> None:
+    """Run ``fn`` on a daemon thread that then waits for the life of the process; re-raise its error."""
+    box: dict = {}
+    ready = threading.Event()
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as err:  # noqa: BLE001 — handed to the caller
+            box["error"] = err
+        ready.set()
+        threading.Event().wait()      # keep the processes this thread started alive
+
+    threading.Thread(target=run, name="discl-ray-keeper", daemon=True).start()
+    ready.wait()
+    if "error" in box:
+        raise box["error"]
 
 
 # Environment a driver forwards to its workers: object-store credentials/endpoints, the tracking store and

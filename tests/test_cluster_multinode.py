@@ -63,7 +63,7 @@ def test_generate_and_score_actors_run_on_the_gpu_node(tmp_path, two_nodes):
     bad = _cli("generate", cfg_path, "tracking.enabled=true")
     assert bad.returncode == 2 and "tracking.tracking_uri" in bad.stderr and "http(s)" in bad.stderr, bad.stderr[-2000:]
 
-    gen = _cli("generate", cfg_path)
+    gen = _cli("generate", cfg_path, "-v")                              # -v: worker logs reach the driver
     assert gen.returncode == 0, gen.stderr[-4000:]
     assert "falling back to CPU" in gen.stderr + gen.stdout          # auto resolved inside the actor
     summary = json.loads((tmp_path / "runs" / "gt" / "generate" / "summary.json").read_text())

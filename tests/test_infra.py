@@ -356,10 +356,14 @@ def test_dockerignore_keeps_environments_and_runs_out_of_the_context():
         out = out.replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
         return out
 
-    def ignored(path: str) -> bool:  # a matched directory excludes everything under it
+    def ignored(path: str) -> bool:  # a matched directory excludes everything under it; the last match wins
         parts = path.split("/")
-        return any(re.fullmatch(regex(pat), "/".join(parts[:i]))
-                   for i in range(1, len(parts) + 1) for pat in patterns)
+        state = False
+        for pat in patterns:
+            neg = pat.startswith("!")
+            if any(re.fullmatch(regex(pat.lstrip("!")), "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
+                state = not neg
+        return state
 
     for path in (".venv/bin/python", "runs/toy_lt/mlflow.db", ".git/HEAD", "discl_ray/__pycache__/x.pyc",
                  "data/wilds/iwildcam_v2.0/metadata.csv", "mlruns/0/meta.yaml"):
