@@ -180,7 +180,10 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
             _check(console, title, rc, tolerate)
 
         def together(steps: list[tuple[str, list[str]]], exp: str) -> None:
-            for _title, argv in steps:
+            for title, argv in steps:
+                if fh is not None:
+                    print(f"\n=== {title} (at the same time as the other arm)\n$ discl train {shlex.join(argv)}",
+                          flush=True)
                 console.line(f"$ discl train {shlex.join(a for a in argv if a not in common)}   (at the same time)")
             start = time.perf_counter()
             with ThreadPoolExecutor(max_workers=len(steps)) as pool:
