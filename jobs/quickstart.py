@@ -149,8 +149,6 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
     lt_cfg = load_config(_config("digits_lt.yaml"), [f"run_root={run_root}", *extra])
     root = RunPaths.from_config(lt_cfg).root
     if not (lt_cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        # A local cluster: say that token auth (Ray's default) is wanted, so Ray does not warn that it chose it.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # One machine: Ray's processes talk over loopback, not the machine's network address.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # Ray Train's controller takes one reported result per poll of its workers, every 2 s by default, and a
@@ -182,7 +180,10 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
             _check(console, title, rc, tolerate)
 
         def together(steps: list[tuple[str, list[str]]], exp: str) -> None:
-            for _title, argv in steps:
+            for title, argv in steps:
+                if fh is not None:
+                    print(f"\n=== {title} (at the same time as the other arm)\n$ discl train {shlex.join(argv)}",
+                          flush=True)
                 console.line(f"$ discl train {shlex.join(a for a in argv if a not in common)}   (at the same time)")
             start = time.perf_counter()
             with ThreadPoolExecutor(max_workers=len(steps)) as pool:
