@@ -34,7 +34,14 @@ def make_tiny_clip(tmp_dir: str | Path, name: str = TINY_CLIP, seed: int = 0) ->
     if not weights_path.is_file():
         open_clip.add_model_config(json_path)
         torch.manual_seed(seed)
-        model = open_clip.create_model(name, pretrained=None)
+        import logging
+
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)       # open_clip's "random init" warning: a fixture, not the CLI under test
+        try:
+            model = open_clip.create_model(name, pretrained=None)
+        finally:
+            logging.disable(previous)
         torch.save(model.state_dict(), weights_path)
     return json_path, weights_path
 
