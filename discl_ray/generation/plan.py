@@ -78,12 +78,10 @@ def block_sources(gen: "GenerationConfig") -> int:
     return max(1, -(-want // per_source))
 
 
-def prepare_sources(batch: pa.Table, lams: list[float], seeds: list[int], skip: Iterable[str] = (),
-                    root: Optional[str] = None, width: Optional[int] = None,
-                    height: Optional[int] = None) -> pa.Table:
-    """Sources → one row per source with a missing key: resized PNG (decoded once) + its missing (λ, seed)."""
+def _pending(batch: pa.Table, lams, seeds, skip, root, width, height):
+    """(row, missing (λ, seed) pairs, resized source PNG or None, error) for each source with a missing key;
+    each source is decoded once, an undecodable one carries its error instead."""
     skip = skip if isinstance(skip, (set, frozenset)) else set(skip)
-    out: dict[str, list] = {k: [] for k in PREP_SCHEMA.names}
     for row in batch.to_pylist():
         sid = row["source_image_id"]
         todo = [(lam, seed) for lam in lams for seed in seeds if output_key(sid, lam, seed) not in skip]
@@ -95,6 +93,16 @@ def prepare_sources(batch: pa.Table, lams: list[float], seeds: list[int], skip: 
                 source = load_source(row["image"], row["path"], root, width, height)
             except ImageLoadError as err:
                 error = str(err)
+        yield row, todo, source, error
+
+
+def prepare_sources(batch: pa.Table, lams: list[float], seeds: list[int], skip: Iterable[str] = (),
+                    root: Optional[str] = None, width: Optional[int] = None,
+                    height: Optional[int] = None) -> pa.Table:
+    """Sources → one row per source with a missing key: resized PNG (decoded once) + its missing (λ, seed)."""
+    out: dict[str, list] = {k: [] for k in PREP_SCHEMA.names}
+    for row, todo, source, error in _pending(batch, lams, seeds, skip, root, width, height):
+        sid = row["source_image_id"]
         out["source_image_id"].append(sid)
         out["label"].append(row["label"])
         out["class_name"].append(row["class_name"])
@@ -189,22 +197,11 @@ def load_source(image: Optional[bytes], path: Optional[str], root: Optional[str]
 def fan_out(batch: pa.Table, lams: list[float], seeds: list[int], skip: Iterable[str] = (),
             root: Optional[str] = None, width: Optional[int] = None, height: Optional[int] = None) -> pa.Table:
     """Sources → one work row per (λ, seed) key not in ``skip``; each source is decoded once."""
-    skip = skip if isinstance(skip, (set, frozenset)) else set(skip)
     out: dict[str, list] = {k: [] for k in WORK_SCHEMA.names}
-    for row in batch.to_pylist():
+    for row, todo, source, error in _pending(batch, lams, seeds, skip, root, width, height):
         sid = row["source_image_id"]
-        keys = [(lam, seed, output_key(sid, lam, seed)) for lam in lams for seed in seeds]
-        keys = [k for k in keys if k[2] not in skip]
-        if not keys:
-            continue
-        error, source = row["error"] or "", None
-        if not error:
-            try:
-                source = load_source(row["image"], row["path"], root, width, height)
-            except ImageLoadError as err:
-                error = str(err)
-        for lam, seed, key in keys:
-            out["key"].append(key)
+        for lam, seed in todo:
+            out["key"].append(output_key(sid, lam, seed))
             out["source_image_id"].append(sid)
             out["label"].append(row["label"])
             out["class_name"].append(row["class_name"])
