@@ -34,6 +34,19 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_private():
+    """A fresh 2-CPU local cluster: address="local" never joins another cluster found on the machine."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture()
 def run_root(tmp_path):
     """A fresh run root for one test."""

@@ -190,19 +190,6 @@ def test_discl_mine_with_the_trained_baseline(tmp_path, capsys):
         trained_run_probs(wrong, train, "cpu")
 
 
-@pytest.fixture(scope="module")
-def ray_private():
-    """A fresh 2-CPU local cluster: address="local" never joins another cluster found on the machine."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_lp_ft_with_wise_on_ray_train(tmp_path, ray_private):
     """LP-FT + WE end to end on Ray Train: the trainer's own tiny CLIP, head-only epoch, α chosen on val."""

@@ -121,19 +121,6 @@ def test_cli_fails_before_training_when_the_baseline_is_missing(tmp_path, capsys
     assert code == 2 and "discl train: training.init_from" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def ray_private():
-    """A fresh 2-CPU local cluster: address="local" never joins another cluster found on the machine."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_discl_run_starts_from_a_trained_baseline(tmp_path, ray_private):
     """The whole chain on Ray Train: baseline run -> DisCL run named after it (weights carried over)."""

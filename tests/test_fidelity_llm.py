@@ -47,19 +47,6 @@ class TinyChatModel:
 
 
 @pytest.fixture(scope="module")
-def ray_private():
-    """A fresh 2-CPU local cluster: address="local" never joins another cluster found on the machine."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server():
     model = TinyChatModel()
     seen: list[dict] = []
