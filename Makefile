@@ -6,6 +6,13 @@ STAMP   := $(VENV)/.discl-installed
 # INSTALLER=pip skips uv (uv is the default: it resolves and installs several times faster than pip).
 INSTALLER ?= uv
 
+# Python caches compiled modules (.pyc) beside their sources unless PYTHONDONTWRITEBYTECODE is set. Some
+# machines set it for every shell: then each process, every Ray worker included, compiles torch, Ray, MLflow,
+# diffusers and open_clip from source at import, about twice the CPU of each worker's start
+# (docs/benchmarks.md, "Quickstart"). The commands here let Python write its caches into the project's venv:
+# the first process to import a module writes them and every later process reads them.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: setup test test-all quickstart lint format mlflow-ui clean
 
 # uv does not read pip's configuration (pip.conf, PIP_* variables): hand it the package indexes, find-links
