@@ -23,6 +23,9 @@ CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Libraries whose INFO lines are bookkeeping (schema migrations, HTTP, model-file parsing).
 CHATTY = ("alembic", "urllib3", "httpx", "filelock", "matplotlib", "PIL", "fsspec", "numba")
+# Notices a user cannot act on: Ray's note, at every local start, that it enabled token authentication for
+# the cluster it started (it stays enabled; --verbose shows the notice).
+NOTICES = ("ray._private.authentication.authentication_token_setup",)
 
 # Ray Data's own logging config (ray.data._internal.logging.DEFAULT_CONFIG) with the console at WARNING:
 # its per-dataset "Starting execution / Execution plan" INFO lines still go to ray-data.log.
@@ -66,7 +69,10 @@ def quiet_env(verbose: bool) -> dict[str, str]:
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if not verbose:
         env |= {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
-                "RAY_LOG_TO_DRIVER_EVENT_LEVEL": "ERROR"}     # autoscaler/event chatter on the driver
+                "RAY_LOG_TO_DRIVER_EVENT_LEVEL": "ERROR",     # autoscaler/event chatter on the driver
+                # MLflow's loggers get their own stderr handler at import ("Creating initial MLflow database
+                # tables..." on a new sqlite store); the level is read from here when they are configured.
+                "MLFLOW_LOGGING_LEVEL": "WARNING"}
     return env
 
 
@@ -122,6 +128,8 @@ def setup(verbose: bool = False, run_root: str | Path | None = None) -> Path | N
             _warnings_to_file(handlers)
         for name in CHATTY:
             logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+        for name in NOTICES:
+            logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
         _configure_ray(verbose, handlers[1:], path)
         _configure_hf(verbose)
         _state.update(key=(verbose, path), handlers=handlers)
