@@ -225,8 +225,8 @@ def test_shipped_form_round_trips_the_trained_models(smoke_world, tmp_path):
 
 def test_shipped_weights_pass_the_gates():
     """The models in the package (float16) pass the same gates as the float32 run that made them."""
-    from discl_ray.toyworld import data, ship
-    from discl_ray.toyworld.train import FULL_BUDGET_S, WorldPlan, evaluate_gates
+    from discl_ray.toyworld import ship
+    from discl_ray.toyworld.train import FULL_BUDGET_S, LOAD_GATE_DDIM_STEPS, WorldPlan, train_world
 
     man = ship.read_manifest()
     if man is None:
@@ -240,10 +240,12 @@ def test_shipped_weights_pass_the_gates():
     s = man["settings"]
     assert s["plan"] == json.loads(json.dumps(dataclasses.asdict(WorldPlan.for_budget(FULL_BUDGET_S))))
     with tempfile.TemporaryDirectory() as tmp:
-        pipe, judge, clip_model = ship.install(Path(tmp))
-        xh, yh = data.heldout(s["seed"], s["image_size"], s["world_fraction"])
-        gates = evaluate_gates(pipe, judge, clip_model, xh, yh, WorldPlan(**{**s["plan"], "share": tuple(s["plan"]["share"])}),
-                               s["seed"])
+        # the path `discl world` and the quickstart take: unpack, then the load-time gates
+        got = train_world(Path(tmp), seed=s["seed"], image_size=s["image_size"], world_fraction=s["world_fraction"],
+                          train_text=s["train_text"], progress=False)
+    assert got["source"] == "shipped" and got["passed"] is True, got["gates"]
+    gates = got["gates"]
+    assert gates["generator"]["steps"] == LOAD_GATE_DDIM_STEPS and gates["generator"]["n_per_lam"] == 100
     assert gates["clip"]["zero_shot_acc"] >= 0.90, gates["clip"]
     assert gates["generator"]["lam0_acc"] >= 0.60 and gates["generator"]["agreement_rises"], gates["generator"]
     # the judge has no threshold of its own: its float16 copy must judge like the float32 one did
