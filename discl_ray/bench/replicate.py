@@ -181,12 +181,14 @@ def run_key(cfg, code: str | None = None) -> str:
     return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
-def _prepare(config: str, common: list[str]) -> None:
-    """Cached data path up to the filtered spectrum (each stage resumes or reuses its output)."""
+def _prepare(config: str, common: list[str], world_gates: bool = False) -> None:
+    """Cached data path up to the filtered spectrum (each stage resumes or reuses its output). The toy world's
+    quality gates run only with ``world_gates`` (`discl world` checks them; minutes on a loaded machine)."""
     from jobs import generate, mine, prompts, score, world
 
     for stage in (world, prompts, mine, generate, score):
-        rc = stage.main(["--config", config, *common])
+        extra = ["--no-gates"] if stage is world and not world_gates else []
+        rc = stage.main(["--config", config, *extra, *common])
         if stage is world and rc == 1:   # a missed quality gate: models exist; the tables say what they show
             print("WARNING: a toy-world quality gate failed (see above); going on with the cached models")
         elif rc:
@@ -223,7 +225,7 @@ def result_path(cache_root: Path, world: str, task: str, name: str) -> Path:
 def run_task(config: str, arms, seeds: list[int], common: list[str], experiment: str,
              concurrent: int = 2, *, task: str = "digits_lt", world: str = "clean", vary: str = "data",
              other_seeds: list[int] | None = None, cache_root: Path | None = None,
-             collect: bool = False) -> dict[str, list[dict]]:
+             collect: bool = False, world_gates: bool = False) -> dict[str, list[dict]]:
     """Every arm × seed through ``fit`` (``concurrent`` runs share the Ray cluster at once, one CPU each), a
     finished run's metrics read back from its result file instead; ``collect`` trains nothing."""
     from concurrent.futures import ThreadPoolExecutor
@@ -256,7 +258,7 @@ def run_task(config: str, arms, seeds: list[int], common: list[str], experiment:
     if collect:
         todo = []
     for data_over in sorted({tuple(p[2]) for p in todo}):   # the data path of every data seed that still trains
-        _prepare(config, [*common, *data_over])
+        _prepare(config, [*common, *data_over], world_gates)
 
     def one(item) -> dict:
         from discl_ray.training import fit
@@ -348,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-root", default="runs")
     p.add_argument("--concurrent", type=int, default=2,
                    help="training runs at once (each Ray Train run holds one CPU; default 2)")
+    p.add_argument("--world-gates", action="store_true",
+                   help="run the toy world's quality gates before training (default: `discl world` checks them)")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: tables and JSON from the finished runs of the current config and code")
     p.add_argument("--json", default=None, help="write, per world and task, every arm's per-seed metrics, "
@@ -384,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = LQ_EXTRA if t == "lq" else []
             rows = run_task(str(root / WORLDS[world][t]), arms, args.seeds, [*common, *extra],
                             f"{experiment}_{world}", args.concurrent, task=task, world=world, vary=args.vary,
-                            other_seeds=other_seeds, cache_root=cache_root, collect=args.collect)
+                            other_seeds=other_seeds, cache_root=cache_root, collect=args.collect,
+                            world_gates=args.world_gates)
             wout[task] = {"config": f"configs/toy/{WORLDS[world][t]}", "arms": summarize(rows, arms, cols),
                           "contrasts": contrasts({task: rows})}
             print(f"\n[{world} world] {TITLES[task]}\n")
