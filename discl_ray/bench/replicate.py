@@ -100,7 +100,7 @@ def table(rows: dict[str, list[dict]], arms, cols) -> str:
     head = "| arm | n | " + " | ".join(c for c, _ in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for name, over in arms:
-        res = [r for r in rows.get(name, []) if "error" not in r]
+        res = [r for r in rows.get(name, []) if "error" not in r and not r.get("missing")]
         cells = [_fmt([_metric(r, key, over) for r in res]) for _, key in cols]
         lines.append(f"| {name} | {len(res)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -145,6 +145,8 @@ def contrasts(out: dict) -> list[dict]:
             continue
         arms, cols = (LT_ARMS, LT_COLS) if task == "digits_lt" else (LQ_ARMS, LQ_COLS)
         d = paired_difference(_per_seed(rows, a, col, arms, cols), _per_seed(rows, b, col, arms, cols))
+        if not d["n"]:
+            continue
         res.append({"task": task, "a": a, "b": b, "metric": col, "key": key} | d)
     return res
 
