@@ -2,7 +2,7 @@
 
     discl world [--config FILE] [key=value ...] [--budget-s N] [--force] [--no-gates]
 
-Uses ``dataset.seed``, ``dataset.image_size`` and ``dataset.toy.world_fraction``; caches under
+Uses ``dataset.toy.world_seed`` (None: ``dataset.seed``), ``dataset.image_size`` and ``dataset.toy.world_fraction``; caches under
 ``RunPaths.cache/toyworld``. Without ``--force``, the models shipped with the package
 (``discl_ray/assets/toyworld``) are unpacked instead of trained when they match the settings, and the gates
 run on them. Exit status: 0 when every quality gate passes (or the cache that passed is
@@ -73,12 +73,13 @@ def format_report(man: dict, verbose: bool = False) -> str:
 
 
 def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from discl_ray.data.toy import partition_seed
     from discl_ray.runtime import RunPaths
     from discl_ray.toyworld.train import FULL_BUDGET_S, train_world
 
     cache = RunPaths.from_config(cfg).cache
     try:
-        man = train_world(cache, seed=cfg.dataset.seed, image_size=cfg.dataset.image_size,
+        man = train_world(cache, seed=partition_seed(cfg.dataset), image_size=cfg.dataset.image_size,
                           budget_s=args.budget_s or FULL_BUDGET_S, check_gates=not args.no_gates,
                           force=args.force, world_fraction=cfg.dataset.toy.world_fraction,
                           train_text=args.train_text, max_wall_s=args.max_wall_s)

@@ -47,3 +47,81 @@ def test_run_key_changes_with_config_and_code_not_with_run_root():
     assert R.run_key(base, code) != R.run_key(changed, code)      # a changed arm is rerun, never reused
     assert R.run_key(base, code) != R.run_key(base, code + "x")   # so is one made by other code
     assert len(R.code_version()) == 16
+
+
+def test_key_arms_run_every_seed_the_others_fewer():
+    assert R.arm_seeds("digits_lt", "diverse→specific", [0, 1, 2, 3, 4], [0, 1, 2]) == [0, 1, 2, 3, 4]
+    assert R.arm_seeds("digits_lt", "text-only (λ=0)", [0, 1, 2, 3, 4], [0, 1, 2]) == [0, 1, 2]
+    assert {"adaptive", "random", "FLYP fine-tune"} <= R.KEY_ARMS["digits_lq"]
+    assert {"diverse→specific", "CE", "all-level", "specific→diverse"} <= R.KEY_ARMS["digits_lt"]
+
+
+def test_data_seeds_vary_split_sample_and_noise_but_not_the_world():
+    from discl_ray.data.toy import load_digits_lt, load_world
+
+    base = load_config(TOY, [])
+    assert R.data_overrides(base, 3, "training") == []
+    o0, o1 = R.data_overrides(base, 0, "data"), R.data_overrides(base, 1, "data")
+    c0, c1 = load_config(TOY, o0), load_config(TOY, o1)
+    assert c0.experiment != c1.experiment != base.experiment          # own cached stages per data seed
+    assert (c0.dataset.seed, c1.dataset.seed) == (0, 1)
+    assert not set(c0.generation.seeds) & set(c1.generation.seeds)    # a new spectrum noise draw
+    assert len(c1.generation.seeds) == len(base.generation.seeds)
+    assert c0.dataset.toy.world_seed == c1.dataset.toy.world_seed == base.dataset.seed
+    small = {"dataset.image_size": 8}
+    d0 = c0.dataset.model_copy(update=small)
+    d1 = c1.dataset.model_copy(update=small)
+    # the world the toy models learnt from is the same; the task's training split is a new draw
+    assert load_world(d0)["image_id"].to_pylist() == load_world(d1)["image_id"].to_pylist()
+    t0, t1 = load_digits_lt(d0), load_digits_lt(d1)
+    train = lambda t: {i for i, s in zip(t["image_id"].to_pylist(), t["split"].to_pylist()) if s == "train"}  # noqa: E731
+    assert train(t0) != train(t1) and len(train(t0)) == len(train(t1))
+    assert not train(t1) & set(load_world(d1)["image_id"].to_pylist())
+
+
+def test_a_changed_override_reruns_an_arm_never_reuses_its_result(tmp_path):
+    arms = [("CE", ["training.strategy=none", "training.loss=ce"])]
+    common = [f"run_root={tmp_path}"]
+    kw = dict(task="digits_lt", world="clean", vary="data", other_seeds=[0], cache_root=tmp_path / "c", collect=True)
+    rows = R.run_task(TOY, arms, [0], common, "x", **kw)
+    assert rows["CE"] == [{"seed": 0, "missing": True}]               # nothing finished yet
+    # a finished run's result file, named by its key, is what a rerun of the same config reuses
+    cfg = load_config(TOY, [*common, *R.data_overrides(load_config(TOY, common), 0, "data"), *arms[0][1],
+                            "training.seed=0", "tracking.experiment_name=x"])
+    name = f"{R.run_name('CE', 0)}_{R.run_key(cfg)}"
+    path = R.result_path(tmp_path / "c", "clean", "digits_lt", name)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"seed": 0, "final_test_few_acc": 0.25, "final_test_acc": 0.5}')
+    rows = R.run_task(TOY, arms, [0], common, "x", **kw)
+    assert rows["CE"][0]["final_test_few_acc"] == 0.25
+    # the same arm with a changed override (or made by other code) has another key: rerun, not reused
+    rows = R.run_task(TOY, arms, [0], [*common, "training.lr=0.002"], "x", **kw)
+    assert rows["CE"] == [{"seed": 0, "missing": True}]
+    rows = R.run_task(TOY, [("CE", [*arms[0][1], "training.epochs=39"])], [0], common, "x", **kw)
+    assert rows["CE"] == [{"seed": 0, "missing": True}]
+    # and training-only seeds are other runs than data seeds
+    rows = R.run_task(TOY, arms, [0], common, "x", **(kw | {"vary": "training"}))
+    assert rows["CE"] == [{"seed": 0, "missing": True}]
+
+
+def test_collect_writes_per_world_task_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = R.main(["--collect", "--tasks", "lt", "--arms", "CE", "diverse→specific", "--seeds", "0", "1",
+                 "--run-root", str(tmp_path), "--json", str(out)])
+    assert rc == 0
+    import json
+
+    data = json.loads(out.read_text())
+    lt = data["worlds"]["clean"]["digits_lt"]
+    assert data["vary"] == "data" and set(lt["arms"]) == {"CE", "diverse→specific"}
+    assert lt["arms"]["CE"]["n"] == 0 and lt["arms"]["CE"]["missing_seeds"] == [0, 1]
+    assert "[clean world] digits-LT" in capsys.readouterr().out
+
+
+def test_bad_world_or_arm_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(R.WORLDS, "nowhere", {"lt": "no_such.yaml", "lq": "no_such.yaml"})
+    assert R.main(["--collect", "--worlds", "nowhere", "--run-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--worlds nowhere" in err and "no_such.yaml" in err and "clean" in err
+    assert R.main(["--collect", "--arms", "bogus", "--run-root", str(tmp_path)]) == 2
+    assert "unknown --arms ['bogus']" in capsys.readouterr().err

@@ -27,6 +27,10 @@ class ToyDataConfig(StrictModel):
                                          description="digits-LQ styles only in the OOD test split.")
     severity: float = Field(0.6, ge=0, le=1, description="Corruption strength in [0, 1].")
     lq_ood_per_class: int = Field(15, ge=1, description="digits-LQ OOD test images per class.")
+    world_seed: Optional[int] = Field(
+        None, ge=0, description="Seed of the world/task partition of the digits, which `discl world` trains the toy "
+                                "models on (None = dataset.seed). Set it to keep one world while dataset.seed "
+                                "varies the task's own split and sampling (`discl bench replicate --vary data`).")
     look: Literal["clean", "paper"] = Field(
         "clean", description="Camera look of the task's real images (digits-LT/LQ, every split): 'clean' = the "
                              "world's white-on-black; 'paper' = ink on textured paper, a synthetic-to-real gap.")

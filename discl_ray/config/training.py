@@ -86,10 +86,18 @@ class TrainingConfig(StrictModel):
         None, ge=1, description="Synthetic images per (source, λ) used in training, lowest seeds first after the "
                                 "CLIP filter (the 'how much synthetic data' ablation; None = all).")
     random_real_size: int = Field(30000, ge=1, description="Adaptive: size of the random real set D (Alg. 2).")
-    guidance_val_size: int = Field(2000, ge=1, description="Adaptive: guidance-validation images per λ (set V).")
+    guidance_val_size: int = Field(
+        2000, ge=1, description="Adaptive: most guidance-validation images per λ (set V; paper |V| = 2,000). V is the "
+                                "spectrum of held-out hard sources: at most ⌈size / images per source and λ⌉ "
+                                "of them, and per class at most guidance_val_fraction of its hard images, never "
+                                "all (docs/fidelity.md).")
     probe_steps: Optional[int] = Field(None, ge=1, description="Adaptive: cap on optimizer steps over D per probe.")
-    guidance_val_fraction: float = Field(0.5, gt=0, lt=1,
-                                         description="Adaptive: most hard sources held out of training to form V.")
+    guidance_val_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Adaptive: per class, the most share of its real hard images held out of "
+                                      "training to form V: ⌊fraction · n_c⌋, at most n_c − 1 (a class with one "
+                                      "keeps it); when that is 0 for every class, one image of the class with "
+                                      "the most. With |V| = 2,000 on the paper's data the size cap binds first "
+                                      "(≈ 3 % of iWildCam's hard images).")
     image_size: Optional[int] = Field(None, ge=8, description="Training image side (None = dataset.image_size).")
     eval_batch_size: int = Field(256, ge=1, description="Images per forward pass in evaluation.")
     input_pipeline: Literal["auto", "toy", "resnet", "clip"] = Field(

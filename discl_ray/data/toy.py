@@ -97,10 +97,15 @@ def _table(parts: list[dict[str, list]]) -> pa.Table:
     return pa.table(cols, schema=CANONICAL_SCHEMA)
 
 
+def partition_seed(cfg: "DatasetConfig") -> int:
+    """Seed of the world/task partition: ``toy.world_seed`` when set, else ``dataset.seed``."""
+    return cfg.seed if cfg.toy.world_seed is None else cfg.toy.world_seed
+
+
 def load_world(cfg: "DatasetConfig") -> pa.Table:
     """Canonical rows of the world split (split = 'world')."""
     x, y = _digits()
-    world, _ = _split_indices(cfg.seed, cfg.toy.world_fraction)
+    world, _ = _split_indices(partition_seed(cfg), cfg.toy.world_fraction)
     ims = upsample(x[world], cfg.image_size)
     return _table([_rows([f"digits-{i}" for i in world], ims, y[world], "world", [""] * len(world))])
 
@@ -109,7 +114,7 @@ def load_digits_lt(cfg: "DatasetConfig") -> pa.Table:
     """digits-LT: long-tailed train, balanced val and test, from the task half."""
     t = cfg.toy
     x, y = _digits()
-    _, task = _split_indices(cfg.seed, t.world_fraction)
+    _, task = _split_indices(partition_seed(cfg), t.world_fraction)
     rng = np.random.default_rng(cfg.seed + 1)
     counts = lt_counts(t.n_max, cfg.imbalance_ratio)
     parts = {"train": [], "val": [], "test": []}
@@ -162,7 +167,7 @@ def load_digits_lq(cfg: "DatasetConfig") -> pa.Table:
     """digits-LQ: corrupted digits; ID styles → train/val/test, OOD styles → test_ood."""
     t = cfg.toy
     x, y = _digits()
-    _, task = _split_indices(cfg.seed, t.world_fraction)
+    _, task = _split_indices(partition_seed(cfg), t.world_fraction)
     rng = np.random.default_rng(cfg.seed + 2)
     clean = upsample(x, cfg.image_size)
     if t.look != "clean":            # the camera look first, then each image's corruption style

@@ -297,26 +297,64 @@ def epoch_indices(cfg, pool: Pool, lam: float, rng: np.random.Generator) -> np.n
     return chosen
 
 
+def guidance_val_sources(cfg, pool: Pool, rng: np.random.Generator) -> set:
+    """The hard sources whose spectrum forms V (and which leave the training data with it).
+
+    Rule (``docs/fidelity.md``, "Guidance-validation set"): class ``c`` with ``n_c`` real hard training images
+    gives at most ``min(⌊guidance_val_fraction · n_c⌋, n_c − 1)`` of them, so V never takes all of a class's
+    real hard images (a class with one keeps it), and in all at most ``⌈guidance_val_size / r⌉`` sources
+    (``r`` = synthetic rows per source and λ), taken round-robin over the classes so V spans them. When every
+    class's share rounds down to zero, one source of the class with the most hard images (≥ 2) is held out,
+    so V is never empty when it can be filled. The paper's |V| = 2,000 on iWildCam (8,260 hard images × 8
+    seeds per λ) binds through the size cap (≈ 250 sources, 3 % of them); small data binds through the share."""
+    tc = cfg.training
+    syn = pool.split == "syn"
+    syn_sources, counts = np.unique(pool.source[syn].astype(str), return_counts=True)
+    if len(syn_sources) < 2:
+        raise ValueError(f"adaptive strategy needs synthetic rows of at least 2 hard sources (got {len(syn_sources)}); "
+                         "lower training.threshold or generate more")
+    per_source = max(1, int(counts.max()) // max(1, len([v for v in tc.lams if v < 1.0])))
+    cap = math.ceil(tc.guidance_val_size / per_source)
+    hard_real = pool.where(pool.hard)
+    label_of = dict(zip(pool.source[hard_real].tolist(), pool.labels[hard_real].tolist()))
+    n_hard = np.bincount(pool.labels[hard_real], minlength=pool.num_classes)
+    has_syn = set(syn_sources.tolist())
+    per_class: dict[int, list] = {}
+    for src in sorted(has_syn & set(label_of)):
+        per_class.setdefault(int(label_of[src]), []).append(src)
+    allowed = {c: min(int(math.floor(tc.guidance_val_fraction * n_hard[c] + 1e-9)), int(n_hard[c]) - 1, len(srcs))
+               for c, srcs in per_class.items()}
+    if not any(allowed.values()):
+        fillable = [c for c, srcs in per_class.items() if n_hard[c] >= 2 and srcs]
+        if not fillable:
+            raise ValueError("adaptive strategy: no class has 2 or more hard images with synthetic rows, so a "
+                             "guidance-validation set would take a class's only hard image; mine more hard "
+                             "samples or use a non-adaptive training.strategy")
+        top = max(fillable, key=lambda c: (n_hard[c], -c))
+        allowed[top] = 1
+    queues = {c: list(rng.permutation(np.array(per_class[c], dtype=object))[:k]) for c, k in allowed.items() if k}
+    order = [int(c) for c in rng.permutation(np.array(sorted(queues)))]
+    held: list = []
+    while len(held) < cap and any(queues.values()):
+        for c in order:
+            if queues[c] and len(held) < cap:
+                held.append(queues[c].pop(0))
+    return set(held)
+
+
 def choose_guidance_val(cfg, pool: Pool, rng: np.random.Generator) -> dict[float, np.ndarray]:
     """Algorithm 2's guidance-validation set V: per λ, spectrum rows of hard sources held out of training.
 
-    Held-out sources lose their real image and every synthetic row from the training data, so V has zero
-    overlap with D_all. Up to ``guidance_val_size`` rows per λ, at most ``guidance_val_fraction`` of sources."""
+    Held-out sources (:func:`guidance_val_sources`) lose their real image and every synthetic row from the
+    training data, so V has zero overlap with D_all; at λ = 1 V holds their real images. Up to
+    ``guidance_val_size`` rows per λ."""
     tc = cfg.training
-    sources = np.array(sorted(set(pool.source[pool.split == "syn"].tolist())), dtype=object)
-    if len(sources) < 2:
-        raise ValueError(f"adaptive strategy needs synthetic rows of at least 2 hard sources (got {len(sources)}); "
-                         "lower training.threshold or generate more")
-    per_source = max(1, int(np.max(np.unique(pool.source[pool.split == "syn"], return_counts=True)[1]))
-                     // max(1, len([v for v in tc.lams if v < 1.0])))
-    n_held = min(math.ceil(tc.guidance_val_size / per_source),
-                 max(1, int(tc.guidance_val_fraction * len(sources))))
-    pool.heldout_sources = set(rng.permutation(sources)[:n_held].tolist())
+    pool.heldout_sources = guidance_val_sources(cfg, pool, rng)
+    held = np.array([s in pool.heldout_sources for s in pool.source], dtype=bool)
     val: dict[float, np.ndarray] = {}
     for lam in tc.lams:
         if lam >= 1.0:
-            idx = pool.where((pool.split == "train") & pool.hard
-                             & np.array([s in pool.heldout_sources for s in pool.source], dtype=bool))
+            idx = pool.where((pool.split == "train") & pool.hard & held)
         else:
             idx = pool.syn_idx(lam, heldout=True)
         if len(idx) > tc.guidance_val_size:
