@@ -46,9 +46,12 @@ class GapPlan:
     """Step counts of the gap world's fine-tuning (the clean world's UNet and text tower are reused)."""
 
     looks_per_image: int = 3        # random looks drawn per world digit (plus the clean original)
-    vae_steps: int = 400
-    clip_steps: int = 500
+    vae_steps: int = 1000
+    unet_steps: int = 400
+    clip_steps: int = 800
     judge_steps: int = 300
+    look_share: float = 0.6         # UNet fine-tuning: share of random-look latents at t = 0 …
+    look_t_max: int = 600           # … falling linearly to none at this timestep (see ``look_share``)
     gate_per_class: int = 10
     gate_ddim_steps: int = 50
     probe_splits: int = 5
@@ -60,7 +63,8 @@ class GapPlan:
             return cls()
         full = cls()
         return cls(looks_per_image=1, vae_steps=max(10, int(full.vae_steps * f)),
-                   clip_steps=max(10, int(full.clip_steps * f)), judge_steps=max(20, int(full.judge_steps * f)),
+                   unet_steps=max(10, int(full.unet_steps * f)), clip_steps=max(10, int(full.clip_steps * f)),
+                   judge_steps=max(20, int(full.judge_steps * f)),
                    gate_per_class=1 if f < 0.25 else 5, gate_ddim_steps=6 if f < 0.25 else 25, probe_splits=2)
 
 
@@ -155,13 +159,13 @@ def finetune_clip(clip_model, images: torch.Tensor, labels: torch.Tensor, steps:
             "cpu_seconds": time.process_time() - c0, "final_loss": loss_v}
 
 
-def finetune_vae(vae, images: torch.Tensor, clean: torch.Tensor, steps: int, batch_size: int = 64,
-                 lr: float = 1e-3, anchor_weight: float = 1.0, kl_weight: float = 1e-6, seed: int = 0,
+def finetune_vae(vae, images: torch.Tensor, clean: torch.Tensor, steps: int, batch_size: int = 32,
+                 lr: float = 2e-3, anchor_weight: float = 1.0, kl_weight: float = 1e-6, seed: int = 0,
                  progress: bool = False) -> dict:
-    """Fine-tune the clean VAE on ``images`` (random looks and clean, ``clean`` marks the latter) while the
-    latents of clean images stay where the clean UNet learned them: loss = reconstruction of every image
-    + ``anchor_weight`` · ‖μ(clean) − μ₀(clean)‖² in scaled-latent units + decoding μ₀(clean) back to the
-    clean image. ``scaling_factor`` stays the clean VAE's."""
+    """Fine-tune the clean VAE on ``images`` (random looks and clean, ``clean`` marks the latter; a quarter of
+    each batch is clean) while the latents of clean images stay where the clean UNet learned them:
+    loss = reconstruction of every image + ``anchor_weight`` · ‖μ(clean) − μ₀(clean)‖² in scaled-latent units
+    (+ the usual tiny KL). ``scaling_factor`` stays the clean VAE's."""
     from tqdm.auto import tqdm
 
     from discl_ray.toyworld.diffusion import one_cycle
@@ -188,15 +192,13 @@ def finetune_vae(vae, images: torch.Tensor, clean: torch.Tensor, steps: int, bat
         rec = vae.decode(post.sample(generator=gen)).sample
         rec_loss = F.mse_loss(rec, x)
         anchor = F.mse_loss(post.mean[:n_clean] * sf, mu0[ci] * sf)
-        dec0 = F.mse_loss(vae.decode(mu0[ci]).sample, x[:n_clean])
-        loss = rec_loss + anchor_weight * anchor + dec0 + kl_weight * post.kl().mean()
+        loss = rec_loss + anchor_weight * anchor + kl_weight * post.kl().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         done += 1
-        losses = {"rec": float(rec_loss.detach()), "anchor": float(anchor.detach()),
-                  "decode_clean_latents": float(dec0.detach())}
+        losses = {"rec": float(rec_loss.detach()), "anchor": float(anchor.detach())}
     vae.eval()
     return {"steps": done, "planned": steps, "seconds": time.perf_counter() - w0,
             "cpu_seconds": time.process_time() - c0, "final_loss": losses}
@@ -345,34 +347,46 @@ def probe_accuracy(real: torch.Tensor, generated: torch.Tensor, splits: int = 5,
 
 
 @torch.no_grad()
-def image_features(clip_model, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised toy-CLIP image embeddings of [0, 1] images."""
+def image_features(clip_model, images: torch.Tensor, space: str = "pooled") -> torch.Tensor:
+    """Toy-CLIP image features of [0, 1] images: ``pooled`` = the image tower's pooled output before the
+    projection into the text space (where linear probes of CLIP are usually fitted), ``embedding`` = the
+    L2-normalised image embedding the scoring stage compares with text."""
     from discl_ray.toyworld.clip import _normalize
 
-    return torch.cat([F.normalize(clip_model.encode_image(_normalize(clip_model, images[i:i + 256])), dim=-1)
-                      for i in range(0, len(images), 256)])
+    v = clip_model.visual
+    out = []
+    for i in range(0, len(images), 256):
+        x = _normalize(clip_model, images[i:i + 256])
+        if space == "pooled":
+            out.append(v._pool(v.transformer(v._embeds(x)))[0])
+        elif space == "embedding":
+            out.append(F.normalize(clip_model.encode_image(x), dim=-1))
+        else:
+            raise ValueError(f"feature space {space!r}: choose pooled or embedding")
+    return torch.cat(out)
 
 
 def measure_gap(clip_model, judge, sources: torch.Tensor, labels: torch.Tensor, samples: dict,
                 splits: int = 5, seed: int = 0) -> dict:
-    """Per λ (``samples``: λ → generations of ``sources`` prompted with ``labels``): ``probe_acc`` (held-out
-    accuracy of a linear probe separating the real sources from their generations on toy-CLIP image
-    features), ``image_cos`` (mean image–image cosine of each generation to its source) and ``judge_acc``
-    (the judge's recognition rate of the prompted class)."""
+    """Per λ (``samples``: λ → generations of ``sources`` prompted with ``labels``):
+
+    * ``probe_acc`` — held-out accuracy of a linear probe separating the real sources from their generations
+      on the toy CLIP's pooled image features (``probe_accuracy``; 0.5 = indistinguishable), with
+      ``probe_acc_std`` over the splits and ``probe_acc_embedding`` on the normalised image embedding;
+    * ``image_cos`` — mean image–image cosine (toy-CLIP embeddings) of each generation to its source;
+    * ``judge_acc`` — the judge's recognition rate of the prompted class."""
     from discl_ray.toyworld.classifier import predict
 
-    real = image_features(clip_model, sources)
+    real = image_features(clip_model, sources, "pooled")
+    real_emb = image_features(clip_model, sources, "embedding")
     out = {}
     for lam, gen in sorted(samples.items()):
-        feats = image_features(clip_model, gen)
+        feats, emb = image_features(clip_model, gen, "pooled"), image_features(clip_model, gen, "embedding")
         probe = probe_accuracy(real, feats, splits=splits, seed=seed)
         out[f"{lam:g}"] = {"probe_acc": probe["acc"], "probe_acc_std": probe["std"],
                            "probe_heldout_rows": probe["n_heldout"],
-                           "image_cos": float((real * feats).sum(1).mean()),
+                           "probe_acc_embedding": probe_accuracy(real_emb, emb, splits=splits, seed=seed)["acc"],
+                           "image_cos": float((real_emb * emb).sum(1).mean()),
                            "judge_acc": float((predict(judge, gen) == labels).float().mean()),
                            "n": int(len(gen))}
     return out
-
-
-def copy_module(m):
-    return copy.deepcopy(m).eval()

@@ -128,10 +128,11 @@ def _load_clean(cache_dir: Path):
 def train_gap_world(cache_dir: Path, seed: int = 0, image_size: int = 32, budget_s: float | None = None,
                     check_gates: bool = True, force: bool = False, world_fraction: float = 0.5,
                     progress: bool = True, threads: int | None = None, max_wall_s: float | None = None,
-                    base: dict | None = None) -> dict:
+                    base: dict | None = None, plan: gap.GapPlan | None = None) -> dict:
     """Build (or reuse) the gap world under ``cache_dir``; returns its manifest (``passed`` = all gates,
-    ``base`` = the clean world's manifest as ``train_world`` returned it). ``force`` rebuilds the gap world
-    only (the clean world it starts from is reused or unpacked as usual)."""
+    ``base`` = a summary of the clean world's manifest as ``train_world`` returned it). ``force`` rebuilds the
+    gap world only (the clean world it starts from is reused or unpacked as usual). ``plan`` overrides the
+    gap world's steps (default: ``GapPlan.for_budget(budget_s)``)."""
     from discl_ray.toyworld.train import FULL_BUDGET_S, train_world
 
     budget_s = FULL_BUDGET_S if budget_s is None else budget_s
@@ -139,7 +140,7 @@ def train_gap_world(cache_dir: Path, seed: int = 0, image_size: int = 32, budget
     if base is None:
         base = train_world(cache_dir, seed=seed, image_size=image_size, budget_s=budget_s, check_gates=check_gates,
                            world_fraction=world_fraction, progress=progress, threads=threads, max_wall_s=max_wall_s)
-    plan = gap.GapPlan.for_budget(budget_s, FULL_BUDGET_S)
+    plan = plan or gap.GapPlan.for_budget(budget_s, FULL_BUDGET_S)
     settings = _settings(base, base_fingerprint(cache_dir), plan)
     man = read_manifest(cache_dir)
     if not force and man and man.get("settings") == settings and all(f.exists() for f in _files(cache_dir)):
@@ -161,7 +162,7 @@ def _train(cache_dir: Path, settings: dict, plan: gap.GapPlan, budget_s: float, 
     import copy
 
     from discl_ray.toyworld import classifier as cls_mod
-    from discl_ray.toyworld import data
+    from discl_ray.toyworld import data, diffusion
     from discl_ray.toyworld import generator as gen_mod
 
     b = settings["base"]
@@ -192,7 +193,14 @@ def _train(cache_dir: Path, settings: dict, plan: gap.GapPlan, budget_s: float, 
     # The generator's text encoder is the CLIP text tower, which fine-tuning left untouched (checked).
     text_encoder = gen_mod.text_encoder_from_clip(clip_model)
     _same_text_encoder(text_encoder, clean_pipe.text_encoder)
-    pipe = gen_mod.assemble(vae, clean_pipe.unet, text_encoder, clean_pipe.tokenizer)
+    with torch.no_grad():
+        clean_lat = diffusion.encode_latents(vae, pool[is_clean])
+        look_lat = diffusion.encode_latents(vae, pool[~is_clean])
+    unet, timing["unet"] = gap.finetune_unet(clean_pipe.unet, text_encoder, clean_pipe.tokenizer,
+                                             gen_mod.train_scheduler(), clean_lat, look_lat, py[is_clean],
+                                             py[~is_clean], steps=plan.unet_steps, max_share=plan.look_share,
+                                             t_max=plan.look_t_max, seed=seed, progress=progress)
+    pipe = gen_mod.assemble(vae, unet, text_encoder, clean_pipe.tokenizer)
     gen_mod.save(pipe, toyworld.generator_dir(cache_dir, VARIANT))
     timing["train_total"] = {"seconds": time.perf_counter() - t_start, "cpu_seconds": time.process_time() - c_start}
 
@@ -312,8 +320,31 @@ def shipped_available(settings: dict, asset_dir: Path = ASSET_DIR) -> bool:
     return bool(man) and man.get("settings") == settings and (Path(asset_dir) / WEIGHTS).is_file()
 
 
+def quantize_delta(state: dict, base: dict, prefix: str) -> dict:
+    """``state − base`` per tensor as int8 with one float32 scale (symmetric, max |delta| ↦ 127): the gap
+    UNet is the clean one fine-tuned, so its change is small and a quarter of float32 stores it."""
+    out = {}
+    for k, v in state.items():
+        delta = (v.detach().float() - base[k].detach().float())
+        scale = float(delta.abs().max()) / 127.0
+        q = torch.zeros_like(delta, dtype=torch.int8) if scale == 0 else (delta / scale).round().to(torch.int8)
+        out[f"{prefix}{k}"] = q.contiguous()
+        out[f"{prefix}{k}.scale"] = torch.tensor([scale], dtype=torch.float32)
+    return out
+
+
+def apply_delta(base: dict, tensors: dict, prefix: str) -> dict:
+    """The inverse of ``quantize_delta``: ``base`` plus the stored int8 deltas times their scales."""
+    out = {}
+    for k, v in base.items():
+        q, scale = tensors[f"{prefix}{k}"], tensors[f"{prefix}{k}.scale"]
+        out[k] = v.float() + q.float() * float(scale.flatten()[0])
+    return out
+
+
 def export(cache_dir: Path, manifest: dict, out_dir: Path = ASSET_DIR) -> dict:
-    """Write what the gap world adds to the clean one (VAE, CLIP image tower, judge; float16) and a manifest."""
+    """Write what the gap world adds to the clean one (VAE, CLIP image tower, judge in float16; the UNet as an
+    int8 delta from the clean UNet) and a manifest."""
     from safetensors.torch import save_file
 
     from discl_ray.toyworld import classifier as cls_mod
@@ -329,14 +360,11 @@ def export(cache_dir: Path, manifest: dict, out_dir: Path = ASSET_DIR) -> dict:
     for k, v in clip_model.state_dict().items():
         if not k.startswith("visual.") and not torch.equal(v, cs[k]):
             raise ValueError(f"gap CLIP differs from the clean CLIP outside the image tower at {k}")
-    us = clean_pipe.unet.state_dict()
-    for k, v in pipe.unet.state_dict().items():
-        if not torch.equal(v, us[k]):
-            raise ValueError(f"gap generator's UNet differs from the clean world's at {k}")
     tensors = {f"clip.{k}": v for k, v in clip_model.state_dict().items() if k.startswith("visual.")}
     tensors.update({f"vae.{k}": v for k, v in pipe.vae.state_dict().items()})
     tensors.update({f"judge.{k}": v for k, v in judge.state_dict().items()})
     tensors = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in tensors.items()}
+    tensors.update(quantize_delta(pipe.unet.state_dict(), clean_pipe.unet.state_dict(), "unet_delta."))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / WEIGHTS))
@@ -363,6 +391,7 @@ def install(cache_dir: Path, asset_dir: Path = ASSET_DIR):
     if man is None:
         raise FileNotFoundError(f"no shipped gap world under {asset_dir}")
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(Path(asset_dir) / WEIGHTS)).items()}
+    # (int8 UNet deltas stay int8: ``apply_delta`` scales them)
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     s = man["settings"]["base"]
     clean_pipe, _, clip_model = _load_clean(cache_dir)
@@ -373,7 +402,9 @@ def install(cache_dir: Path, asset_dir: Path = ASSET_DIR):
     save_clip(clip_model, cache_dir, s["image_size"])
     vae = AutoencoderKL.from_config(man["vae_config"])
     vae.load_state_dict(part("vae."))
-    pipe = gen_mod.assemble(vae.eval(), clean_pipe.unet, clean_pipe.text_encoder, clean_pipe.tokenizer)
+    unet = clean_pipe.unet
+    unet.load_state_dict(apply_delta(unet.state_dict(), tensors, "unet_delta."))
+    pipe = gen_mod.assemble(vae.eval(), unet.eval(), clean_pipe.text_encoder, clean_pipe.tokenizer)
     gen_mod.save(pipe, toyworld.generator_dir(cache_dir, VARIANT))
     judge = cls_mod.DigitCNN(width=man["judge"]["width"])
     judge.load_state_dict(part("judge."))
