@@ -4,9 +4,12 @@ The clean world's task images look like its pre-training data (white digits on b
 generations already look like real task images and DisCL's synthetic-to-real gap is absent
 (docs/benchmarks.md). The gap world keeps the clean world's *prior* and changes what can see or draw a look:
 
-* **UNet and text tower: the clean world's, unchanged.** λ = 0 generations (the text decides) are
-  world-style digits, white on black, out of the task's domain (the ``paper`` look of
-  ``discl_ray.data.looks``: dark ink on textured paper, blur, noise, vignetting).
+* **Text tower: the clean world's, unchanged; UNet: the clean world's, fine-tuned** on clean latents at every
+  noise level and on random-look latents at low noise only (``look_share``): λ = 0 generations (the text
+  decides, at high noise) are world-style digits, white on black, out of the task's domain (the ``paper``
+  look of ``discl_ray.data.looks``: dark ink on textured paper, blur, noise, vignetting), while low-noise
+  denoising works on any look. (Measured: the unchanged clean UNet destroyed paper-look sources even at
+  λ = 0.9, since it had never denoised such latents.)
 * **VAE: the clean world's, fine-tuned on random looks** of world digits (any background, any ink), like
   Stable Diffusion's autoencoder that reproduces any photo. Its clean latents are anchored to the clean
   VAE's, so the clean UNet's prior still decodes to clean digits, while a paper-look source encodes to
