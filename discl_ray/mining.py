@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from discl_ray.data.loaders.groups import class_groups
+from discl_ray.toyworld import CLASSIFIERS
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, MiningConfig
@@ -99,14 +100,16 @@ class ConfidenceScorer:
 
             self.trained_run = TrainedRunClassifier(self.cfg, class_names or [], self.device)
             self.transform = self.trained_run.transform
-        elif m.classifier in ("torchscript", "toy"):
+        elif m.classifier == "torchscript" or m.classifier in CLASSIFIERS:
             from torchvision.transforms.functional import pil_to_tensor
 
             from discl_ray.toyworld import classifier_file
 
-            file = classifier_file(cache) if m.classifier == "toy" else m.classifier_path
+            toy = CLASSIFIERS.get(m.classifier)
+            file = classifier_file(cache, toy) if toy else m.classifier_path
             if not Path(file).is_file():
-                hint = " (run `discl world` to train the toy judge)" if m.classifier == "toy" else ""
+                hint = (" (run `discl world" + ("" if toy == "clean" else f" --variant {toy}") + "` to train the toy "
+                        "judge)") if toy else ""
                 raise FileNotFoundError(f"mining classifier not found: {file}{hint}")
             self.model = torch.jit.load(str(file), map_location=self.device).eval()
             size = self.cfg.dataset.image_size

@@ -137,6 +137,23 @@ def _looks_weights_file(value: str) -> bool:
     return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
+def _world_cmd(variant: str) -> str:
+    return "discl world" if variant == "clean" else f"discl world --variant {variant}"
+
+
+def toy_generator(model: str, cache: Path) -> bool:
+    """Whether ``model`` names a toy world's generator (``toy``, ``toy-gap``); raises when it is not built."""
+    from discl_ray.toyworld import GENERATORS, generator_dir
+
+    if model not in GENERATORS:
+        return False
+    folder = generator_dir(cache, GENERATORS[model])
+    if not (folder / "model_index.json").is_file():
+        raise PreflightError(f"generation.model={model}: the toy generator {folder} is missing; "
+                             f"run `{_world_cmd(GENERATORS[model])}` first")
+    return True
+
+
 # -- per stage ----------------------------------------------------------------------------------------
 def _mine(cfg, notes: list[str]) -> None:
     from discl_ray.runtime import RunPaths
@@ -146,12 +163,16 @@ def _mine(cfg, notes: list[str]) -> None:
         return
     if m.classifier == "torchscript" and not Path(m.classifier_path).is_file():
         raise PreflightError(f"mining.classifier_path: {m.classifier_path} does not exist (a TorchScript .pt file)")
-    if m.classifier == "toy":
+    from discl_ray.toyworld import CLASSIFIERS
+
+    if m.classifier in CLASSIFIERS:
         from discl_ray.toyworld import classifier_file
 
-        file = classifier_file(RunPaths.from_config(cfg).cache)
+        variant = CLASSIFIERS[m.classifier]
+        file = classifier_file(RunPaths.from_config(cfg).cache, variant)
         if not file.is_file():
-            raise PreflightError(f"mining.classifier=toy: the toy judge {file} is missing; run `discl world` first")
+            raise PreflightError(f"mining.classifier={m.classifier}: the toy judge {file} is missing; run "
+                                 f"`{_world_cmd(variant)}` first")
     if m.classifier == "open_clip_zero_shot":
         check_clip(cfg.scoring, RunPaths.from_config(cfg).cache, "mining.classifier=open_clip_zero_shot")
 
@@ -169,13 +190,8 @@ def _generate(cfg, notes: list[str]) -> None:
         n = sum(1 for y in hard["label"].to_pylist() if y in orphan)
         notes.append(f"labels {orphan} have no generation prompts: their {n} hard images become error rows "
                      "(add prompts and rerun to fill them)")
-    from discl_ray.toyworld import TOY_GENERATOR, generator_dir
-
-    if gen.model == TOY_GENERATOR:
-        folder = generator_dir(paths.cache)
-        if not (folder / "model_index.json").is_file():
-            raise PreflightError(f"generation.model=toy: the toy generator {folder} is missing; "
-                                 "run `discl world` first")
+    if toy_generator(gen.model, paths.cache):
+        pass
     elif _looks_local(gen.model):
         folder = Path(gen.model).expanduser()
         if not folder.is_dir():

@@ -1,9 +1,11 @@
 """`discl world`: train the toy world (generator, CLIP, judge classifier) on the digits world split.
 
-    discl world [--config FILE] [key=value ...] [--budget-s N] [--force] [--no-gates]
+    discl world [--config FILE] [key=value ...] [--variant clean|gap] [--budget-s N] [--force] [--no-gates]
 
 Uses ``dataset.toy.world_seed`` (None: ``dataset.seed``), ``dataset.image_size`` and ``dataset.toy.world_fraction``; caches under
-``RunPaths.cache/toyworld``. Without ``--force``, the models shipped with the package
+``RunPaths.cache/toyworld`` (the gap variant under ``RunPaths.cache/toyworld-gap``, built on top of the clean
+world). Which variants: ``--variant``, else those whose models the config names (``generation.model: toy-gap``,
+``scoring.model: toy-gap-clip``, ``mining.classifier: toy-gap`` → gap), else clean. Without ``--force``, the models shipped with the package
 (``discl_ray/assets/toyworld``) are unpacked instead of trained when they match the settings, and the gates
 run on them. Exit status: 0 when every quality gate passes (or the cache that passed is
 reused), 1 when a gate fails (artifacts are still written, the manifest says which gate failed)."""
@@ -19,6 +21,10 @@ from discl_ray.config import ExperimentConfig
 
 
 def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", default=None, metavar="clean|gap",
+                   help="which toy world: clean (the default) or gap (task digits in a camera look the generator's "
+                        "prior never drew; built on the clean world). Default: the variants the config's toy model "
+                        "names select")
     p.add_argument("--budget-s", type=float, default=None,
                    help="time budget in seconds on 2 idle cores: 360 (default) = the full plan; less = "
                         "proportionally fewer steps (smoke runs)")
@@ -73,6 +79,89 @@ def format_report(man: dict, verbose: bool = False) -> str:
 
 
 def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from discl_ray import toyworld
+
+    if args.variant is not None and args.variant not in toyworld.VARIANTS:
+        print(f"discl world: --variant: unknown toy world variant {args.variant!r}; choose from: "
+              f"{', '.join(toyworld.VARIANTS)}", file=sys.stderr)
+        return 2
+    variant = args.variant or ("gap" if "gap" in toyworld.variants_named(cfg) else "clean")
+    if variant == "gap":
+        return _gap_body(cfg, args)
+    return _clean_body(cfg, args)
+
+
+def _gap_body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from discl_ray.data.toy import partition_seed
+    from discl_ray.runtime import RunPaths
+    from discl_ray.toyworld import gap_world
+
+    if args.train_text:
+        print("discl world: --train-text does not apply to --variant gap (the gap world keeps the clean world's "
+              "text tower, which its UNet was trained with)", file=sys.stderr)
+        return 2
+    cache = RunPaths.from_config(cfg).cache
+    try:
+        man = gap_world.train_gap_world(cache, seed=partition_seed(cfg.dataset), image_size=cfg.dataset.image_size,
+                                        budget_s=args.budget_s, check_gates=not args.no_gates, force=args.force,
+                                        world_fraction=cfg.dataset.toy.world_fraction, max_wall_s=args.max_wall_s)
+    except ValueError as err:
+        print(f"discl world: {err}", file=sys.stderr)
+        return 2
+    print(format_gap_report(man, verbose=args.verbose))
+    if args.verbose:
+        print(json.dumps(man, indent=2))
+    if man.get("passed") is False or (man.get("base") or {}).get("passed") is False:
+        which = "gap-world" if man.get("passed") is False else "clean-world (the gap world's base)"
+        print(f"discl world: a {which} quality gate FAILED (see above and `discl world`); artifacts were written but "
+              "should not be trusted.", file=sys.stderr)
+        return 1
+    if args.ship:
+        if man.get("passed") is not True or man.get("source") != "trained":
+            print("discl world: --ship needs a gap world trained here that passed its gates (use --force, no "
+                  "--no-gates)", file=sys.stderr)
+            return 2
+        shipped = gap_world.export(cache, man)
+        print(f"shipped copy: {gap_world.ASSET_DIR} ({shipped['size_mb']:.2f} MB)")
+    return 0
+
+
+def format_gap_report(man: dict, verbose: bool = False) -> str:
+    """Human summary of a gap world's manifest: its clean base, timings, gates and the gap per λ."""
+    made = "shipped weights" if man.get("source") == "shipped" else "trained"
+    lines = [f"toy world, gap variant ({'reused cache of ' + made if man.get('reused') else made}); look "
+             f"{man['settings']['look']}; built on the clean world ({_source({**man.get('base', {})})}"
+             + {True: ", gates PASS)", False: ", a gate FAILED)"}.get((man.get("base") or {}).get("passed"), ")")]
+    for k, t in man["timing"].items():
+        steps = f", {t['steps']}/{t['planned']} steps" if "steps" in t else ""
+        lines.append(f"  {k:<16} {t['seconds']:7.1f} s wall {t['cpu_seconds']:7.1f} s CPU{steps}")
+    g = man.get("gates") or {}
+    if "judge" in g:
+        c = g["judge"]
+        accs = ", ".join(f"{k} {v:.3f}" for k, v in c["heldout_acc"].items())
+        lines.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] judge held-out accuracy {accs} (≥ {c['min_acc']:.2f})")
+    if "clip" in g:
+        c = g["clip"]
+        accs = ", ".join(f"{k} {v:.3f} (≥ {c['min_acc'][k]:.2f})" for k, v in c["zero_shot_acc"].items())
+        lines.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] CLIP zero-shot {accs}")
+    if "generator" in g:
+        c = g["generator"]
+        by = ", ".join(f"λ={k}: {v:.2f}" for k, v in c["acc_by_lam"].items())
+        lines.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] generator λ=0 recognised {c['lam0_acc']:.3f} "
+                     f"(≥ {c['min_lam0_acc']:.2f}), agreement rises with λ: {c['agreement_rises']} ({by})")
+    if "gap" in g:
+        c = g["gap"]
+        lines.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] gap: probe at λ=0 {c['probe_lam0']:.3f} "
+                     f"(≥ {c['min_probe_lam0']:.2f}), at the top λ ≤ {c['max_probe_top']:.2f}, falls with λ: "
+                     f"{c['falls']}")
+    if man.get("gap"):
+        lines.append("  gap per λ (task digits vs generations):  λ    probe_acc  image_cos  judge_acc")
+        for lam, row in man["gap"].items():
+            lines.append(f"  {'':41}{lam:>4}  {row['probe_acc']:9.3f}  {row['image_cos']:9.3f}  {row['judge_acc']:9.3f}")
+    return "\n".join(lines)
+
+
+def _clean_body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from discl_ray.data.toy import partition_seed
     from discl_ray.runtime import RunPaths
     from discl_ray.toyworld.train import FULL_BUDGET_S, train_world

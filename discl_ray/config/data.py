@@ -69,9 +69,10 @@ class MiningConfig(StrictModel):
                                                  "(Liu et al. 2019: more than 100, so 101).")
     hard_groups: list[Literal["few", "medium", "many"]] = Field(
         ["few"], min_length=1, description="frequency mode: class groups whose training images are hard.")
-    classifier: Literal["open_clip_zero_shot", "torchscript", "toy", "trained_run"] = Field(
+    classifier: Literal["open_clip_zero_shot", "torchscript", "toy", "toy-gap", "trained_run"] = Field(
         "open_clip_zero_shot",
-        description="confidence mode: zero-shot CLIP (scoring.model), a TorchScript file, the toy-world judge, or "
+        description="confidence mode: zero-shot CLIP (scoring.model), a TorchScript file, the toy-world judge "
+                    "(toy; toy-gap: the gap world's), or "
                     "a classifier trained on the dataset (trained_run: the run named by classifier_from, §3.3).")
     classifier_from: Optional[str] = Field(
         None, description="classifier=trained_run: '<experiment>[/<run name>]' whose best-on-validation model "

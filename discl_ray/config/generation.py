@@ -29,7 +29,7 @@ class GenerationConfig(StrictModel):
     """Image-to-image generation of the synthetic-to-real spectrum (paper §3.1, Eq. 3)."""
 
     model: str = Field("stabilityai/stable-diffusion-xl-refiner-1.0",
-                       description="Any diffusers img2img checkpoint (hub id or local dir); 'toy' = the toy-world generator.")
+                       description="Any diffusers img2img checkpoint (hub id or local dir); 'toy' = the toy-world generator, 'toy-gap' = the gap world's.")
     lams: list[float] = Field([0.0, 0.1, 0.3, 0.5], min_length=1,
                               description="Image-guidance levels λ; strength = 1 − λ. λ = 1 (the real image) is never generated.")
     seeds: list[int] = Field(list(range(8)), min_length=1, description="Random seeds per (source, λ); paper: 8.")

@@ -13,7 +13,7 @@ from discl_ray.config.generation import Device, DType
 class ScoringConfig(StrictModel):
     """open_clip image–text (filter) and image–image (analysis) cosine scores (paper §3.1, A.1.2–A.1.3)."""
 
-    model: str = Field("ViT-B-32", description="open_clip architecture name ('toy-clip' = the toy-world CLIP).")
+    model: str = Field("ViT-B-32", description="open_clip architecture name ('toy-clip' = the toy-world CLIP, 'toy-gap-clip' = the gap world's).")
     pretrained: Optional[str] = Field("openai", description="open_clip pretrained tag or a local weights file.")
     model_config_path: Optional[str] = Field(None, description="JSON file/folder registering a custom architecture.")
     threshold: float = Field(0.30, ge=-1, le=1,

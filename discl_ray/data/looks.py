@@ -61,6 +61,26 @@ def random_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
+def internet_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``random_look`` under a random camera: sometimes thicker strokes, vignetting of any strength, soft focus
+    and per-channel sensor noise. The gap world's "internet" (its VAE, CLIP image tower, judge and the UNet's
+    low-noise denoising train on it): every effect of the ``paper`` look occurs, but never that look's
+    colours and effects together as a domain."""
+    size = image.shape[0]
+    gray = image[..., 0] if image.ndim == 3 else image
+    if rng.random() < 0.5:
+        gray = np.asarray(Image.fromarray(gray, mode="L").filter(ImageFilter.MaxFilter(3)))
+    out = random_look(gray, rng).astype(np.float32)
+    if rng.random() < 0.5:
+        yy, xx = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
+        out *= (1.0 - rng.uniform(0, 0.9) * (xx ** 2 + yy ** 2))[..., None]
+    if rng.random() < 0.5:
+        pil = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0)))
+        out = np.asarray(pil, np.float32)
+    out += rng.normal(0, rng.uniform(0, 10), out.shape)
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
 def apply_look(images: np.ndarray, look: str, seed: int, keys=None) -> np.ndarray:
     """``look`` applied to every (S, S, 3) uint8 image; image i's draw is seeded by (seed, keys[i]), so an image
     looks the same whichever split or batch it lands in (``keys`` default: positions)."""

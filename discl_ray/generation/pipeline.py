@@ -3,7 +3,7 @@
 ``load_img2img`` is the one loader every stage uses (generation, benchmarks, the toy-world checks), so
 a checkpoint that loads here runs everywhere. What it settles once, so callers never think about it:
 
-* ``model == "toy"`` resolves to the cached toy-world generator folder;
+* ``model == "toy"`` (``"toy-gap"``) resolves to the cached (gap) toy-world generator folder;
 * local folders load with ``local_files_only`` (no network is ever attempted for them);
 * the scheduler is swapped by name (DDIM by default, as in the paper), keeping the checkpoint's betas;
 * CPU always runs float32 (half precision on the CPU is slow or unsupported);
@@ -34,18 +34,21 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def resolve_model(model: str, cache: Optional[Path] = None) -> str:
-    """The path or hub id to load: ``toy`` → the toy generator folder under ``cache``."""
-    from discl_ray.toyworld import TOY_GENERATOR, generator_dir
+    """The path or hub id to load: ``toy`` (``toy-gap``) → the clean (gap) toy world's generator folder
+    under ``cache``."""
+    from discl_ray.toyworld import GENERATORS, generator_dir
 
-    if model == TOY_GENERATOR:
+    if model in GENERATORS:
         if cache is None:
             from discl_ray.config import ExperimentConfig
             from discl_ray.runtime import RunPaths
 
             cache = RunPaths.from_config(ExperimentConfig()).cache
-        path = generator_dir(cache)
+        variant = GENERATORS[model]
+        path = generator_dir(cache, variant)
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"toy generator not found at {path}; build the toy world first (discl world)")
+            how = "discl world" if variant == "clean" else f"discl world --variant {variant}"
+            raise FileNotFoundError(f"toy generator not found at {path}; build the toy world first ({how})")
         return str(path)
     return model
 

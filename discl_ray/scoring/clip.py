@@ -33,22 +33,25 @@ _DEFAULT_TAG = "openai"
 def resolve_clip_source(scoring_cfg: "ScoringConfig", cache_dir: Path) -> tuple[str | None, str | None]:
     """``(model_config_path, pretrained)`` after the toy-world shortcut.
 
-    ``model == "toy-clip"`` with no ``model_config_path`` uses the cached toy architecture JSON, and with
-    ``pretrained`` unset (or left at the default ``openai`` tag) the cached toy state dict.
+    ``model == "toy-clip"`` (``"toy-gap-clip"``: the gap world's) with no ``model_config_path`` uses the cached
+    toy architecture JSON, and with ``pretrained`` unset (or left at the default ``openai`` tag) the cached
+    toy state dict.
     """
-    from discl_ray.toyworld import TOY_CLIP, clip_files
+    from discl_ray.toyworld import CLIPS, clip_files
 
     config_path, pretrained = scoring_cfg.model_config_path, scoring_cfg.pretrained
-    if scoring_cfg.model == TOY_CLIP:
-        toy_json, toy_weights = clip_files(Path(cache_dir))
+    if scoring_cfg.model in CLIPS:
+        variant = CLIPS[scoring_cfg.model]
+        toy_json, toy_weights = clip_files(Path(cache_dir), variant)
         if config_path is None:
             config_path = str(toy_json)
         if pretrained in (None, _DEFAULT_TAG):
             pretrained = str(toy_weights)
         for what, path in (("architecture", config_path), ("weights", pretrained)):
             if not Path(path).is_file():
+                how = "discl world" if variant == "clean" else f"discl world --variant {variant}"
                 raise FileNotFoundError(f"toy CLIP {what} not found at {path}; train the toy world first "
-                                        "(discl world) or set scoring.model_config_path / scoring.pretrained")
+                                        f"({how}) or set scoring.model_config_path / scoring.pretrained")
     from discl_ray.storage import is_uri, local_copy
 
     # Weights or an architecture file on object storage: one node-local copy, loaded like a local file.
