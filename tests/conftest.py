@@ -29,7 +29,8 @@ def ray_local():
 
     if not ray.is_initialized():
         pin_loopback()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": this session's own cluster, never one that another test process started
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
