@@ -101,29 +101,24 @@ def _gap_body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
               "text tower, which its UNet was trained with)", file=sys.stderr)
         return 2
     cache = RunPaths.from_config(cfg).cache
-    try:
-        man = gap_world.train_gap_world(cache, seed=partition_seed(cfg.dataset), image_size=cfg.dataset.image_size,
-                                        budget_s=args.budget_s, check_gates=not args.no_gates, force=args.force,
-                                        world_fraction=cfg.dataset.toy.world_fraction, max_wall_s=args.max_wall_s)
-    except ValueError as err:
-        print(f"discl world: {err}", file=sys.stderr)
+    man = _train(lambda: gap_world.train_gap_world(
+        cache, seed=partition_seed(cfg.dataset), image_size=cfg.dataset.image_size, budget_s=args.budget_s,
+        check_gates=not args.no_gates, force=args.force, world_fraction=cfg.dataset.toy.world_fraction,
+        max_wall_s=args.max_wall_s))
+    if man is None:
         return 2
-    print(format_gap_report(man, verbose=args.verbose))
-    if args.verbose:
-        print(json.dumps(man, indent=2))
+    failed = None
     if man.get("passed") is False or (man.get("base") or {}).get("passed") is False:
         which = "gap-world" if man.get("passed") is False else "clean-world (the gap world's base)"
-        print(f"discl world: a {which} quality gate FAILED (see above and `discl world`); artifacts were written but "
-              "should not be trusted.", file=sys.stderr)
-        return 1
-    if args.ship:
-        if man.get("passed") is not True or man.get("source") != "trained":
-            print("discl world: --ship needs a gap world trained here that passed its gates (use --force, no "
-                  "--no-gates)", file=sys.stderr)
-            return 2
+        failed = (f"a {which} quality gate FAILED (see above and `discl world`); artifacts were written but "
+                  "should not be trusted.")
+
+    def export() -> str:
         shipped = gap_world.export(cache, man)
-        print(f"shipped copy: {gap_world.ASSET_DIR} ({shipped['size_mb']:.2f} MB)")
-    return 0
+        return f"shipped copy: {gap_world.ASSET_DIR} ({shipped['size_mb']:.2f} MB)"
+
+    return _finish(man, args, format_gap_report(man, verbose=args.verbose), failed,
+                   "a gap world trained here that passed its gates (use --force, no --no-gates)", export)
 
 
 def format_gap_report(man: dict, verbose: bool = False) -> str:
@@ -167,31 +162,48 @@ def _clean_body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from discl_ray.toyworld.train import FULL_BUDGET_S, train_world
 
     cache = RunPaths.from_config(cfg).cache
-    try:
-        man = train_world(cache, seed=partition_seed(cfg.dataset), image_size=cfg.dataset.image_size,
-                          budget_s=args.budget_s or FULL_BUDGET_S, check_gates=not args.no_gates,
-                          force=args.force, world_fraction=cfg.dataset.toy.world_fraction,
-                          train_text=args.train_text, max_wall_s=args.max_wall_s)
-    except ValueError as err:
-        print(f"discl world: {err}", file=sys.stderr)
+    man = _train(lambda: train_world(
+        cache, seed=partition_seed(cfg.dataset), image_size=cfg.dataset.image_size,
+        budget_s=args.budget_s or FULL_BUDGET_S, check_gates=not args.no_gates, force=args.force,
+        world_fraction=cfg.dataset.toy.world_fraction, train_text=args.train_text, max_wall_s=args.max_wall_s))
+    if man is None:
         return 2
-    print(format_report(man, verbose=args.verbose))
-    if args.verbose:
-        print(json.dumps(man, indent=2))
-    if man.get("passed") is False:
-        print("discl world: a quality gate FAILED (see above); artifacts were written but should not be trusted.",
-              file=sys.stderr)
-        return 1
-    if args.ship:
+    failed = ("a quality gate FAILED (see above); artifacts were written but should not be trusted."
+              if man.get("passed") is False else None)
+
+    def export() -> str:
         from discl_ray.toyworld import ship
 
-        if man.get("passed") is not True or man.get("source") != "trained":
-            print("discl world: --ship needs a world trained here that passed its gates (use --force, no --no-gates)",
-                  file=sys.stderr)
-            return 2
         shipped = ship.export(cache, man)
-        print(f"shipped copy: {ship.ASSET_DIR} ({shipped['size_mb']:.2f} MB, "
-              f"{shipped['token_rows']['stored']} token rows stored)")
+        return (f"shipped copy: {ship.ASSET_DIR} ({shipped['size_mb']:.2f} MB, "
+                f"{shipped['token_rows']['stored']} token rows stored)")
+
+    return _finish(man, args, format_report(man, verbose=args.verbose), failed,
+                   "a world trained here that passed its gates (use --force, no --no-gates)", export)
+
+
+def _train(make):
+    """The world's manifest, or None after printing a ValueError (bad settings) as one line."""
+    try:
+        return make()
+    except ValueError as err:
+        print(f"discl world: {err}", file=sys.stderr)
+        return None
+
+
+def _finish(man: dict, args: argparse.Namespace, report: str, failed, ship_needs: str, export) -> int:
+    """Print the report; exit 1 when a gate failed; with --ship, export a world trained here that passed."""
+    print(report)
+    if args.verbose:
+        print(json.dumps(man, indent=2))
+    if failed:
+        print(f"discl world: {failed}", file=sys.stderr)
+        return 1
+    if args.ship:
+        if man.get("passed") is not True or man.get("source") != "trained":
+            print(f"discl world: --ship needs {ship_needs}", file=sys.stderr)
+            return 2
+        print(export())
     return 0
 
 
