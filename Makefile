@@ -56,7 +56,7 @@ setup: $(STAMP)
 
 # The default suite in TEST_JOBS processes (pytest-xdist; a test file's tests stay in one process, with its
 # module fixtures, and each process has its own local Ray cluster). On 2 cores, 451 tests: 808 s in one process,
-# 694 s in two (docs/benchmarks.md, "Test suite"). TEST_JOBS=0 runs them in this process.
+# 685-749 s in two (docs/benchmarks.md, "Test suite"). TEST_JOBS=0 runs them in this process.
 TEST_JOBS ?= 2
 
 test: setup
