@@ -96,11 +96,21 @@ def _metric(result: dict, key: str, arm_overrides: list[str]) -> float | None:
     return float(result[key]) if key in result else None
 
 
+def _finished(rows: dict[str, list[dict]], arm: str) -> list[dict]:
+    """The arm's runs that produced metrics (not failed, not missing from a --collect)."""
+    return [r for r in rows.get(arm, []) if "error" not in r and not r.get("missing")]
+
+
+def _percent(v: float) -> float:
+    """Accuracies and F1 are stored as fractions; the tables show percent."""
+    return v * (100.0 if abs(v) <= 1.0 else 1.0)
+
+
 def table(rows: dict[str, list[dict]], arms, cols) -> str:
     head = "| arm | n | " + " | ".join(c for c, _ in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for name, over in arms:
-        res = [r for r in rows.get(name, []) if "error" not in r and not r.get("missing")]
+        res = _finished(rows, name)
         cells = [_fmt([_metric(r, key, over) for r in res]) for _, key in cols]
         lines.append(f"| {name} | {len(res)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -127,12 +137,10 @@ def _per_seed(rows: dict[str, list[dict]], arm: str, col: str, arms, cols) -> di
     key = dict(cols)[col]
     over = dict(arms).get(arm, [])
     out = {}
-    for r in rows.get(arm, []):
-        if "error" in r:
-            continue
+    for r in _finished(rows, arm):
         v = _metric(r, key, over)
         if v is not None and not math.isnan(v):
-            out[int(r["seed"])] = v * (100.0 if abs(v) <= 1.0 else 1.0)
+            out[int(r["seed"])] = _percent(v)
     return out
 
 
@@ -311,8 +319,8 @@ def summarize(rows: dict[str, list[dict]], arms, cols) -> dict:
     """Per arm: its overrides, seeds, per-seed metrics (percent) and mean ± std per column."""
     out = {}
     for name, over in arms:
-        res = [r for r in rows.get(name, []) if "error" not in r and not r.get("missing")]
-        per_col = {col: [v * (100.0 if abs(v) <= 1.0 else 1.0) for v in (_metric(r, key, over) for r in res)
+        res = _finished(rows, name)
+        per_col = {col: [_percent(v) for v in (_metric(r, key, over) for r in res)
                          if v is not None and not math.isnan(v)] for col, key in cols}
         out[name] = {
             "overrides": over, "seeds": [int(r["seed"]) for r in res], "n": len(res),
