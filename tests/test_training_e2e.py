@@ -238,3 +238,24 @@ def test_gpu_worker_trains(ray_local, run_root):
     write_fixture(cfg)
     final = fit(cfg, run_name="gpu")
     assert final["lam_history"] == [0.0, 0.5, 1.0, REAL_ONLY] and final["final_test_acc"] > 0.3
+
+
+@pytest.mark.parametrize("address", [None, "127.0.0.1:6390"])
+def test_preemption_watcher_off_only_on_a_cluster_the_driver_started(ray_local, run_root, monkeypatch, address):
+    """Ray Train's preemption watcher (cloud nodes being reclaimed) is switched off for a cluster this driver
+    started itself and left at Ray's default on a joined one (ray.address); a value the user set wins."""
+    import os
+
+    from discl_ray.training import build_trainer
+    from discl_ray.training.trainer import PREEMPTION_WATCHER_ENV
+
+    monkeypatch.delenv(PREEMPTION_WATCHER_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = lt_config(run_root, *([f"ray.address={address}"] if address else []))
+    _, selector = build_trainer(cfg, run_name=f"pw-{bool(address)}")     # builds, trains nothing
+    ray_local.kill(selector)
+    assert os.environ.get(PREEMPTION_WATCHER_ENV) == (None if address else "0")
+    monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "1")
+    _, selector = build_trainer(cfg, run_name=f"pw-user-{bool(address)}")
+    ray_local.kill(selector)
+    assert os.environ[PREEMPTION_WATCHER_ENV] == "1"
