@@ -60,7 +60,7 @@ setup: $(STAMP)
 TEST_JOBS ?= 2
 
 test: setup
-	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile,)
+	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder,)
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""

@@ -19,6 +19,38 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
 
+# `make test` runs the suite in TEST_JOBS processes (pytest-xdist). With more busy torch threads than cores,
+# torch's OpenMP threads spin while waiting for peers that are descheduled: the shipped-world gates took 148 s
+# wall (142 CPU-s) with 2 threads beside two busy processes on 2 cores, 49 s (31 CPU-s) with 1 thread
+# (docs/benchmarks.md, "Test suite"). So each test process, and every Ray worker its cluster starts, computes
+# on one thread when processes run side by side; alone, the tests that train models use both cores.
+PARALLEL = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+TORCH_THREADS = 1 if PARALLEL else 2
+if PARALLEL:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+# Test files in order of their measured cost, heaviest first (the rest follow in collection order). pytest-xdist
+# hands each process whole files in collection order (`--dist loadfile --no-loadscope-reorder`): starting the
+# long ones first keeps one process from running the last long file alone while the other idles.
+HEAVY_FIRST = ("test_faults.py", "test_quickstart.py", "test_world.py", "test_trainer_paths.py",
+               "test_cluster_multinode.py", "test_storage_s3.py", "test_generate_kill.py", "test_generation.py",
+               "test_ui.py", "test_bad_inputs.py", "test_scoring_job.py", "test_training_e2e.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))   # stable: order within a file kept
+
+
+@pytest.fixture(scope="session")
+def torch_threads() -> int:
+    """Threads for a test that trains or samples a model in the test process itself (see TORCH_THREADS)."""
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+    return TORCH_THREADS
+
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -18,10 +18,9 @@ SMOKE_BUDGET_S = 12.0
 
 
 @pytest.fixture(scope="module")
-def smoke_world(tmp_path_factory):
+def smoke_world(tmp_path_factory, torch_threads):
     from discl_ray.toyworld.train import train_world
 
-    torch.set_num_threads(2)
     cache = tmp_path_factory.mktemp("cache")
     man = train_world(cache, seed=0, image_size=32, budget_s=SMOKE_BUDGET_S, check_gates=True, progress=False)
     return cache, man
@@ -223,7 +222,7 @@ def test_shipped_form_round_trips_the_trained_models(smoke_world, tmp_path):
     assert np.abs(a - b).max() < 0.02
 
 
-def test_shipped_weights_pass_the_gates():
+def test_shipped_weights_pass_the_gates(torch_threads):
     """The models in the package (float16) pass the same gates as the float32 run that made them."""
     from discl_ray.toyworld import ship
     from discl_ray.toyworld.train import FULL_BUDGET_S, LOAD_GATE_DDIM_STEPS, WorldPlan, train_world
@@ -233,7 +232,6 @@ def test_shipped_weights_pass_the_gates():
         pytest.fail("no shipped toy world under discl_ray/assets/toyworld (make it: discl world --force --ship)")
     assert (ship.ASSET_DIR / ship.WEIGHTS).stat().st_size < 5 * 2**20
     assert man["trained"]["passed"] is True and man["code_version"]
-    torch.set_num_threads(2)
     import tempfile
     from pathlib import Path
 
