@@ -55,8 +55,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 setup: $(STAMP)
 
 # The default suite in TEST_JOBS processes (pytest-xdist; a test file's tests stay in one process, with its
-# module fixtures, and each process has its own local Ray cluster). On 2 cores, 451 tests: 808 s in one process,
-# 685-749 s in two (docs/benchmarks.md, "Test suite"). TEST_JOBS=0 runs them in this process.
+# module fixtures, and each process has its own local Ray cluster; heaviest files first, one torch thread each:
+# tests/conftest.py). On 2 cores, 453 tests in two processes: 726 s, on a machine that took 946 s (CI: 948 s) before
+# those two changes (docs/benchmarks.md, "Test suite"). TEST_JOBS=0 runs them in this process.
 TEST_JOBS ?= 2
 
 test: setup
