@@ -4,12 +4,14 @@ The clean world's task images look like its pre-training data (white digits on b
 generations already look like real task images and DisCL's synthetic-to-real gap is absent
 (docs/benchmarks.md). The gap world keeps the clean world's *prior* and changes what can see or draw a look:
 
-* **Text tower: the clean world's, unchanged; UNet: the clean world's, fine-tuned** on clean latents at every
-  noise level and on random-look latents at low noise only (``look_share``): λ = 0 generations (the text
-  decides, at high noise) are world-style digits, white on black, out of the task's domain (the ``paper``
-  look of ``discl_ray.data.looks``: dark ink on textured paper, blur, noise, vignetting), while low-noise
-  denoising works on any look. (Measured: the unchanged clean UNet destroyed paper-look sources even at
-  λ = 0.9, since it had never denoised such latents.)
+* **Text tower and UNet: the clean world's, unchanged.** λ = 0 generations (the text decides, at high noise)
+  are world-style digits, white on black, out of the task's domain (the ``paper`` look of
+  ``discl_ray.data.looks``: dark ink on textured paper, blur, noise, vignetting); from λ ≈ 0.3 to 0.5 the
+  UNet redraws the source's digit in the world's look; at λ = 0.9 the few low-noise steps keep the source's
+  look. (The first prototypes, with a VAE trained for 200-400 steps, lost the look even at λ = 0.9 and led to
+  fine-tuning the UNet on random looks at low noise, ``finetune_unet``; with the full-plan VAE the clean UNet
+  keeps it, and every fine-tuning tried made mid-λ images worse: ``GapPlan.unet_steps``.) λ = 0.7 blends the
+  two looks and the judge reads a third of those images: the filter's work, as on real low-quality data.
 * **VAE: the clean world's, fine-tuned on random looks** of world digits (any background, any ink), like
   Stable Diffusion's autoencoder that reproduces any photo. Its clean latents are anchored to the clean
   VAE's, so the clean UNet's prior still decodes to clean digits, while a paper-look source encodes to
@@ -50,10 +52,15 @@ class GapPlan:
 
     looks_per_image: int = 3        # random looks drawn per world digit (plus the clean original)
     vae_steps: int = 1000
-    unet_steps: int = 400
-    clip_steps: int = 800
+    # 0 = the clean world's UNet as it is (the default, measured below); > 0 fine-tunes it on random looks at
+    # low noise (``finetune_unet``). Prototypes on the full-plan VAE, paper-look sources, judge by λ
+    # 0/.1/.3/.5/.7/.9 (5 per class, DDIM 25): clean UNet 0.78/0.90/1.00/0.96/0.36/0.86; fine-tuned 400 steps
+    # (looks to t = 400, lr 2e-4) 0.76/0.90/0.98/0.60/0.18/0.78; looks at every t (share 0.6 → 0 at t = 1000)
+    # 0.64/0.80/0.62/0.26/0.24/0.80. Fine-tuning on looks turns mid-λ images into colour mush.
+    unet_steps: int = 0
+    clip_steps: int = 2400          # paper-look zero-shot 0.51 after 800 steps, 0.90 after 2400 (clean 0.98)
     judge_steps: int = 300
-    look_share: float = 0.6         # UNet fine-tuning: share of random-look latents at t = 0 …
+    look_share: float = 0.6         # UNet fine-tuning (unet_steps > 0): share of random-look latents at t = 0 …
     look_t_max: int = 600           # … falling linearly to none at this timestep (see ``look_share``)
     gate_per_class: int = 10
     gate_ddim_steps: int = 50
@@ -66,7 +73,8 @@ class GapPlan:
             return cls()
         full = cls()
         return cls(looks_per_image=1, vae_steps=max(10, int(full.vae_steps * f)),
-                   unet_steps=max(10, int(full.unet_steps * f)), clip_steps=max(10, int(full.clip_steps * f)),
+                   unet_steps=max(10, int(full.unet_steps * f)) if full.unet_steps else 0,
+                   clip_steps=max(10, int(full.clip_steps * f)),
                    judge_steps=max(20, int(full.judge_steps * f)),
                    gate_per_class=1 if f < 0.25 else 5, gate_ddim_steps=6 if f < 0.25 else 25, probe_splits=2)
 

@@ -194,12 +194,15 @@ def _train(cache_dir: Path, settings: dict, plan: gap.GapPlan, budget_s: float, 
     text_encoder = gen_mod.text_encoder_from_clip(clip_model)
     _same_text_encoder(text_encoder, clean_pipe.text_encoder)
     with torch.no_grad():
-        clean_lat = diffusion.encode_latents(vae, pool[is_clean])
-        look_lat = diffusion.encode_latents(vae, pool[~is_clean])
-    unet, timing["unet"] = gap.finetune_unet(clean_pipe.unet, text_encoder, clean_pipe.tokenizer,
-                                             gen_mod.train_scheduler(), clean_lat, look_lat, py[is_clean],
-                                             py[~is_clean], steps=plan.unet_steps, max_share=plan.look_share,
-                                             t_max=plan.look_t_max, seed=seed, progress=progress)
+        clean_lat, look_lat = ((diffusion.encode_latents(vae, pool[is_clean]), diffusion.encode_latents(vae, pool[~is_clean]))
+                               if plan.unet_steps else (None, None))
+    if plan.unet_steps:
+        unet, timing["unet"] = gap.finetune_unet(clean_pipe.unet, text_encoder, clean_pipe.tokenizer,
+                                                 gen_mod.train_scheduler(), clean_lat, look_lat, py[is_clean],
+                                                 py[~is_clean], steps=plan.unet_steps, max_share=plan.look_share,
+                                                 t_max=plan.look_t_max, seed=seed, progress=progress)
+    else:       # the clean world's UNet: its prior is the world's look, the gap VAE lets it carry any other
+        unet, timing["unet"] = clean_pipe.unet.eval(), {"steps": 0, "planned": 0, "seconds": 0.0, "cpu_seconds": 0.0}
     pipe = gen_mod.assemble(vae, unet, text_encoder, clean_pipe.tokenizer)
     gen_mod.save(pipe, toyworld.generator_dir(cache_dir, VARIANT))
     timing["train_total"] = {"seconds": time.perf_counter() - t_start, "cpu_seconds": time.process_time() - c_start}
@@ -343,8 +346,8 @@ def apply_delta(base: dict, tensors: dict, prefix: str) -> dict:
 
 
 def export(cache_dir: Path, manifest: dict, out_dir: Path = ASSET_DIR) -> dict:
-    """Write what the gap world adds to the clean one (VAE, CLIP image tower, judge in float16; the UNet as an
-    int8 delta from the clean UNet) and a manifest."""
+    """Write what the gap world adds to the clean one (VAE, CLIP image tower, judge in float16; a fine-tuned UNet
+    as an int8 delta from the clean UNet, nothing for the clean UNet itself) and a manifest."""
     from safetensors.torch import save_file
 
     from discl_ray.toyworld import classifier as cls_mod
@@ -364,7 +367,9 @@ def export(cache_dir: Path, manifest: dict, out_dir: Path = ASSET_DIR) -> dict:
     tensors.update({f"vae.{k}": v for k, v in pipe.vae.state_dict().items()})
     tensors.update({f"judge.{k}": v for k, v in judge.state_dict().items()})
     tensors = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in tensors.items()}
-    tensors.update(quantize_delta(pipe.unet.state_dict(), clean_pipe.unet.state_dict(), "unet_delta."))
+    cs_unet = clean_pipe.unet.state_dict()
+    if any(not torch.equal(v, cs_unet[k]) for k, v in pipe.unet.state_dict().items()):   # else: the clean UNet
+        tensors.update(quantize_delta(pipe.unet.state_dict(), cs_unet, "unet_delta."))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / WEIGHTS))
@@ -403,7 +408,8 @@ def install(cache_dir: Path, asset_dir: Path = ASSET_DIR):
     vae = AutoencoderKL.from_config(man["vae_config"])
     vae.load_state_dict(part("vae."))
     unet = clean_pipe.unet
-    unet.load_state_dict(apply_delta(unet.state_dict(), tensors, "unet_delta."))
+    if any(k.startswith("unet_delta.") for k in tensors):          # none shipped: the clean world's UNet
+        unet.load_state_dict(apply_delta(unet.state_dict(), tensors, "unet_delta."))
     pipe = gen_mod.assemble(vae.eval(), unet.eval(), clean_pipe.text_encoder, clean_pipe.tokenizer)
     gen_mod.save(pipe, toyworld.generator_dir(cache_dir, VARIANT))
     judge = cls_mod.DigitCNN(width=man["judge"]["width"])
