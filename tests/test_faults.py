@@ -153,8 +153,9 @@ def test_killed_sweep_driver_resubmitted(tmp_path, ray_local, capsys):
         # Its Ray cluster (gcs, raylet, workers) dies with it; wait so no old worker logs after the resubmission.
         # Ray's dashboard and runtime-env agents outlive their raylet for longer than that (measured: both still
         # up 30 s later), and they never log a trial: they are not waited for, only killed with any stragglers.
-        _, alive = psutil.wait_procs([p for p in cluster if not _is_agent(p)], timeout=30)
-        for p in alive + [p for p in cluster if _is_agent(p)]:
+        agents = [p for p in cluster if _is_agent(p)]
+        _, alive = psutil.wait_procs([p for p in cluster if p not in agents], timeout=30)
+        for p in alive + agents:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
     finally:

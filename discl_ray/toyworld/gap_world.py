@@ -193,10 +193,10 @@ def _train(cache_dir: Path, settings: dict, plan: gap.GapPlan, budget_s: float, 
     # The generator's text encoder is the CLIP text tower, which fine-tuning left untouched (checked).
     text_encoder = gen_mod.text_encoder_from_clip(clip_model)
     _same_text_encoder(text_encoder, clean_pipe.text_encoder)
-    with torch.no_grad():
-        clean_lat, look_lat = ((diffusion.encode_latents(vae, pool[is_clean]), diffusion.encode_latents(vae, pool[~is_clean]))
-                               if plan.unet_steps else (None, None))
     if plan.unet_steps:
+        with torch.no_grad():
+            clean_lat = diffusion.encode_latents(vae, pool[is_clean])
+            look_lat = diffusion.encode_latents(vae, pool[~is_clean])
         unet, timing["unet"] = gap.finetune_unet(clean_pipe.unet, text_encoder, clean_pipe.tokenizer,
                                                  gen_mod.train_scheduler(), clean_lat, look_lat, py[is_clean],
                                                  py[~is_clean], steps=plan.unet_steps, max_share=plan.look_share,
@@ -367,9 +367,9 @@ def export(cache_dir: Path, manifest: dict, out_dir: Path = ASSET_DIR) -> dict:
     tensors.update({f"vae.{k}": v for k, v in pipe.vae.state_dict().items()})
     tensors.update({f"judge.{k}": v for k, v in judge.state_dict().items()})
     tensors = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in tensors.items()}
-    cs_unet = clean_pipe.unet.state_dict()
-    if any(not torch.equal(v, cs_unet[k]) for k, v in pipe.unet.state_dict().items()):   # else: the clean UNet
-        tensors.update(quantize_delta(pipe.unet.state_dict(), cs_unet, "unet_delta."))
+    unet, clean_unet = pipe.unet.state_dict(), clean_pipe.unet.state_dict()
+    if any(not torch.equal(v, clean_unet[k]) for k, v in unet.items()):   # else: the clean UNet, nothing to ship
+        tensors.update(quantize_delta(unet, clean_unet, "unet_delta."))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / WEIGHTS))
