@@ -31,9 +31,11 @@ class ToyDataConfig(StrictModel):
         None, ge=0, description="Seed of the world/task partition of the digits, which `discl world` trains the toy "
                                 "models on (None = dataset.seed). Set it to keep one world while dataset.seed "
                                 "varies the task's own split and sampling (`discl bench replicate --vary data`).")
-    look: Literal["clean", "paper"] = Field(
+    look: Literal["clean", "blueprint", "paper"] = Field(
         "clean", description="Camera look of the task's real images (digits-LT/LQ, every split): 'clean' = the "
-                             "world's white-on-black; 'paper' = ink on textured paper, a synthetic-to-real gap.")
+                             "world's white-on-black; 'blueprint' = white lines on blue textured paper, the gap "
+                             "world's synthetic-to-real gap; 'paper' = dark ink on tinted paper (inverted polarity: "
+                             "a harder gap, whose mid-λ images blend two looks).")
 
     @model_validator(mode="after")
     def _disjoint_styles(self):

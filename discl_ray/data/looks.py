@@ -1,9 +1,12 @@
 """Camera looks for the toy world's gap variant: the task's real digits live in another domain than the
 "internet" the toy generator and CLIP were trained on.
 
-The world split is white strokes on black. The ``paper`` look is dark ink on textured, tinted paper under a
-slightly soft, noisy, vignetted camera: λ = 0 generations (the text decides) come out as world-style digits,
-far from the task's images, while high-λ generations keep the source's look. ``random_look`` draws from a
+The world split is white strokes on black. The ``blueprint`` look (the gap world's task look) is white lines on
+textured blueprint-blue paper under a slightly soft, noisy, vignetted camera: λ = 0 generations (the text decides)
+come out as world-style digits, far from the task's images, while high-λ generations keep the source's look. The
+``paper`` look (dark ink on textured, tinted paper) inverts the world's polarity as well: img2img at λ ≈ 0.7 then
+blends a white-on-black digit with a dark-on-light one and the digit is lost (docs/toyworld.md, "Gap variant"),
+so it is kept as a harder look, not the gap world's. ``random_look`` draws from a
 broad family of looks (any background, any stroke colour): the generator's autoencoder trains on it so that,
 like Stable Diffusion's VAE, it can reproduce any look, while the UNet's prior stays the world's.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
-LOOKS = ("clean", "paper")
+LOOKS = ("clean", "blueprint", "paper")
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -50,6 +53,26 @@ def paper_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
+def blueprint_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """White lines on blueprint-blue textured paper, soft focus, mild sensor noise, vignetting: the world's
+    polarity (light strokes on a darker ground) in colours and textures its prior never drew."""
+    size = image.shape[0]
+    stroke = (image[..., 0] if image.ndim == 3 else image).astype(np.float32) / 255.0
+    sheet = np.array([40.0, 90.0, 170.0]) + rng.normal(0, 8, size=3)
+    tex = _smooth_noise(rng, size, 5)[..., None] * 40.0 - 20.0
+    ink = np.array([235.0, 240.0, 250.0]) + rng.normal(0, 6, size=3)
+    out = compose(stroke, sheet[None, None, :] + tex, ink)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
+    out *= (1.0 - 0.7 * (xx ** 2 + yy ** 2))[..., None]             # vignetting: corners ≈ 65 % as bright
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(0.3 + 0.4 * rng.random())), np.float32)
+    out += rng.normal(0, 3, out.shape)                               # sensor noise
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+_LOOK_FNS = {"blueprint": blueprint_look, "paper": paper_look}
+
+
 def random_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Any look: random background colour and texture, random stroke colour (the autoencoder's training set)."""
     size = image.shape[0]
@@ -64,7 +87,7 @@ def random_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def internet_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``random_look`` under a random camera: sometimes thicker strokes, vignetting of any strength, soft focus
     and per-channel sensor noise. The gap world's "internet" (its VAE, CLIP image tower, judge and the UNet's
-    low-noise denoising train on it): every effect of the ``paper`` look occurs, but never that look's
+    low-noise denoising train on it): every effect of the task looks occurs, but never a task look's
     colours and effects together as a domain."""
     size = image.shape[0]
     gray = image[..., 0] if image.ndim == 3 else image
@@ -86,7 +109,8 @@ def apply_look(images: np.ndarray, look: str, seed: int, keys=None) -> np.ndarra
     looks the same whichever split or batch it lands in (``keys`` default: positions)."""
     if look == "clean":
         return images
-    if look != "paper":
+    if look not in _LOOK_FNS:
         raise ValueError(f"unknown toy look {look!r}; choose from: {', '.join(LOOKS)}")
+    fn = _LOOK_FNS[look]
     keys = range(len(images)) if keys is None else keys
-    return np.stack([paper_look(im, np.random.default_rng([seed, int(k)])) for k, im in zip(keys, images)])
+    return np.stack([fn(im, np.random.default_rng([seed, int(k)])) for k, im in zip(keys, images)])

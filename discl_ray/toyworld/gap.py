@@ -2,31 +2,34 @@
 
 The clean world's task images look like its pre-training data (white digits on black), so λ = 0
 generations already look like real task images and DisCL's synthetic-to-real gap is absent
-(docs/benchmarks.md). The gap world keeps the clean world's *prior* and changes what can see or draw a look:
+(docs/benchmarks.md). The gap world keeps the clean world's *prior* and teaches its models to see and keep
+other looks:
 
-* **Text tower and UNet: the clean world's, unchanged.** λ = 0 generations (the text decides, at high noise)
-  are world-style digits, white on black, out of the task's domain (the ``paper`` look of
-  ``discl_ray.data.looks``: dark ink on textured paper, blur, noise, vignetting); from λ ≈ 0.3 to 0.5 the
-  UNet redraws the source's digit in the world's look; at λ = 0.9 the few low-noise steps keep the source's
-  look. (The first prototypes, with a VAE trained for 200-400 steps, lost the look even at λ = 0.9 and led to
-  fine-tuning the UNet on random looks at low noise, ``finetune_unet``; with the full-plan VAE the clean UNet
-  keeps it, and every fine-tuning tried made mid-λ images worse: ``GapPlan.unet_steps``.) λ = 0.7 blends the
-  two looks and the judge reads a third of those images: the filter's work, as on real low-quality data.
+* **Task look: ``blueprint``** (``discl_ray.data.looks``: white lines on textured blue paper, soft focus, noise,
+  vignetting). It keeps the world's polarity (light strokes on a darker ground). The ``paper`` look (dark ink on
+  light paper) was tried first: at λ ≈ 0.7 img2img blends a white-on-black digit with a dark-on-light one and the
+  judge reads a third of them (docs/toyworld.md, "Gap variant").
+* **Text tower: the clean world's, unchanged. UNet: the clean world's, fine-tuned at low noise only**
+  (``finetune_unet``: timesteps below ``look_t_max`` = 200 see random-look latents, above it only clean ones).
+  λ = 0 generations (the text decides, at high noise) are world-style digits, white on black, far from the task's
+  domain; at λ 0.3-0.5 the UNet redraws the source's digit in the world's look; at λ = 0.9 the last few
+  low-noise steps keep the source's look instead of pulling it towards black. Fine-tuning on looks over higher
+  noise (t ≤ 400-1000) turned mid-λ images into colour mush (measured, docs/toyworld.md).
 * **VAE: the clean world's, fine-tuned on random looks** of world digits (any background, any ink), like
   Stable Diffusion's autoencoder that reproduces any photo. Its clean latents are anchored to the clean
-  VAE's, so the clean UNet's prior still decodes to clean digits, while a paper-look source encodes to
-  latents that decode back to paper: high-λ img2img keeps the task's look.
+  VAE's, so the clean UNet's prior still decodes to clean digits, while a blueprint source encodes to
+  latents that decode back to blueprint: high-λ img2img keeps the task's look.
 * **CLIP: the clean world's, image tower fine-tuned on random looks, text tower frozen** (so the generator's
-  text encoder, the CLIP text tower, stays the one the UNet was trained with). Measured: the clean CLIP
-  scores paper-look task digits *below chance* (zero-shot 1.9 %; the ink polarity is inverted), which would
-  make the CLIP filter drop exactly the real-looking high-λ images and make zero-shot mining on digits-LQ
-  meaningless. An "internet" CLIP has seen every look; so does this one.
+  text encoder, the CLIP text tower, stays the one the UNet was trained with). Measured on the ``paper`` look: the
+  clean CLIP scores task digits *below chance* (zero-shot 1.9 %), which would make the CLIP filter drop exactly
+  the real-looking high-λ images and make zero-shot mining on digits-LQ meaningless. An "internet" CLIP has seen
+  every look; so does this one.
 * **Judge: trained on world digits in random looks and clean.** It is the referee of "is this the prompted
-  digit" across the whole spectrum, from clean λ = 0 images to paper-look high-λ images; a judge trained on
-  clean digits only recognises 5 % of paper-look digits, so its rate would measure the look, not the digit.
-  It never sees the paper look: its held-out accuracy on paper-look task digits is a gate.
+  digit" across the whole spectrum, from clean λ = 0 images to blueprint high-λ images; a judge trained on
+  clean digits only (measured on ``paper``: 5 %) would measure the look, not the digit. It never sees the task
+  look: its held-out accuracy on task-look digits is a gate.
 
-Neither the VAE, the CLIP nor the judge sees the paper look in training: it is the task's domain, the one
+Neither the VAE, the UNet, the CLIP nor the judge sees the task look in training: it is the task's domain, the one
 thing the "internet" lacks. ``measure_gap`` quantifies the gap per λ (linear probe real vs generated on
 toy-CLIP image features, held-out rows only; image–image cosine to the source; judge recognition).
 """
@@ -48,20 +51,25 @@ LOOK_SEED_OFFSET = 3          # discl_ray.data.toy applies the task look with da
 
 @dataclass(frozen=True)
 class GapPlan:
-    """Step counts of the gap world's fine-tuning (the clean world's UNet and text tower are reused)."""
+    """Step counts and settings of the gap world's fine-tuning (the clean world's text tower is reused).
+
+    Chosen by prototypes on blueprint sources (docs/toyworld.md, "Gap variant"; judge by λ 0/.1/.3/.5/.7/.9,
+    10 per class, DDIM 50): VAE 1,000 steps + clean UNet 0.83/0.95/1.0/1.0/0.93/0.90, probe 0.96 → 0.77 at
+    λ = 0.9; VAE 2,500 steps + clean-t ≤ 200 UNet fine-tuning 800 steps 0.71/0.86/1.0/0.99/0.97/0.95, probe
+    0.96 → 0.66."""
 
     looks_per_image: int = 3        # random looks drawn per world digit (plus the clean original)
-    vae_steps: int = 1000
-    # 0 = the clean world's UNet as it is (the default, measured below); > 0 fine-tunes it on random looks at
-    # low noise (``finetune_unet``). Prototypes on the full-plan VAE, paper-look sources, judge by λ
-    # 0/.1/.3/.5/.7/.9 (5 per class, DDIM 25): clean UNet 0.78/0.90/1.00/0.96/0.36/0.86; fine-tuned 400 steps
-    # (looks to t = 400, lr 2e-4) 0.76/0.90/0.98/0.60/0.18/0.78; looks at every t (share 0.6 → 0 at t = 1000)
-    # 0.64/0.80/0.62/0.26/0.24/0.80. Fine-tuning on looks turns mid-λ images into colour mush.
-    unet_steps: int = 0
+    vae_steps: int = 2500           # 1,000: task-look reconstruction probe 0.74; 2,500: 0.57
+    # 0 = the clean world's UNet as it is; > 0 fine-tunes it on random-look latents at low noise
+    # (``finetune_unet``): share ``look_share`` at t = 0 falling to 0 at ``look_t_max``, with ``low_t_frac`` of
+    # each batch drawn below ``look_t_max``. Without it, λ = 0.9 steps pull the task look towards the world's black.
+    unet_steps: int = 800
+    unet_lr: float = 5e-4
     clip_steps: int = 2400          # paper-look zero-shot 0.51 after 800 steps, 0.90 after 2400 (clean 0.98)
-    judge_steps: int = 300
-    look_share: float = 0.6         # UNet fine-tuning (unet_steps > 0): share of random-look latents at t = 0 …
-    look_t_max: int = 600           # … falling linearly to none at this timestep (see ``look_share``)
+    judge_steps: int = 1200         # 300 steps: task-look judge 0.976; 1,200: 0.980 and steadier on λ = 0.9 images
+    look_share: float = 1.0
+    look_t_max: int = 200
+    low_t_frac: float = 0.5
     gate_per_class: int = 10
     gate_ddim_steps: int = 50
     probe_splits: int = 5
@@ -226,10 +234,11 @@ def look_share(t: torch.Tensor, max_share: float, t_max: int) -> torch.Tensor:
 def finetune_unet(unet, text_encoder, tokenizer, scheduler, clean_latents, look_latents, clean_labels: torch.Tensor,
                   look_labels: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 1e-3,
                   max_share: float = 0.6, t_max: int = 600, uncond_prob: float = 0.15, ema_decay: float = 0.995,
-                  seed: int = 0, progress: bool = False):
+                  low_t_frac: float = 0.0, seed: int = 0, progress: bool = False):
     """Fine-tune the clean world's UNet (epsilon prediction, frozen text tower, classifier-free dropout, EMA,
     as its pre-training) on clean latents everywhere and on random-look latents at low noise only
-    (``look_share``). Returns (EMA UNet, stats)."""
+    (``look_share``); ``low_t_frac`` of each batch draws its timestep below ``t_max``, where the looks are.
+    Returns (EMA UNet, stats)."""
     from tqdm.auto import tqdm
 
     from discl_ray.toyworld.diffusion import _ema_update, caption_ids, one_cycle
@@ -250,6 +259,8 @@ def finetune_unet(unet, text_encoder, tokenizer, scheduler, clean_latents, look_
     unet.train()
     for step in tqdm(range(steps), desc="gap world: UNet", disable=not progress, leave=False):
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        low = torch.rand(batch_size, generator=gen) < low_t_frac
+        t = torch.where(low, torch.randint(0, t_max, (batch_size,), generator=gen), t)
         use_look = torch.rand(batch_size, generator=gen) < look_share(t, max_share, t_max)
         ci = torch.randint(0, len(cm), (batch_size,), generator=gen)
         li = torch.randint(0, len(lm), (batch_size,), generator=gen)

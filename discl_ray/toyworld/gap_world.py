@@ -34,12 +34,12 @@ log = logging.getLogger(__name__)
 VARIANT = "gap"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-LOOK = "paper"                 # the task look the gap world's gates and measurements use
+LOOK = "blueprint"             # the task look the gap world's gates and measurements use
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld-gap"
 WEIGHTS = "weights.safetensors"
 _CODE = ("gap.py", "gap_world.py")
 
-# Gates of the gap world (measured on the task half in the paper look; docs/toyworld.md "Gap variant").
+# Gates of the gap world (measured on the task half in the task look; docs/toyworld.md "Gap variant").
 MIN_JUDGE_ACC = 0.90           # the judge must recognise digits in both looks: its rate is the referee
 MIN_CLIP_ACC = 0.90            # CLIP zero-shot on clean held-out digits (the clean world's gate)
 MIN_CLIP_TASK_ACC = 0.80       # … and on the task's look (the clean CLIP: 1.9 %)
@@ -199,8 +199,9 @@ def _train(cache_dir: Path, settings: dict, plan: gap.GapPlan, budget_s: float, 
             look_lat = diffusion.encode_latents(vae, pool[~is_clean])
         unet, timing["unet"] = gap.finetune_unet(clean_pipe.unet, text_encoder, clean_pipe.tokenizer,
                                                  gen_mod.train_scheduler(), clean_lat, look_lat, py[is_clean],
-                                                 py[~is_clean], steps=plan.unet_steps, max_share=plan.look_share,
-                                                 t_max=plan.look_t_max, seed=seed, progress=progress)
+                                                 py[~is_clean], steps=plan.unet_steps, lr=plan.unet_lr,
+                                                 max_share=plan.look_share, t_max=plan.look_t_max,
+                                                 low_t_frac=plan.low_t_frac, seed=seed, progress=progress)
     else:       # the clean world's UNet: its prior is the world's look, the gap VAE lets it carry any other
         unet, timing["unet"] = clean_pipe.unet.eval(), {"steps": 0, "planned": 0, "seconds": 0.0, "cpu_seconds": 0.0}
     pipe = gen_mod.assemble(vae, unet, text_encoder, clean_pipe.tokenizer)
