@@ -161,12 +161,20 @@ def test_full_plan_gap_world_passes_its_gates_and_the_gap_falls_with_lam(tmp_pat
     assert again["reused"] is True and again["settings"] == man["settings"]
 
 
-@pytest.mark.slow
-def test_shipped_gap_weights_pass_the_gates(tmp_path):
-    """Unpacks the shipped clean and gap worlds and gates the gap one (as `discl world --variant gap` does)."""
+def test_shipped_gap_weights_pass_the_gates(tmp_path, torch_threads):
+    """Unpacks the shipped clean and gap worlds and gates the gap one, as `discl world --variant gap` does on a fresh
+    checkout (the clean world's own gates are test_world.py's business)."""
     from discl_ray.toyworld import gap_world
+    from discl_ray.toyworld.train import train_world
 
     if gap_world.read_shipped_manifest() is None:
         pytest.skip("no shipped gap world")
-    man = gap_world.train_gap_world(tmp_path, progress=False)
+    base = train_world(tmp_path, check_gates=False, progress=False)
+    man = gap_world.train_gap_world(tmp_path, progress=False, base=base)
     assert man["source"] == "shipped" and man["passed"] is True, json.dumps(man["gates"], indent=1)
+    probe = [man["gap"][f"{lam:g}"]["probe_acc"] for lam in gap.GAP_LAMS]
+    assert probe[0] >= gap_world.MIN_PROBE_LAM0 and probe[-1] <= gap_world.MAX_PROBE_TOP
+    # the int8 UNet delta and float16 weights reproduce the build: the gap table within sampling noise
+    built = man["trained"]["gap"]
+    for lam in gap.GAP_LAMS:
+        assert abs(man["gap"][f"{lam:g}"]["judge_acc"] - built[f"{lam:g}"]["judge_acc"]) <= 0.06, lam
