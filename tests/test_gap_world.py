@@ -135,6 +135,7 @@ def test_shipped_gap_manifest_is_consistent():
     clean = ship.read_manifest()
     assert man["settings"]["base"] == clean["settings"]      # built on the shipped clean world's settings
     assert man["settings"]["plan"] == json.loads(json.dumps(gap.GapPlan().__dict__))
+    assert "_name_or_path" not in man["vae_config"]           # no path of the machine that built it
     trained = man["trained"]
     assert trained["passed"] is True
     probe = [trained["gap"][f"{lam:g}"]["probe_acc"] for lam in gap.GAP_LAMS]

@@ -376,7 +376,8 @@ def export(cache_dir: Path, manifest: dict, out_dir: Path = ASSET_DIR) -> dict:
     save_file(tensors, str(out_dir / WEIGHTS))
     shipped = {"settings": manifest["settings"], "variant": VARIANT,
                "code_version": manifest.get("code_version") or code_version(),
-               "vae_config": dict(pipe.vae.config),
+               # (without ``_name_or_path``: where the build read its VAE from, a path on the building machine)
+               "vae_config": {k: v for k, v in dict(pipe.vae.config).items() if k != "_name_or_path"},
                "judge": {"width": int(judge.state_dict()["net.0.weight"].shape[0])},
                "trained": {k: manifest.get(k) for k in ("budget_s", "timing", "vae", "gates", "gap", "gap_clean_world",
                                                         "passed")},
