@@ -32,6 +32,18 @@ def compose(stroke: np.ndarray, background: np.ndarray, ink: np.ndarray) -> np.n
     return background * (1.0 - a) + ink[None, None, :] * a
 
 
+def _camera(out: np.ndarray, rng: np.random.Generator, vignette: float, blur: float, noise: float) -> np.ndarray:
+    """A task look's camera on a composed float image: vignetting (corners ``1 − vignette / 2`` as bright), a
+    Gaussian blur of radius ``blur`` to ``blur + 0.4`` px, sensor noise of std ``noise``; uint8 out."""
+    size = out.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
+    out = out * (1.0 - vignette * (xx ** 2 + yy ** 2))[..., None]
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(blur + 0.4 * rng.random())), np.float32)
+    out += rng.normal(0, noise, out.shape)
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
 def paper_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Dark-blue ink on warm textured paper, thickened strokes, soft focus, sensor noise, vignetting."""
     size = image.shape[0]
@@ -44,13 +56,7 @@ def paper_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     tex = _smooth_noise(rng, size, 5)[..., None] * 40.0 - 20.0 + rng.normal(0, 4, (size, size, 1))
     background = paper[None, None, :] + tex
     ink = np.array([30.0, 40.0, 110.0]) + rng.normal(0, 8, size=3)
-    out = compose(stroke, background, ink)
-    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
-    out *= (1.0 - 0.9 * (xx ** 2 + yy ** 2))[..., None]             # vignetting: corners ≈ 55 % as bright
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(0.4 + 0.4 * rng.random())), np.float32)
-    out += rng.normal(0, 6, out.shape)                               # sensor noise
-    return np.clip(out, 0, 255).round().astype(np.uint8)
+    return _camera(compose(stroke, background, ink), rng, vignette=0.9, blur=0.4, noise=6.0)   # corners ≈ 55 %
 
 
 def blueprint_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -61,13 +67,7 @@ def blueprint_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     sheet = np.array([40.0, 90.0, 170.0]) + rng.normal(0, 8, size=3)
     tex = _smooth_noise(rng, size, 5)[..., None] * 40.0 - 20.0
     ink = np.array([235.0, 240.0, 250.0]) + rng.normal(0, 6, size=3)
-    out = compose(stroke, sheet[None, None, :] + tex, ink)
-    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
-    out *= (1.0 - 0.7 * (xx ** 2 + yy ** 2))[..., None]             # vignetting: corners ≈ 65 % as bright
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(0.3 + 0.4 * rng.random())), np.float32)
-    out += rng.normal(0, 3, out.shape)                               # sensor noise
-    return np.clip(out, 0, 255).round().astype(np.uint8)
+    return _camera(compose(stroke, sheet[None, None, :] + tex, ink), rng, vignette=0.7, blur=0.3, noise=3.0)  # corners ≈ 65 %
 
 
 _LOOK_FNS = {"blueprint": blueprint_look, "paper": paper_look}

@@ -53,13 +53,13 @@ LOOK_SEED_OFFSET = 3          # discl_ray.data.toy applies the task look with da
 class GapPlan:
     """Step counts and settings of the gap world's fine-tuning (the clean world's text tower is reused).
 
-    Chosen by prototypes on blueprint sources (docs/toyworld.md, "Gap variant"; judge by λ 0/.1/.3/.5/.7/.9,
-    10 per class, DDIM 50): VAE 1,000 steps + clean UNet 0.83/0.95/1.0/1.0/0.93/0.90, probe 0.96 → 0.77 at
-    λ = 0.9; VAE 2,500 steps + clean-t ≤ 200 UNet fine-tuning 800 steps 0.71/0.86/1.0/0.99/0.97/0.95, probe
-    0.96 → 0.66."""
+    Chosen by prototypes on blueprint sources (docs/toyworld.md, "Gap variant"; judge by λ 0/.1/.3/.5/.7/.9):
+    VAE 1,000 steps + clean UNet (5 per class, DDIM 25) 0.80/0.96/1.0/1.0/0.96/0.98, probe 0.97 → 0.85 at λ = 0.9;
+    VAE 2,500 steps + UNet fine-tuned at t < 200 for 800 steps (10 per class, DDIM 50)
+    0.71/0.86/1.0/0.99/0.97/0.95, probe 0.96 → 0.66."""
 
     looks_per_image: int = 3        # random looks drawn per world digit (plus the clean original)
-    vae_steps: int = 2500           # 1,000: task-look reconstruction probe 0.74; 2,500: 0.57
+    vae_steps: int = 2500           # 1,000: task-look reconstruction probe 0.75; 2,500: 0.57
     # 0 = the clean world's UNet as it is; > 0 fine-tunes it on random-look latents at low noise
     # (``finetune_unet``): share ``look_share`` at t = 0 falling to 0 at ``look_t_max``, with ``low_t_frac`` of
     # each batch drawn below ``look_t_max``. Without it, λ = 0.9 steps pull the task look towards the world's black.
