@@ -192,6 +192,21 @@ def pin_loopback() -> None:
     rc.ENABLE_RAY_CLUSTER = False
 
 
+def init_local_ray(**kwargs) -> None:
+    """Start this process's own local Ray cluster, pinned to 127.0.0.1: the one place the project calls
+    ``ray.init`` for a cluster it starts (stages, benchmarks). Joining a running cluster by address is
+    :func:`init_ray`'s business; tests/test_loopback.py fails on any other ``ray.init`` in the package.
+
+    ``address`` is always ``"local"``: never a cluster some other ``ray start`` left running."""
+    import ray
+
+    address = kwargs.pop("address", "local")
+    if address != "local":
+        raise ValueError(f"init_local_ray starts a local cluster; address={address!r} joins one (use init_ray)")
+    pin_loopback()
+    ray.init(address="local", **kwargs)
+
+
 def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     import ray
 
@@ -222,7 +237,7 @@ def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     if temp_dir:
         init_kwargs["_temp_dir"] = temp_dir
     init_kwargs.update(kwargs)
-    ray.init(**init_kwargs)
+    init_local_ray(**init_kwargs)
 
 
 def resolve_device(device: str, what: str = "") -> str:

@@ -233,10 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     # Same priority for all three modes (a dedicated GPU node has no competitors, so no difference there).
     os.environ.setdefault("RAY_worker_niceness", "0")
     if not ray.is_initialized():
-        from discl_ray.runtime import pin_loopback
+        from discl_ray.runtime import init_local_ray
 
-        pin_loopback()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     t_c, t_c_loaded, n_c, bytes_c = run_ray(cfg, sources)
     from discl_ray.io import read_parquet_dir

@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     os.environ.setdefault("RAY_worker_niceness", "0")      # see bench/generate.py: shared-machine fairness
-    ray.init(num_cpus=2, resources={"sim_gpu": args.max_k}, include_dashboard=False, log_to_driver=False)
+    from discl_ray.runtime import init_local_ray
+
+    init_local_ray(num_cpus=2, resources={"sim_gpu": args.max_k}, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     results = []

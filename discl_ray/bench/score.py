@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         t_b, out_b = _timed(ours_in_process, bundle, files, sources, prompts, args.batch_size)
         started = ray.is_initialized()
         if not started:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            from discl_ray.runtime import init_local_ray
+
+            init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             t_c, (out_c, t_first, n_first) = _timed(ours_ray, scoring, work, files, sources, prompts)

@@ -183,7 +183,9 @@ def _gpu_main(args) -> int:
         return 2
     workers = min(2, n_gpu)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        from discl_ray.runtime import init_local_ray
+
+        init_local_ray(include_dashboard=False, log_to_driver=False)
     root = Path(args.run_root or tempfile.mkdtemp(prefix="discl-bench-train-gpu-"))
     rows = train_gpu.run(root, rows=args.gpu_rows, workers=workers, extra=args.overrides)
     cols = ("model", "precision", "workers", "samples_per_s", "model_samples_per_s_per_gpu", "train_loss",

@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.run_root or Path(tempfile.gettempdir()) / "discl-bench-train-memory")
     out: dict = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+        from discl_ray.runtime import init_local_ray
+
+        init_local_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     for name in pieces:
         n = args.n * (args.factor if name.endswith("-10n") else 1)
         out[name] = run_piece(name, n, root, args.overrides)
