@@ -152,3 +152,16 @@ def test_cli_plan_json_and_clear_error_without_data(tmp_path, capsys):
                  f"dataset.root={tmp_path / 'missing'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("discl train: ") and "missing" in err
+
+
+def test_adaptive_plan_v_equal_per_lambda_and_only_v_leaves_training(tmp_path):
+    """digits-LT adaptive: V has the same size at every λ (4 = ⌊0.25 · n_c⌋ summed over the tail classes, the
+    originals at λ = 1), and the real-only epochs train on every real row but V's 4 originals."""
+    from discl_ray.training.plan import format_plan
+
+    cfg = _lt(tmp_path, "training.strategy=adaptive")
+    plan = build_plan(cfg)
+    assert plan.guidance_val == {"0": 4, "0.1": 4, "0.3": 4, "0.5": 4, "1": 4}
+    base = build_plan(_lt(tmp_path, "training.strategy=none"))
+    assert plan.n_real_train == base.n_real_train - 4
+    assert "guidance-validation set V" in format_plan(cfg, plan)

@@ -1,6 +1,6 @@
 """Algorithm 2's guidance-validation set V never starves a class: at most a bounded share of each class's real
-hard images is held out (never all; a class with one keeps it), held-out sources leave every training set,
-and V is non-empty per λ whenever some class can spare a hard image. Pure metadata: no parquet, no Ray."""
+hard images is held out (never all; a class with one keeps it), V has equally many rows per λ (the originals
+at λ = 1), only V's rows leave the training sets, and V is non-empty per λ whenever some class can spare one. Pure metadata: no parquet, no Ray."""
 
 from __future__ import annotations
 
@@ -59,6 +59,10 @@ SHAPES = [
 ]
 
 
+def v_rows(val) -> set:
+    return set(np.concatenate(list(val.values())).tolist())
+
+
 @pytest.mark.parametrize("fraction", [None, 0.5, 0.9])
 @pytest.mark.parametrize("size", [1, 8, 2000])
 @pytest.mark.parametrize("shape", SHAPES, ids=["digits_lt", "digits_lq", "one_spare", "mixed", "skewed"])
@@ -76,19 +80,44 @@ def test_v_never_starves_a_class(shape, size, fraction):
             assert per_class[c] <= max(0, n - 1), (c, n, per_class[c])          # never all; one hard image stays
             if not share_zero:
                 assert per_class[c] <= math.floor(f * n + 1e-9)                  # the bounded share
-        assert 1 <= len(held) <= math.ceil(size / 4)                            # 4 rows per source and λ
+        assert 1 <= len(held) <= size
         # every class keeps real training images: V removes none of a class's last ones
-        train = pool.train_real
-        kept = pool.class_counts(train)
+        kept = pool.class_counts(pool.train_real)
         for c, (nh, nn) in enumerate(zip(hard_pc, nonhard_pc)):
             if nh + nn:
                 assert kept[c] >= 1 and kept[c] >= nn + nh - per_class[c]
-        # non-empty per λ, and no row of V is a training row
-        assert set(val) == set(LAMS) and all(0 < len(v) <= size for v in val.values())
-        for lam in [*LAMS, REAL_ONLY]:
+        # equal size per λ (one row per source), and no row of V is a training row
+        assert set(val) == set(LAMS) and {len(v) for v in val.values()} == {len(held)}
+        for lam in [*LAMS, REAL_ONLY, math.nan]:
             idx = D.epoch_indices(cfg, pool, lam, np.random.default_rng(seed))
-            assert not set(pool.source[idx]) & held                              # no training row of a V source
-            assert not set(idx) & set(np.concatenate(list(val.values())))
+            assert not set(idx.tolist()) & v_rows(val)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["digits_lt", "digits_lq", "one_spare", "mixed", "skewed"])
+def test_v_is_algorithm_2s_and_only_v_leaves_training(shape):
+    """V per λ: the originals at λ = 1, one synthetic sibling per source at λ < 1, equal sizes; V shares no
+    image with any training set; and every row outside V still trains (only V leaves D_all)."""
+    hard_pc, nonhard_pc = shape
+    cfg, pool = make(hard_pc, nonhard_pc, task="low_quality")
+    before = {lam: set(D.epoch_indices(cfg, pool, lam, np.random.default_rng(0)).tolist())
+              for lam in [*LAMS, REAL_ONLY, math.nan]}
+    val = D.choose_guidance_val(cfg, pool, np.random.default_rng(3))
+    vr = v_rows(val)
+    n = len(pool.heldout_sources)
+    assert n >= 1 and all(len(v) == n for v in val.values())
+    assert set(pool.split[val[1.0]]) == {"train"} and pool.hard[val[1.0]].all()        # the originals
+    assert set(pool.source[val[1.0]]) == pool.heldout_sources
+    for lam in LAMS[:-1]:
+        assert set(pool.split[val[lam]]) == {"syn"} and np.allclose(pool.lam[val[lam]], lam)
+        assert sorted(pool.source[val[lam]]) == sorted(pool.heldout_sources)           # paired by source
+    assert set(pool.image_id[list(vr)]).isdisjoint(pool.image_id[pool.train_real])
+    for lam, rows in before.items():
+        after = set(D.epoch_indices(cfg, pool, lam, np.random.default_rng(0)).tolist())
+        assert not after & vr
+        assert after == rows - vr, lam                                                   # nothing else left
+    # a held-out source's other synthetic rows still train
+    sibling = [i for i in pool.syn_idx(0.0) if pool.source[i] in pool.heldout_sources]
+    assert len(sibling) == n * 3                                                         # 4 seeds, 1 in V
 
 
 def test_digits_lt_shape_holds_out_a_bounded_share():
@@ -97,9 +126,9 @@ def test_digits_lt_shape_holds_out_a_bounded_share():
     held = sorted(pool.heldout_sources)
     by_class = {c: sum(s.startswith(f"c{c}-") for s in held) for c in range(5, 10)}
     assert by_class == {5: 2, 6: 1, 7: 1, 8: 0, 9: 0}                           # ⌊0.25 · (8, 6, 4, 3, 2)⌋
-    assert {lam: len(v) for lam, v in val.items()} == {0.0: 16, 0.5: 16, 1.0: 4}
-    # the size cap binds before the share: 8 rows per λ = 2 sources of 4 seeds
-    cfg, pool = make(DIGITS_LT_TAIL, DIGITS_LT_HEAD, size=8, fraction=0.5)
+    assert {lam: len(v) for lam, v in val.items()} == {0.0: 4, 0.5: 4, 1.0: 4}
+    # the size cap binds before the share: 2 rows per λ = 2 sources
+    cfg, pool = make(DIGITS_LT_TAIL, DIGITS_LT_HEAD, size=2, fraction=0.5)
     D.choose_guidance_val(cfg, pool, np.random.default_rng(0))
     assert len(pool.heldout_sources) == 2
     assert len({s.split("-")[0] for s in pool.heldout_sources}) == 2            # round-robin: two classes

@@ -42,7 +42,14 @@ class Pool:
     class_names: list[str]
     tail_labels: set = field(default_factory=set)
     n_bad_images: int = 0
-    heldout_sources: set = field(default_factory=set)   # adaptive: sources whose spectrum forms V
+    heldout_sources: set = field(default_factory=set)   # adaptive: the hard sources V's rows come from
+    heldout_rows: Optional[np.ndarray] = None          # adaptive: V's rows (indices), the only rows kept out
+
+    def _held(self) -> np.ndarray:
+        held = np.zeros(len(self.labels), dtype=bool)
+        if self.heldout_rows is not None:
+            held[self.heldout_rows] = True
+        return held
 
     def where(self, mask: np.ndarray) -> np.ndarray:
         return np.flatnonzero(mask)
@@ -55,19 +62,18 @@ class Pool:
 
     @property
     def train_real(self) -> np.ndarray:
-        """Real training rows, minus held-out guidance-validation sources (V ∩ D_all = ∅, Algorithm 2)."""
-        held = np.array([s in self.heldout_sources for s in self.source]) if self.heldout_sources else False
-        return self.where((self.split == "train") & ~held)
+        """Real training rows, minus the guidance-validation set's rows (V ∩ D_all = ∅, Algorithm 2)."""
+        return self.where((self.split == "train") & ~self._held())
 
     def split_idx(self, name: str) -> np.ndarray:
         return self.where(self.split == name)
 
     def syn_idx(self, lam: Optional[float] = None, heldout: bool = False) -> np.ndarray:
-        """Synthetic rows (at ``lam`` when given) of training sources, or of the held-out V sources."""
+        """Synthetic rows (at ``lam`` when given) outside V (training), or in V (``heldout``)."""
         mask = self.split == "syn"
         if lam is not None:
             mask &= np.isclose(self.lam, lam)
-        held = np.array([s in self.heldout_sources for s in self.source], dtype=bool)
+        held = self._held()
         return self.where(mask & (held if heldout else ~held))
 
     def class_counts(self, idx: np.ndarray) -> np.ndarray:
@@ -298,29 +304,32 @@ def epoch_indices(cfg, pool: Pool, lam: float, rng: np.random.Generator) -> np.n
 
 
 def guidance_val_sources(cfg, pool: Pool, rng: np.random.Generator) -> set:
-    """The hard sources whose spectrum forms V (and which leave the training data with it).
+    """The hard sources V is drawn from: their real images are V at λ = 1, one synthetic sibling per λ < 1.
 
-    Rule (``docs/fidelity.md``, "Guidance-validation set"): class ``c`` with ``n_c`` real hard training images
-    gives at most ``min(⌊guidance_val_fraction · n_c⌋, n_c − 1)`` of them, so V never takes all of a class's
-    real hard images (a class with one keeps it), and in all at most ``⌈guidance_val_size / r⌉`` sources
-    (``r`` = synthetic rows per source and λ), taken round-robin over the classes so V spans them. When every
-    class's share rounds down to zero, one source of the class with the most hard images (≥ 2) is held out,
-    so V is never empty when it can be filled. The paper's |V| = 2,000 on iWildCam (8,260 hard images × 8
-    seeds per λ) binds through the size cap (≈ 250 sources, 3 % of them); small data binds through the share."""
+    Rule (``docs/fidelity.md``, "Guidance-validation set"): a source qualifies when it has a synthetic row at
+    every λ < 1 of ``training.lams`` (so every level of V has one row per source: equal sizes). Class ``c``
+    with ``n_c`` real hard training images gives at most ``min(⌊guidance_val_fraction · n_c⌋, n_c − 1)`` of
+    them, so V never takes all of a class's real hard images (a class with one keeps it), and in all at most
+    ``guidance_val_size`` sources (= rows per λ), taken round-robin over the classes so V spans them. When
+    every class's share rounds down to zero, one source of the class with the most hard images (≥ 2) is held
+    out, so V is never empty when it can be filled. The paper's |V| = 2,000 per λ on iWildCam (8,260 hard
+    images) binds through the share cap (25 %); small data binds through the share too."""
     tc = cfg.training
+    syn_lams = sorted({float(v) for v in tc.lams if v < 1.0})
     syn = pool.split == "syn"
-    syn_sources, counts = np.unique(pool.source[syn].astype(str), return_counts=True)
-    if len(syn_sources) < 2:
-        raise ValueError(f"adaptive strategy needs synthetic rows of at least 2 hard sources (got {len(syn_sources)}); "
-                         "lower training.threshold or generate more")
-    per_source = max(1, int(counts.max()) // max(1, len([v for v in tc.lams if v < 1.0])))
-    cap = math.ceil(tc.guidance_val_size / per_source)
-    hard_real = pool.where(pool.hard)
+    covered = None
+    for lam in syn_lams:
+        at = set(pool.source[syn & np.isclose(pool.lam, lam)].astype(str).tolist())
+        covered = at if covered is None else covered & at
+    covered = covered or set()
+    if len(covered) < 2:
+        raise ValueError(f"adaptive strategy needs at least 2 hard sources with synthetic rows at every λ < 1 of "
+                         f"training.lams (got {len(covered)}); lower training.threshold or generate more")
+    hard_real = pool.where(pool.hard & (pool.split == "train"))
     label_of = dict(zip(pool.source[hard_real].tolist(), pool.labels[hard_real].tolist()))
     n_hard = np.bincount(pool.labels[hard_real], minlength=pool.num_classes)
-    has_syn = set(syn_sources.tolist())
     per_class: dict[int, list] = {}
-    for src in sorted(has_syn & set(label_of)):
+    for src in sorted(covered & set(label_of)):
         per_class.setdefault(int(label_of[src]), []).append(src)
     allowed = {c: min(int(math.floor(tc.guidance_val_fraction * n_hard[c] + 1e-9)), int(n_hard[c]) - 1, len(srcs))
                for c, srcs in per_class.items()}
@@ -335,31 +344,36 @@ def guidance_val_sources(cfg, pool: Pool, rng: np.random.Generator) -> set:
     queues = {c: list(rng.permutation(np.array(per_class[c], dtype=object))[:k]) for c, k in allowed.items() if k}
     order = [int(c) for c in rng.permutation(np.array(sorted(queues)))]
     held: list = []
-    while len(held) < cap and any(queues.values()):
+    while len(held) < tc.guidance_val_size and any(queues.values()):
         for c in order:
-            if queues[c] and len(held) < cap:
+            if queues[c] and len(held) < tc.guidance_val_size:
                 held.append(queues[c].pop(0))
     return set(held)
 
 
 def choose_guidance_val(cfg, pool: Pool, rng: np.random.Generator) -> dict[float, np.ndarray]:
-    """Algorithm 2's guidance-validation set V: per λ, spectrum rows of hard sources held out of training.
+    """Algorithm 2's guidance-validation set V: per λ, the same number of spectrum rows, none in training.
 
-    Held-out sources (:func:`guidance_val_sources`) lose their real image and every synthetic row from the
-    training data, so V has zero overlap with D_all; at λ = 1 V holds their real images. Up to
-    ``guidance_val_size`` rows per λ."""
+    For the sources of :func:`guidance_val_sources`, V at λ = 1 holds their real (original) images and V at
+    each λ < 1 one of their synthetic rows at that λ, drawn at random among its seeds: every level has one
+    row per source, so the per-λ gains are means over equally many, paired images. Exactly V's rows leave
+    the training data (``Pool.heldout_rows``): V ∩ D_all = ∅, and a source's other synthetic rows still
+    train."""
     tc = cfg.training
-    pool.heldout_sources = guidance_val_sources(cfg, pool, rng)
-    held = np.array([s in pool.heldout_sources for s in pool.source], dtype=bool)
+    sources = guidance_val_sources(cfg, pool, rng)
+    order = sorted(sources)
     val: dict[float, np.ndarray] = {}
-    for lam in tc.lams:
+    for lam in sorted({float(v) for v in tc.lams}):
         if lam >= 1.0:
-            idx = pool.where((pool.split == "train") & pool.hard & held)
+            cand = pool.where((pool.split == "train") & pool.hard)
         else:
-            idx = pool.syn_idx(lam, heldout=True)
-        if len(idx) > tc.guidance_val_size:
-            idx = np.sort(rng.choice(idx, tc.guidance_val_size, replace=False))
-        val[float(lam)] = idx
+            cand = pool.where((pool.split == "syn") & np.isclose(pool.lam, lam))
+        by_source: dict = {}
+        for i in cand:
+            by_source.setdefault(pool.source[i], []).append(int(i))
+        val[lam] = np.array(sorted(int(rng.choice(by_source[s])) for s in order), dtype=np.int64)
+    pool.heldout_sources = set(sources)
+    pool.heldout_rows = np.unique(np.concatenate(list(val.values()))) if val else np.array([], np.int64)
     return val
 
 

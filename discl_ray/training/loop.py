@@ -198,7 +198,7 @@ class Worker:
         rng = self._rng("random-real", epoch)
         d = rng.choice(d_all, size=min(self.tc.random_real_size, len(d_all)), replace=False)
         # The paper trains the model itself on D (not a copy): the probe is part of training.
-        self.train_on(d, rng, self.tc.probe_steps)
+        self.probe_seen = self.train_on(d, rng, self.tc.probe_steps)[1]   # counted in loop_samples
         if self.rank != 0:
             return {}
         return adaptive_gains(before, self._probs_on_v())
@@ -249,6 +249,7 @@ class Worker:
                 adaptive = self.tc.strategy == "adaptive" and epoch < self.tc.curriculum_epochs
                 if adaptive:
                     gains = self.probe_gains(epoch)
+                    samples_total += self.probe_seen
                 probe_s = time.perf_counter() - t0
                 lam = None
                 if self.rank == 0:

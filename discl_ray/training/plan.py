@@ -39,6 +39,7 @@ class Plan:
     estimated: bool            # synthetic counts from the generation plan, before the CLIP filter
     tail_ratio: float          # target tail:non-tail (inf when not undersampling)
     n_real_train: int          # real training rows a real-only epoch can use
+    guidance_val: Optional[dict[str, int]] = None   # adaptive: V's rows per λ (equal; kept out of training)
 
 
 def _hard_ids(cfg, paths, train: pa.Table) -> set:
@@ -135,8 +136,10 @@ def build_plan(cfg) -> Plan:
     tc = cfg.training
     pool, estimated = metadata_pool(cfg)
     rng_for = lambda *parts: np.random.default_rng(stable_seed(tc.seed, *parts))  # noqa: E731 - as Worker._rng
+    v_sizes = None
     if tc.strategy == "adaptive":
-        D.choose_guidance_val(cfg, pool, np.random.default_rng(stable_seed("V", tc.seed)))
+        val = D.choose_guidance_val(cfg, pool, np.random.default_rng(stable_seed("V", tc.seed)))
+        v_sizes = {f"{lam:g}": int(len(idx)) for lam, idx in val.items()}
     epochs = []
     for epoch in range(tc.epochs):
         row: dict[str, Any] = {"epoch": epoch}
@@ -156,7 +159,8 @@ def build_plan(cfg) -> Plan:
                        **_counts(cfg, pool, D.epoch_indices(cfg, pool, lam, rng_for("epoch-set", epoch))))
         epochs.append(row)
     ratio = D.target_tail_ratio(cfg, pool) if tc.task == "long_tail" and tc.keep_tail_ratio else math.inf
-    return Plan(epochs=epochs, estimated=estimated, tail_ratio=ratio, n_real_train=int(len(pool.train_real)))
+    return Plan(epochs=epochs, estimated=estimated, tail_ratio=ratio, n_real_train=int(len(pool.train_real)),
+                guidance_val=v_sizes)
 
 
 def format_plan(cfg, plan: Plan) -> str:
@@ -166,6 +170,11 @@ def format_plan(cfg, plan: Plan) -> str:
     if math.isfinite(plan.tail_ratio):
         head += f" tail ratio={plan.tail_ratio:.3f} ({tc.tail_ratio_rule}, stages: {tc.tail_ratio_stages})"
     lines = [head]
+    if plan.guidance_val:
+        sizes = ", ".join(f"λ={k}: {v}" for k, v in plan.guidance_val.items())
+        lines.append(f"guidance-validation set V (kept out of training; the originals at λ=1): {sizes}; "
+                     f"random-real probe set D: {min(tc.random_real_size, plan.n_real_train)} rows per "
+                     "curriculum epoch")
     if plan.estimated:
         lines.append("synthetic counts are estimated: hard images × λ × seeds before the CLIP filter "
                      "(run discl generate and discl score for exact counts)")
