@@ -87,8 +87,8 @@ class TrainingConfig(StrictModel):
                                 "CLIP filter (the 'how much synthetic data' ablation; None = all).")
     random_real_size: int = Field(30000, ge=1, description="Adaptive: size of the random real set D (Alg. 2).")
     guidance_val_size: int = Field(
-        2000, ge=1, description="Adaptive: most guidance-validation images per λ (set V; paper |V| = 2,000). V is the "
-                                "spectrum of held-out hard sources: at most ⌈size / images per source and λ⌉ "
+        2000, ge=1, description="Adaptive: most guidance-validation images per λ (set V; paper |V| = 2,000). V holds "
+                                "one row per λ of each held-out hard source (its original at λ = 1): at most size "
                                 "of them, and per class at most guidance_val_fraction of its hard images, never "
                                 "all (docs/fidelity.md).")
     probe_steps: Optional[int] = Field(None, ge=1, description="Adaptive: cap on optimizer steps over D per probe.")
