@@ -195,24 +195,6 @@ def test_job_on_ray_resumes_and_records_errors(models, tmp_path, ray_local):
     assert {"spectrum_grid.png", "generate_summary.json"} <= arts
 
 
-@pytest.mark.slow
-def test_job_killed_midway_then_rerun(models, tmp_path, ray_local):
-    """A Ray run interrupted after its first part file, rerun: exactly the full key set, no duplicates."""
-    from discl_ray.generation.job import run_generate
-
-    cfg = _job_cfg(tmp_path, models)
-
-    def crash(generated, failed):
-        if generated:
-            raise KeyboardInterrupt("simulated kill")
-
-    with pytest.raises(KeyboardInterrupt):
-        run_generate(cfg, on_part=crash)
-    first = read_parquet_dir(tmp_path / "runs" / "gt" / "generate" / "spectrum")["image_id"].to_pylist()
-    assert 0 < len(first) < len(_keys(cfg, ["src0", "src1", "src2"]))
-    _check_complete(cfg, tmp_path, run_generate(cfg), first)
-
-
 def test_shared_noise_is_one_trajectory_per_source_and_seed(models, tmp_path):
     """generation.shared_noise (the authors' choice): the noise seed ignores λ and is recorded per row; the
     default draws independent noise per λ; a spectrum is never resumed in the other mode."""
