@@ -54,21 +54,42 @@ LQ_ARMS: list[tuple[str, list[str]]] = [
 # replication adds it (generation resumes by key, so only the λ = 0 rows are made).
 LQ_EXTRA = ["generation.lams=[0.0,0.5,0.7,0.9]"]
 # The paper's key contrasts: (task, A, B, metric column, key); the table reports A − B paired by seed. The arms of
-# the key ones (DisCL vs baseline, diverse→specific vs all-level and vs specific→diverse, adaptive vs random on
-# LQ: issue 16) run every seed of --seeds, the other arms --other-seeds.
+# the key ones (DisCL vs baseline, diverse→specific vs all-level and vs specific→diverse, adaptive vs
+# diverse→specific on LT, adaptive vs random on LQ) run every seed of --seeds, the other arms --other-seeds.
 CONTRASTS: list[tuple[str, str, str, str, bool]] = [
     ("digits_lt", "diverse→specific", "CE", "few", True),
     ("digits_lt", "diverse→specific", "CE", "overall", True),
     ("digits_lt", "diverse→specific", "all-level", "few", True),
     ("digits_lt", "diverse→specific", "specific→diverse", "few", True),
     ("digits_lt", "BS + diverse→specific", "BS", "few", False),
-    ("digits_lt", "adaptive", "diverse→specific", "few", False),
+    ("digits_lt", "adaptive", "diverse→specific", "few", True),
     ("digits_lq", "adaptive", "FLYP fine-tune", "OOD F1", True),
     ("digits_lq", "adaptive", "FLYP fine-tune", "ID F1", True),
     ("digits_lq", "adaptive", "random", "OOD F1", True),
     ("digits_lq", "adaptive", "random", "ID F1", True),
     ("digits_lq", "text-only (λ=0)", "FLYP fine-tune", "OOD F1", False),
 ]
+# The paper's A − B for each contrast (percentage points), from its tables: Table 1 (ImageNet-LT, ResNet-10, CE:
+# few 4.40 / overall 35.80; all-level few 19.17; specific→diverse 18.36; adaptive 16.78; diverse→specific few
+# 23.64 / overall 39.82; BS 19.29 and BS + DisCL 21.36) and Table 5 (iWildCam, ViT-B/16, macro-F1 OOD / ID:
+# FLYP 35.5 / 52.2, text-only 34.2, random 35.9 / 52.1, adaptive 38.2 / 54.3).
+PAPER: dict[tuple[str, str, str, str], tuple[float, str]] = {
+    ("digits_lt", "diverse→specific", "CE", "few"): (23.64 - 4.40, "Table 1: 23.64 − 4.40"),
+    ("digits_lt", "diverse→specific", "CE", "overall"): (39.82 - 35.80, "Table 1: 39.82 − 35.80"),
+    ("digits_lt", "diverse→specific", "all-level", "few"): (23.64 - 19.17, "Table 1: 23.64 − 19.17"),
+    ("digits_lt", "diverse→specific", "specific→diverse", "few"): (23.64 - 18.36, "Table 1: 23.64 − 18.36"),
+    ("digits_lt", "BS + diverse→specific", "BS", "few"): (21.36 - 19.29, "Table 1: 21.36 − 19.29"),
+    ("digits_lt", "adaptive", "diverse→specific", "few"): (16.78 - 23.64, "Table 1: 16.78 − 23.64"),
+    ("digits_lq", "adaptive", "FLYP fine-tune", "OOD F1"): (38.2 - 35.5, "Table 5: 38.2 − 35.5"),
+    ("digits_lq", "adaptive", "FLYP fine-tune", "ID F1"): (54.3 - 52.2, "Table 5: 54.3 − 52.2"),
+    ("digits_lq", "adaptive", "random", "OOD F1"): (38.2 - 35.9, "Table 5: 38.2 − 35.9"),
+    ("digits_lq", "adaptive", "random", "ID F1"): (54.3 - 52.1, "Table 5: 54.3 − 52.1"),
+    ("digits_lq", "text-only (λ=0)", "FLYP fine-tune", "OOD F1"): (34.2 - 35.5, "Table 5: 34.2 − 35.5"),
+}
+ALPHA = 0.05        # family-wise error rate of the Holm column (one family per world: every contrast that ran)
+POWER = 0.80        # the power the seed counts aim for, at the paper's effect size
+# Per-run fields kept besides the numeric metrics: each epoch's λ and, on adaptive epochs, the gain per λ on V.
+KEEP_LISTS = ("lam_history", "gain_history")
 KEY_ARMS: dict[str, set[str]] = {}
 for _task, _a, _b, _col, _key in CONTRASTS:
     if _key:
@@ -127,10 +148,71 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict:
         return out | {"mean": None, "std": None, "ci95": None}
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
-        return out | {"mean": mean, "std": None, "ci95": None}
+        return out | {"mean": mean, "std": None, "ci95": None, "p": None}
     std = statistics.stdev(diffs)
     half = float(stats.t.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(len(diffs))
-    return out | {"mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+    se = std / math.sqrt(len(diffs))
+    p = 1.0 if se == 0 and mean == 0 else 0.0 if se == 0 else float(2 * stats.t.sf(abs(mean) / se, len(diffs) - 1))
+    return out | {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "p": p}
+
+
+def t_interval(mean: float, std: float, n: int, level: float) -> list[float]:
+    from scipy import stats
+
+    half = float(stats.t.ppf(1 - (1 - level) / 2, n - 1)) * std / math.sqrt(n)
+    return [mean - half, mean + half]
+
+
+def holm(items: list[dict], alpha: float = ALPHA) -> list[dict]:
+    """Holm's step-down correction over ``items`` (one family): each gets ``p_holm`` (the adjusted p-value),
+    ``holm_level`` (the confidence level Holm tests it at: 1 − α/(m − rank + 1), rank by raw p) with
+    ``ci_holm`` (the paired t-interval at that level), and ``decided`` (p_holm < α). Items without a p-value
+    (n < 2) stay undecided and do not count in m."""
+    tested = sorted((c for c in items if c.get("p") is not None), key=lambda c: c["p"])
+    m, running = len(tested), 0.0
+    for rank, c in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * c["p"]))
+        c["p_holm"] = running
+        c["holm_level"] = 1 - alpha / (m - rank)
+        c["ci_holm"] = t_interval(c["mean"], c["std"], c["n"], c["holm_level"])
+        c["decided"] = running < alpha
+    for c in items:
+        if c.get("p") is None:
+            c.update(p_holm=None, holm_level=None, ci_holm=None, decided=False)
+    return items
+
+
+def seeds_for_power(effect: float, sd: float, alpha: float = ALPHA, power: float = POWER,
+                    n_max: int = 1000) -> int | None:
+    """Fewest paired seeds whose two-sided paired t-test at ``alpha`` detects a true mean difference ``effect``
+    with per-seed SD ``sd`` with probability ≥ ``power`` (noncentral t); None above ``n_max``."""
+    from scipy import stats
+
+    if not sd or not effect:
+        return None if not effect else 2
+    for n in range(2, n_max + 1):
+        crit = float(stats.t.ppf(1 - alpha / 2, n - 1))
+        nc = abs(effect) / (sd / math.sqrt(n))
+        if float(stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc)) >= power:
+            return n
+    return None
+
+
+def annotate(items: list[dict], alpha: float = ALPHA) -> list[dict]:
+    """The paper's number and sign per contrast, Holm over the family, and the seeds a test of the paper's
+    effect size needs given the measured per-seed SD (raw α, and α/m: Holm's first step)."""
+    holm(items, alpha)
+    m = max(1, sum(c.get("p") is not None for c in items))
+    for c in items:
+        paper, source = PAPER.get((c["task"], c["a"], c["b"], c["metric"]), (None, None))
+        c["paper"], c["paper_source"] = paper, source
+        c["agrees_with_paper_sign"] = (None if paper is None or c["mean"] is None or c["mean"] == 0
+                                       else (c["mean"] > 0) == (paper > 0))
+        c["seeds_for_paper_effect"] = (None if paper is None or not c.get("std") else
+                                       {"power": POWER, "alpha": alpha, "sd": c["std"], "effect": paper,
+                                        "n_raw": seeds_for_power(paper, c["std"], alpha),
+                                        "n_holm_first_step": seeds_for_power(paper, c["std"], alpha / m)})
+    return items
 
 
 def _per_seed(rows: dict[str, list[dict]], arm: str, col: str, arms, cols) -> dict[int, float]:
@@ -160,11 +242,26 @@ def contrasts(out: dict) -> list[dict]:
 
 
 def contrast_table(items: list[dict]) -> str:
-    lines = ["| task | contrast (A − B) | metric | n | mean diff | 95 % CI |", "|---|---|---|---|---|---|"]
+    """Raw 95 % intervals and, after :func:`annotate`, the Holm column, the paper's number and sign, and the
+    seeds a test of the paper's effect needs at the measured SD."""
+    full = any("p_holm" in c for c in items)
+    head = "| task | contrast (A − B) | metric | n | mean diff | 95 % CI |"
+    if full:
+        head += " Holm p | Holm CI | decided | paper | same sign | seeds for paper's effect |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in items:
         mean = "n/a" if c["mean"] is None else f"{c['mean']:+.1f}"
         ci = "n/a" if not c["ci95"] else f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]"
-        lines.append(f"| {c['task']} | {c['a']} − {c['b']} | {c['metric']} | {c['n']} | {mean} | {ci} |")
+        row = f"| {c['task']} | {c['a']} − {c['b']} | {c['metric']} | {c['n']} | {mean} | {ci} |"
+        if full:
+            hp = "n/a" if c.get("p_holm") is None else f"{c['p_holm']:.3f}"
+            hci = "n/a" if not c.get("ci_holm") else f"[{c['ci_holm'][0]:+.1f}, {c['ci_holm'][1]:+.1f}]"
+            paper = "n/a" if c.get("paper") is None else f"{c['paper']:+.2f} ({c['paper_source']})"
+            sign = {True: "yes", False: "no", None: "n/a"}[c.get("agrees_with_paper_sign")]
+            need = c.get("seeds_for_paper_effect") or {}
+            seeds = f"{need.get('n_raw')} (Holm: {need.get('n_holm_first_step')})" if need else "n/a"
+            row += f" {hp} | {hci} | {'yes' if c.get('decided') else 'no'} | {paper} | {sign} | {seeds} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -276,7 +373,7 @@ def run_task(config: str, arms, seeds: list[int], common: list[str], experiment:
         name, seed, _data_over, cfg, rname, path = item
         start = time.perf_counter()
         result = fit(cfg, run_name=rname)
-        result = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        result = {k: v for k, v in result.items() if isinstance(v, (int, float)) or k in KEEP_LISTS}
         result |= {"seed": seed, "seconds": round(time.perf_counter() - start, 1), "run": rname,
                    "experiment": cfg.experiment}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -386,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"run_root={args.run_root}", *args.overrides]
     cache_root = Path(args.run_root) / "replicate" / args.vary
     out: dict = {"vary": args.vary, "seeds": args.seeds, "other_seeds": other_seeds, "overrides": args.overrides,
-                 "code": code_version(), "worlds": {}}
+                 "code": code_version(), "alpha": ALPHA, "power": POWER,
+                 "contrast_fields": "mean/std/ci95/p: raw paired t over seeds; p_holm/holm_level/ci_holm/decided: "
+                                    "Holm over the world's contrasts; paper/paper_source/agrees_with_paper_sign: "
+                                    "the paper's A − B; seeds_for_paper_effect: paired seeds for power "
+                                    f"{POWER} at the paper's effect and the measured SD", "worlds": {}}
     t0 = time.perf_counter()
     for world in args.worlds:
         wout = out["worlds"].setdefault(world, {})
@@ -404,9 +505,14 @@ def main(argv: list[str] | None = None) -> int:
                           "contrasts": contrasts({task: rows})}
             print(f"\n[{world} world] {TITLES[task]}\n")
             print(table(rows, arms, cols))
-            if wout[task]["contrasts"]:
-                print("\nPaired differences (A − B, same seed; percentage points, 95 % t-interval)\n")
-                print(contrast_table(wout[task]["contrasts"]))
+        # One Holm family per world: every contrast of its tasks that ran (with ≥ 2 paired seeds).
+        family = annotate([c for tout in wout.values() for c in tout["contrasts"]])
+        if family:
+            print(f"\n[{world} world] paired differences (A − B, same seed; percentage points): raw 95 % "
+                  f"t-interval; Holm over the {sum(c.get('p') is not None for c in family)} contrasts "
+                  f"(FWER {ALPHA}); the paper's A − B; seeds a paired t-test needs for the paper's effect at "
+                  f"power {POWER:.0%} given the measured SD\n")
+            print(contrast_table(family))
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"\n{out['seconds']:.0f} s in all")
     failed = [f"{world} {task}: {arm} seed {s}" for world, w in out["worlds"].items() for task, tout in w.items()
