@@ -367,6 +367,7 @@ class Worker:
                                             bool(len(self.pool.split_idx("test_ood")))))
         sel_history = ray.get(selector.get_history.remote())
         final["lam_history"] = [h["lam"] for h in sel_history]
+        final["gain_history"] = [h["gains"] for h in sel_history]   # adaptive: per epoch {λ: gain on V}
         if mlrun is not None:
             _log_final(self.cfg, final, sel_history, cm, self.pool.class_names, net)
         return final
