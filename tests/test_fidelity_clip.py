@@ -69,6 +69,13 @@ def test_lp_ft_head_starts_zero_shot_and_probes_only_the_head(tmp_path):
     torch.manual_seed(0)
     net = build_model("clip", 3, cfg=cfg, prompts=["a", "b", "c"])
     assert isinstance(net, LinearHeadClip) and not any(n.startswith("transformer") for n, _ in net.named_parameters())
+    # The input pipeline of the trainer (loop.py: build_pipeline(cfg, getattr(net, "clip", None))) finds the
+    # model's preprocess on the LP-FT model as on the zero-shot one (it once raised "needs the open_clip model").
+    from discl_ray.training.transforms import build_pipeline
+
+    lp_pipe, zs_pipe = build_pipeline(cfg, getattr(net, "clip", None)), build_pipeline(cfg, zs.clip)
+    assert lp_pipe.kind == zs_pipe.kind == "clip"
+    assert vars(lp_pipe) == vars(zs_pipe)
     x = torch.rand(4, 3, 16, 16)
     zs.eval(), net.eval()
     assert torch.allclose(net(x), zs(x), atol=1e-5)          # epoch 0 = the zero-shot classifier
@@ -210,4 +217,11 @@ def test_lp_ft_with_wise_on_ray_train(tmp_path, ray_private):
     assert final["wise_alpha"] in (0.5, 1.0)
     chosen = final[f"final_wise_val_{final['wise_alpha']}"]
     assert chosen == max(final["final_wise_val_0.5"], final["final_wise_val_1.0"])
-    assert 0 <= final["final_wise_test_id_f1"] <= 1 and 0 <= final["final_wise_test_ood_f1"] <= 1
+    # α = 1 is the fine-tuned model itself: its val F1 is the best epoch's, whichever α wins
+    assert final["final_wise_val_1.0"] == pytest.approx(final["best_val_f1"])
+    assert final["wise_best_val_f1"] == chosen
+    if final["wise_alpha"] == 1.0:      # the WE row is then the fine-tuned model's test row
+        assert (final["final_wise_test_id_f1"], final["final_wise_test_ood_f1"]) == pytest.approx(
+            (final["final_test_id_f1"], final["final_test_ood_f1"]))
+    # a head-only epoch, then fine-tuning, on a model that learned something (chance is 1/3 on 3 classes)
+    assert final["best_val_f1"] > 0.34 and final["lam_history"] == [-1.0, -1.0]

@@ -35,6 +35,12 @@ class LinearHeadClip(nn.Module):
             self.head.bias.copy_(bias)
         self.image_size = image_size
 
+    @property
+    def clip(self) -> nn.Module:
+        """The open_clip module the input pipeline reads its preprocess from (``build_pipeline(cfg, net.clip)``,
+        as for :class:`ClipClassifier`): the image tower, which carries the model's ``preprocess_cfg``."""
+        return self.visual
+
     @classmethod
     def from_zero_shot(cls, clf: ClipClassifier) -> "LinearHeadClip":
         """Head = logit_scale · normalised class-prompt embeddings: the zero-shot classifier as a linear layer."""
