@@ -83,19 +83,72 @@ class Pool:
 def read_table(uri: str, columns: list[str], filter=None) -> pa.Table:
     """Columns of a stage directory (local path or URI) as one table: its finished ``*.parquet`` files only
     (a stage's ``summary.json``, hidden and temporary files are skipped)."""
-    import pyarrow.dataset as ds
-
     from discl_ray.storage import as_storage
 
     d = as_storage(uri)
     try:
-        files = d.parquet_files()
+        files = stage_files(d)
     except (FileNotFoundError, OSError) as err:
         raise FileNotFoundError(f"no parquet files in {uri} ({err})") from None
     if not files:
         raise FileNotFoundError(f"no parquet files in {uri}")
-    dataset = ds.dataset([f.path for f in files], filesystem=d.fs, format="parquet")
+    dataset = stage_dataset(d, files)
     return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names], filter=filter)
+
+
+LAM_PARTITIONING = pa.schema([("lam", pa.float64())])
+
+
+def stage_files(d) -> list:
+    """A stage directory's finished parquet files: its own, plus those under ``lam=<value>/`` partitions."""
+    out = []
+    for f in d.ls(".parquet", recursive=True):
+        rel = f.path[len(d.path):].strip("/").split("/")
+        if len(rel) == 1 or (len(rel) == 2 and rel[0].startswith("lam=")):
+            out.append(f)
+    return out
+
+
+def lam_filter(lams: list[float]):
+    """``lam`` within 1e-6 of one of ``lams`` (stored λ may carry float noise); prunes by partition and stats."""
+    import pyarrow.dataset as ds
+
+    expr = None
+    for v in lams:
+        term = (ds.field("lam") >= float(v) - 1e-6) & (ds.field("lam") <= float(v) + 1e-6)
+        expr = term if expr is None else expr | term
+    return expr
+
+
+def stage_dataset(d, files):
+    """pyarrow dataset of a stage directory's parquet files; a spectrum hive-partitioned by λ
+    (``lam=<value>/part-*.parquet``) gets its ``lam`` column from the paths, so a ``lam`` filter prunes whole
+    files, and row groups by their statistics in either layout."""
+    import pyarrow.dataset as ds
+
+    paths = [f.path for f in files]
+    if any("/lam=" in p for p in paths):
+        part = ds.partitioning(LAM_PARTITIONING, flavor="hive")
+        return ds.dataset(paths, filesystem=d.fs, format="parquet", partitioning=part,
+                          partition_base_dir=d.path)
+    return ds.dataset(paths, filesystem=d.fs, format="parquet")
+
+
+def lam_files(uri: str, lams: Optional[list[float]] = None) -> list:
+    """Parquet files of a stage directory (recursive); with ``lams``, the files of a λ-partitioned table whose
+    ``lam=<value>`` directory is not one of them are left out (a flat table keeps every file)."""
+    from discl_ray.storage import as_storage
+
+    files = stage_files(as_storage(uri))
+    if lams is None:
+        return files
+    want = {round(float(v), 6) for v in lams}
+    out = []
+    for f in files:
+        part = [seg for seg in f.path.split("/") if seg.startswith("lam=")]
+        if not part or round(float(part[-1][4:]), 6) in want:
+            out.append(f)
+    return out
 
 
 def stage_uris(cfg) -> dict[str, str]:
@@ -115,7 +168,10 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
                          "lam": pa.array([], pa.float64()), "source_image_id": pa.array([], pa.string())})
     spec_dir, score_dir = str(paths.stage("generate", "spectrum")), str(paths.stage("score", "scores"))
     try:
-        spec = read_table(spec_dir, ["image_id", "source_image_id", "label", "lam", "seed"])
+        # Metadata columns only (never the image bytes); the λ filter prunes a partitioned spectrum's files
+        # and, in either layout, row groups whose lam statistics miss the set.
+        spec = read_table(spec_dir, ["image_id", "source_image_id", "label", "lam", "seed"],
+                          filter=lam_filter(lams))
         scores = read_table(score_dir, ["image_id", "clip_text_cos"])
     except FileNotFoundError as err:
         raise FileNotFoundError(f"training.strategy={tc.strategy} needs the spectrum and its scores: {err} "

@@ -6,10 +6,13 @@ batches of uint8 images (3, size, size) plus their rows. Two implementations of 
 - :class:`CachedImages` — every row the run can touch is decoded once into memory. Used only when that
   fits ``training.image_cache_mb`` (estimated before decoding): small datasets such as the toy world keep
   the speed of indexing a tensor. Undecodable images are dropped from the pool at load, as before.
-- :class:`StreamedImages` — per call, a Ray Data pipeline: ``read_parquet`` of the image columns with the
-  rows' ``image_id`` pushed down as a row filter, decode + ``base`` + ``augment`` in CPU ``map_batches``
-  tasks (``training.data_cpus`` each), ``iter_torch_batches`` with prefetch and a seeded local shuffle
-  buffer. The worker holds a few batches, never the dataset. An undecodable image is dropped from its
+- :class:`StreamedImages` — per call, a Ray Data pipeline over storage units (parquet row groups) in the
+  epoch's seeded unit order: each CPU ``map_batches`` task (``training.data_cpus``) reads one row group's
+  ``image_id, image[, path]``, keeps the wanted rows and decodes + ``base`` + ``augment`` s them; the worker
+  re-emits them in the planned order (seeded unit order + a shuffle buffer simulated on metadata, so real
+  and synthetic rows interleave and the same seed gives the same batches). Each unit is read once per
+  epoch, and only units holding the epoch's rows (one λ of a λ-partitioned spectrum). The worker holds the
+  buffer and a few blocks, never the dataset. An undecodable image is dropped from its
   batch and counted; :func:`fixed_batches` then pads the batch with rows of the same epoch so that every
   rank takes the same number of steps of the same size (DDP and the FLYP all-gather need that).
 """
@@ -79,87 +82,216 @@ class CachedImages:
         return self.batches(rows, sizes, False, 0)
 
 
-def _decode_batch(batch: dict, pipe: InputPipeline, train: bool, seed: int, root) -> dict:
-    """Ray Data map: bytes/paths → augmented uint8 (B, 3, S, S) + ok flag (bad rows get zeros)."""
-    ids = batch["image_id"]
-    data = batch["image"]
-    paths = batch["path"] if "path" in batch else [None] * len(ids)
-    out = np.zeros((len(ids), 3, pipe.size, pipe.size), dtype=np.uint8)
-    ok = np.zeros(len(ids), dtype=bool)
-    for k, (iid, b, p) in enumerate(zip(ids, data, paths)):
-        arr = _decode_one(pipe, b, p, root)
-        if arr is not None:
-            out[k] = pipe.augment(arr, train, stable_seed(seed, str(iid)))
-            ok[k] = True
-    return {"image_id": np.asarray(ids, dtype=object), "pixels": out, "ok": ok}
-
-
-def _collate_fn():
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class Collate(NumpyBatchCollateFn):
-        """uint8 pixels as a CPU tensor (moved to the device by the loop), ids and flags as numpy."""
-
-        def __call__(self, batch: dict) -> tuple:
-            return torch.from_numpy(batch["pixels"]), batch["image_id"], batch["ok"]
-
-    return Collate()
-
-
 class StreamedImages:
-    """Ray Data stream of the requested rows (see module docstring); the pool holds no image."""
+    """Ray Data stream of the requested rows (see module docstring); the pool holds no image.
+
+    Rows are read by storage unit (a parquet row group): :meth:`plan` orders an epoch's rows unit by unit in
+    a seeded unit order (real and synthetic units interleaved) and mixes them with a seeded buffer of
+    ``training.shuffle_buffer`` rows, simulated on metadata; the stream reads the units in that order (each
+    unit once per epoch, only its needed rows decoded) and the worker re-emits the rows in the planned
+    order, holding at most the buffer. The batches are therefore a pure function of (metadata, seed)."""
 
     def __init__(self, pool, pipe: InputPipeline, cfg, uris: dict):
         self.pool, self.pipe, self.cfg, self.uris = pool, pipe, cfg, uris
         self.tc = cfg.training
         self.row_of = {iid: i for i, iid in enumerate(pool.image_id)}
         self.bad: set = set()
+        self.bytes_read = 0                      # bytes the read tasks took from storage (/proc rchar)
+        self.unit = np.full(len(pool.image_id), -1, dtype=np.int64)
+        self.units: list[tuple[str, str, int]] = []     # (table name, file URI, row group)
+        self._index_units()
+
+    def _index_units(self) -> None:
+        """Map every pool row to its (file, row group): reads the ``image_id`` column only (no image bytes);
+        spectrum files of λ levels the pool does not hold are skipped by their ``lam=`` partition."""
+        import pyarrow.parquet as pq
+
+        from discl_ray.training.data import lam_files
+
+        syn = self.pool.split == "syn"
+        for name in ("real", "syn"):
+            mask = syn if name == "syn" else ~syn
+            if not mask.any():
+                continue
+            lams = sorted(set(np.round(self.pool.lam[mask], 6).tolist())) if name == "syn" else None
+            for f in lam_files(self.uris[name], lams):
+                with f.fs.open_input_file(f.path) as fh:
+                    pf = pq.ParquetFile(fh)
+                    for rg in range(pf.num_row_groups):
+                        rows = [self.row_of.get(i) for i in pf.read_row_group(rg, columns=["image_id"])
+                                .column(0).to_pylist()]
+                        rows = np.array([r for r in rows if r is not None and self.unit[r] < 0
+                                         and (self.pool.split[r] == "syn") == (name == "syn")], dtype=np.int64)
+                        if len(rows):
+                            self.unit[rows] = len(self.units)
+                            self.units.append((name, str(f), rg))
+        missing = int((self.unit < 0).sum())
+        if missing:
+            log.warning("%d pool rows have no stored image (dropped when streamed)", missing)
 
     @property
     def n_bad_images(self) -> int:
         return len(self.bad)
 
+    def plan(self, idx: np.ndarray, rng: np.random.Generator, rank: int, world: int) -> np.ndarray:
+        """This rank's rows of an epoch over ``idx``, in training order (see class docstring).
+
+        The rows dropped to give every rank an equal count are the same as the cache path's (the tail of one
+        seeded permutation), so both paths train on the same epoch rows. Ranks take contiguous runs of the
+        unit order, so a unit is read by one rank (two at a cut)."""
+        perm = rng.permutation(np.asarray(idx, dtype=np.int64))
+        per_rank = len(perm) // world
+        rows = np.sort(perm[:per_rank * world])
+        units = self.unit[rows]
+        order = rng.permutation(np.unique(units))
+        pos = np.empty(int(units.max()) + 1 if len(units) else 0, dtype=np.int64)
+        pos[order] = np.arange(len(order))
+        within = rng.random(len(rows))
+        flat = rows[np.lexsort((within, pos[units]))]
+        mine = flat[rank * per_rank:(rank + 1) * per_rank]
+        return buffer_shuffle(mine, self.tc.shuffle_buffer, rng)
+
     def _dataset(self, rows: np.ndarray, train: bool, seed: int):
         import ray.data
-        from ray.data.expressions import col
 
-        parts = []
-        is_syn = self.pool.split[rows] == "syn"
-        for name, mask in (("real", ~is_syn), ("syn", is_syn)):
-            ids = self.pool.image_id[rows[mask]].tolist()
-            if not ids:
-                continue
-            cols = ["image_id", "image", "path"] if name == "real" else ["image_id", "image"]
-            ds = ray.data.read_parquet(self.uris[name], columns=cols, num_cpus=self.tc.data_cpus)
-            # image_id pushed down to the parquet scan: only this rank's rows reach the decode tasks.
-            ds = ds.filter(expr=col("image_id").is_in(ids))
-            root = self.cfg.dataset.root if name == "real" else None
-            parts.append(ds.map_batches(_decode_batch, fn_kwargs=dict(pipe=self.pipe, train=train, seed=seed,
-                                                                      root=root),
-                                        batch_format="numpy", batch_size=32, num_cpus=self.tc.data_cpus))
-        return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        # Units in order of first use; the rows wanted from each.
+        units = self.unit[rows]
+        _, first = np.unique(units, return_index=True)
+        items = []
+        for u in units[np.sort(first)]:
+            name, uri, rg = self.units[u]
+            ids = self.pool.image_id[rows[units == u]].tolist()
+            items.append({"table": name, "uri": uri, "rg": int(rg), "ids": "\n".join(ids)})
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        return ds.map_batches(_read_units, fn_kwargs=dict(pipe=self.pipe, train=train, seed=seed,
+                                                          root=self.cfg.dataset.root),
+                              batch_format="numpy", batch_size=1, num_cpus=self.tc.data_cpus)
 
     def stream(self, rows: np.ndarray, batch: int, train: bool, seed: int) -> Iterator[tuple]:
-        """(uint8 images, pool rows) of ``rows`` in stream order; undecodable images dropped and counted."""
+        """(uint8 images, pool rows) of ``rows`` in exactly that order (rows of no unit and undecodable images
+        are dropped and counted); the worker holds the rows read but not yet due (≤ the shuffle buffer)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[self.unit[rows] >= 0]
         if len(rows) == 0:
             return
-        ds = self._dataset(np.asarray(rows), train, seed)
-        shuffle = self.tc.shuffle_buffer if train and self.tc.shuffle_buffer > 1 else None
-        for x, ids, ok in ds.iter_torch_batches(batch_size=batch, prefetch_batches=self.tc.prefetch_batches,
-                                                local_shuffle_buffer_size=shuffle,
-                                                local_shuffle_seed=seed % (2**31) if shuffle else None,
-                                                collate_fn=_collate_fn()):
-            if not ok.all():
-                self.bad.update(str(i) for i in ids[~ok])
-                x, ids = x[torch.as_tensor(ok)], ids[ok]
-            yield x, np.array([self.row_of[str(i)] for i in ids], dtype=np.int64)
+        ds = self._dataset(rows, train, seed)
+        ready: dict[int, Optional[torch.Tensor]] = {}
+        k = 0
+        out_x: list[torch.Tensor] = []
+        out_r: list[int] = []
+        for blk in ds.iter_batches(batch_size=None, prefetch_batches=self.tc.prefetch_batches,
+                                   batch_format="numpy"):
+            self.bytes_read += int(blk["bytes_read"].sum())
+            for iid, px, ok in zip(blk["image_id"], blk["pixels"], blk["ok"]):
+                r = self.row_of[str(iid)]
+                ready[r] = torch.from_numpy(px.copy()) if ok else None
+                if not ok:
+                    self.bad.add(str(iid))
+            while k < len(rows) and int(rows[k]) in ready:
+                x = ready.pop(int(rows[k]))
+                if x is not None:
+                    out_x.append(x)
+                    out_r.append(int(rows[k]))
+                k += 1
+                if len(out_r) == batch:
+                    yield torch.stack(out_x), np.array(out_r, dtype=np.int64)
+                    out_x, out_r = [], []
+        if out_r:
+            yield torch.stack(out_x), np.array(out_r, dtype=np.int64)
 
     def batches(self, rows: np.ndarray, sizes: list[int], train: bool, seed: int) -> Iterator[tuple]:
         return fixed_batches(self.stream(rows, max(sizes, default=1), train, seed), sizes)
 
     def eval_batches(self, rows: np.ndarray, batch: int) -> Iterator[tuple]:
-        # No padding at eval: a dropped image is simply not scored.
-        return self.stream(rows, batch, False, 0)
+        # Storage order (each unit read once); no padding at eval: a dropped image is simply not scored.
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.stream(rows[np.argsort(self.unit[rows], kind="stable")], batch, False, 0)
+
+    def held(self, rows: np.ndarray) -> "HeldImages":
+        """Eval images of ``rows`` decoded once and kept (the adaptive guidance-validation set V: small)."""
+        return HeldImages(self, rows)
+
+
+class HeldImages:
+    """A small set of eval images kept in memory (e.g. V, scored twice per adaptive epoch)."""
+
+    def __init__(self, source: StreamedImages, rows: np.ndarray):
+        self.pipe = source.pipe
+        self.x: dict[int, torch.Tensor] = {}
+        for x, r in source.eval_batches(np.unique(np.asarray(rows, dtype=np.int64)), 256):
+            self.x.update({int(i): xi for i, xi in zip(r, x)})
+
+    def eval_batches(self, rows: np.ndarray, batch: int) -> Iterator[tuple]:
+        rows = np.array([r for r in np.asarray(rows, dtype=np.int64) if int(r) in self.x], dtype=np.int64)
+        for k in range(0, len(rows), batch):
+            sel = rows[k:k + batch]
+            yield torch.stack([self.x[int(r)] for r in sel]), sel
+
+
+def buffer_shuffle(rows: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The order a seeded shuffle buffer of ``size`` rows gives ``rows`` (fill, then emit a random held row
+    per incoming one; drain at random). Row k of the output only needs inputs up to k + size."""
+    if size <= 1 or len(rows) <= 1:
+        return np.asarray(rows, dtype=np.int64)
+    buf = list(rows[:size])
+    out = []
+    picks = rng.integers(0, 2**62, len(rows))
+    for j, r in enumerate(rows[size:]):
+        p = int(picks[j] % len(buf))
+        out.append(buf[p])
+        buf[p] = r
+    out.extend(rng.permutation(np.asarray(buf, dtype=np.int64)).tolist())
+    return np.asarray(out, dtype=np.int64)
+
+
+def _rchar() -> int:
+    try:
+        for line in open("/proc/self/io"):
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _read_units(batch: dict, pipe: InputPipeline, train: bool, seed: int, root) -> dict:
+    """Ray Data map over storage units: read one parquet row group's ids and images (or paths), keep the
+    wanted rows, decode + base + augment them to uint8 (B, 3, S, S); ``bytes_read`` counts the task's reads."""
+    import pyarrow.parquet as pq
+
+    from discl_ray.storage import as_storage
+
+    ids_out, px_out, ok_out, read_out = [], [], [], []
+    for name, uri, rg, wanted in zip(batch["table"], batch["uri"], batch["rg"], batch["ids"]):
+        start = len(read_out)
+        before = _rchar()
+        want = set(str(wanted).split("\n"))
+        f = as_storage(str(uri))
+        with f.fs.open_input_file(f.path) as fh:
+            pf = pq.ParquetFile(fh)
+            cols = [c for c in ("image_id", "image", "path") if c in pf.schema_arrow.names]
+            t = pf.read_row_group(int(rg), columns=cols)
+        n_read = _rchar() - before
+        ids = t.column("image_id").to_pylist()
+        keep = [k for k, i in enumerate(ids) if i in want]
+        data = t.column("image").take(keep).to_pylist() if "image" in cols else [None] * len(keep)
+        paths = t.column("path").take(keep).to_pylist() if "path" in cols else [None] * len(keep)
+        real_root = root if str(name) == "real" else None
+        for k, b, p in zip(keep, data, paths):
+            before = _rchar()
+            arr = _decode_one(pipe, b, p, real_root)
+            n_read += _rchar() - before if p and b is None else 0
+            ids_out.append(ids[k])
+            ok_out.append(arr is not None)
+            px_out.append(pipe.augment(arr, train, stable_seed(seed, str(ids[k]))) if arr is not None
+                          else np.zeros((3, pipe.size, pipe.size), np.uint8))
+            read_out.append(0)
+        if len(read_out) > start:
+            read_out[start] = n_read
+    n = len(ids_out)
+    return {"image_id": np.asarray(ids_out, dtype=object),
+            "pixels": np.stack(px_out) if n else np.zeros((0, 3, pipe.size, pipe.size), np.uint8),
+            "ok": np.asarray(ok_out, dtype=bool), "bytes_read": np.asarray(read_out, dtype=np.int64)}
 
 
 def fixed_batches(stream: Iterator[tuple], sizes: list[int]) -> Iterator[tuple]:
