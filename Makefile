@@ -13,7 +13,7 @@ INSTALLER ?= uv
 # the first process to import a module writes them and every later process reads them.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup test test-all quickstart lint format mlflow-ui clean
+.PHONY: setup test test-slow test-all quickstart lint format mlflow-ui clean
 
 # uv does not read pip's configuration (pip.conf, PIP_* variables): hand it the package indexes, find-links
 # and constraint files pip is configured with on this machine, read from `pip config list` at run time.
@@ -62,6 +62,11 @@ TEST_JOBS ?= 2
 
 test: setup
 	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder,)
+
+# The slow tests (not GPU-only ones): CI's default run skips them, so they are kept passing by running this
+# before each merge that touches a stage, a trainer or a test fixture (docs/reliability.md, "The slow suite").
+test-slow: setup
+	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""
