@@ -86,6 +86,7 @@ class Worker:
         if hasattr(self.images, "stream"):
             _quiet_ray_data()
         self.guidance_val: Optional[dict[float, np.ndarray]] = None
+        self._v_images = None
         if self.tc.strategy == "adaptive":
             self.guidance_val = D.choose_guidance_val(self.cfg, self.pool,
                                                       np.random.default_rng(stable_seed("V", self.tc.seed)))
@@ -128,7 +129,12 @@ class Worker:
     def train_on(self, idx: np.ndarray, rng: np.random.Generator, max_steps: Optional[int],
                  trace: bool = False) -> tuple[float, int]:
         """One pass over ``idx`` (shuffled, this rank's slice); returns (mean loss over ranks, samples seen)."""
-        mine = D.shard(rng.permutation(idx), self.rank, self.world)
+        if hasattr(self.images, "plan"):
+            # Streamed: the same epoch rows as the cache path, ordered unit by unit in a seeded unit order and
+            # mixed by a seeded buffer (images.StreamedImages.plan), so each storage unit is read once.
+            mine = self.images.plan(idx, rng, self.rank, self.world)
+        else:
+            mine = D.shard(rng.permutation(idx), self.rank, self.world)
         counts = self.pool.class_counts(idx)
         prior = log_class_prior(counts).to(self.device) if self.tc.loss == "balanced_softmax" else None
         self.model.train()
@@ -185,7 +191,11 @@ class Worker:
         return {f"{split}_f1": f1, f"{split}_acc": acc}, cm
 
     def _probs_on_v(self) -> dict[float, np.ndarray]:
-        return {lam: true_class_prob(self.model, self.pool, self.images, idx, **self._eval_kw())
+        if self._v_images is None:
+            # V is small: a stream decodes it once per run and keeps it (no new stream per λ and probe).
+            held = getattr(self.images, "held", None)
+            self._v_images = held(np.concatenate(list(self.guidance_val.values()))) if held else self.images
+        return {lam: true_class_prob(self.model, self.pool, self._v_images, idx, **self._eval_kw())
                 for lam, idx in self.guidance_val.items()}
 
     def probe_gains(self, epoch: int) -> dict[float, float]:
@@ -394,7 +404,8 @@ class Worker:
 
 
 def _quiet_ray_data() -> None:
-    """No progress bars from the per-epoch datasets in worker logs; order kept for a seeded shuffle."""
+    """No progress bars from the per-epoch datasets in worker logs; order kept: the stream reads storage units
+    in the epoch's planned order (images.StreamedImages)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
