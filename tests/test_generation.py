@@ -143,17 +143,24 @@ def _check_complete(cfg, tmp_path, summary, first):
 def test_job_on_ray_resumes_and_records_errors(models, tmp_path, ray_local):
     """Ray Data job on top of an earlier run's part file: only missing keys are made; bad sources become
     error rows; the grid, summary and MLflow run are written; other settings cannot resume."""
-    from discl_ray.generation.job import run_generate
-    from discl_ray.io import write_parquet_part
+    from discl_ray.generation.job import run_generate, source_digests
+    from discl_ray.generation.output import encode_and_write
+    from discl_ray.generation.store import settings_digest, store_root
     from discl_ray.lease import LEASE, StageBusy
+    from discl_ray.runtime import RunPaths
 
     cfg = _job_cfg(tmp_path, models)
     hard, rows, prompts = read_inputs(cfg)
-    prep = prepare_sources(plan_sources(hard, rows, prompts).slice(0, 1), [0.0, 0.9], [0, 1])
-    earlier = encode_rows(SpectrumGenerator(cfg.generation.model_dump(mode="json"), threads=1)(prep))
+    sources = plan_sources(hard, rows, prompts)
+    prep = prepare_sources(sources.slice(0, 1), [0.0, 0.9], [0, 1])
     out_dir = tmp_path / "runs" / "gt" / "generate" / "spectrum"
-    write_parquet_part(earlier.drop_columns(["error"]), out_dir)
-    first = earlier["image_id"].to_pylist()
+    # an earlier block, written into the store the way the workers write it
+    receipt = encode_and_write(SpectrumGenerator(cfg.generation.model_dump(mode="json"), threads=1)(prep),
+                               str(out_dir), str(out_dir.parent / "errors"), store_dir=str(store_root(cfg)),
+                               settings=settings_digest(cfg.generation, RunPaths.from_config(cfg).cache),
+                               source_digests=source_digests(sources, None))
+    first = read_parquet_dir(out_dir)["image_id"].to_pylist()
+    assert receipt["generated"][0].as_py() == len(first) == 4
     lease = tmp_path / "runs" / "gt" / "generate" / LEASE              # a live writer holds the stage
     lease.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 1, "run": "other",
                                  "heartbeat": __import__("time").time()}))
@@ -179,13 +186,17 @@ def test_job_on_ray_resumes_and_records_errors(models, tmp_path, ray_local):
     tracked.tracking.enabled = True
     tracked.tracking.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     again = run_generate(tracked)
-    assert again["generated"] == 0 and again["skipped"] == len(full)
+    assert again["generated"] == 0 and again["skipped"] == again["reused"] == len(full)
     assert read_parquet_dir(out_dir).num_rows == len(full)
 
-    other = cfg.model_copy(deep=True)                             # resuming with other settings is refused
+    other = cfg.model_copy(deep=True)         # other settings: other keys, all made again; the view follows
     other.generation.steps = 20
-    with pytest.raises(ValueError, match="already holds outputs made with"):
-        run_generate(other)
+    redo = run_generate(other)
+    assert redo["generated"] == len(full) and redo["reused"] == 0 and redo["store_digest"] != again["store_digest"]
+    assert set(read_parquet_dir(out_dir)["steps"].to_pylist()) == {20}
+    back = run_generate(cfg)                  # and back: the store still holds the first settings' outputs
+    assert back["generated"] == 0 and back["store_digest"] == again["store_digest"]
+    assert set(read_parquet_dir(out_dir)["steps"].to_pylist()) == {10}
 
     import mlflow
 

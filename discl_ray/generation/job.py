@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from discl_ray.generation.actor import SpectrumGenerator
 from discl_ray.generation.engine import output_key, steps_for
@@ -29,13 +30,22 @@ from discl_ray.generation.grid import spectrum_grid
 from discl_ray.generation.output import encode_and_write, merge_actors
 from discl_ray.generation.plan import (
     block_sources,
-    check_existing,
-    done_keys,
     load_source,
     plan_sources,
+    planned_keys,
     prepare_sources,
     read_inputs,
     spectrum_lams,
+)
+from discl_ray.generation.store import (
+    MANIFEST,
+    build_view,
+    settings_digest,
+    source_digest,
+    store_index,
+    store_root,
+    write_manifest,
+    writer_lock,
 )
 from discl_ray.io import ImageLoadError
 from discl_ray.lease import StageLease
@@ -58,11 +68,13 @@ def pending_sources(sources: pa.Table, lams: list[float], seeds: list[int], done
 
 
 def build_dataset(cfg: "ExperimentConfig", sources: pa.Table, done: set[str], generator_cls=SpectrumGenerator,
-                  write: bool = True):
+                  write: bool = True, store_args: Optional[dict] = None):
     """The lazy Ray Data pipeline: sources → prepare (CPU) → generator actor pool → encode + write (CPU).
 
     ``write=False`` stops after the generator (raw pixel rows; the benchmark's mode c without storage);
-    ``generator_cls`` lets a benchmark swap in an instrumented subclass; the job always uses the default."""
+    ``generator_cls`` lets a benchmark swap in an instrumented subclass; the job always uses the default.
+    ``store_args`` (``store_dir``, ``settings``, ``source_digests``): where and under which keys the written
+    rows go in the spectrum store (default: this config's store, keys computed here)."""
     import ray
 
     gen = cfg.generation
@@ -88,57 +100,90 @@ def build_dataset(cfg: "ExperimentConfig", sources: pa.Table, done: set[str], ge
                         num_gpus=num_gpus, num_cpus=gen.num_cpus_per_actor)
     if not write:
         return ds
+    if store_args is None:
+        store_args = dict(store_dir=str(store_root(cfg)), settings=settings_digest(gen, paths.cache),
+                          source_digests=source_digests(sources, cfg.dataset.root))
     return ds.map_batches(encode_and_write, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
                           fn_kwargs=dict(spectrum_dir=str(paths.store("generate", "spectrum")),
                                          errors_dir=str(paths.store("generate", "errors")),
-                                         fmt=gen.image_format, quality=gen.jpeg_quality))
+                                         fmt=gen.image_format, quality=gen.jpeg_quality, **store_args))
+
+
+def source_digests(sources: pa.Table, root: Optional[str]) -> dict[str, str]:
+    """source_image_id → digest of the source image's bytes (part of every key of its outputs)."""
+    return {sid: source_digest(img, path, root) for sid, img, path in zip(
+        sources["source_image_id"].to_pylist(), sources["image"].to_pylist(), sources["path"].to_pylist())}
 
 
 def run_generate(cfg: "ExperimentConfig", on_part: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Generate every missing spectrum key; returns (and writes) the run summary."""
+    """Generate every spectrum key the store lacks; write the experiment's manifest and view; returns (and
+    writes) the run summary."""
     check_tracking(cfg)  # a cluster needs an http(s) store: say so before any work
     gen = cfg.generation
     paths = RunPaths.from_config(cfg)
     stage = paths.store("generate")
     out_dir = paths.store("generate", "spectrum")
+    store = store_root(cfg)
     lams = spectrum_lams(gen)
     hard, rows, prompts = read_inputs(cfg)
     sources = plan_sources(hard, rows, prompts)
     del rows
+    settings = settings_digest(gen, paths.cache)
+    digests = source_digests(sources, cfg.dataset.root)
+    wanted = planned_keys(sources, lams, list(gen.seeds), settings, digests)
     with StageLease(stage, "generate"):
-        check_existing(out_dir, gen)
-        done = done_keys(out_dir)
-        todo, skipped = pending_sources(sources, lams, list(gen.seeds), done)
-        planned = sources.num_rows * len(lams) * len(gen.seeds)
-        log.info("generate: %d sources × %d λ × %d seeds = %d keys; %d already written", sources.num_rows,
-                 len(lams), len(gen.seeds), planned, skipped)
-        t0 = time.perf_counter()
-        generated = failed = nbytes = 0
-        actors: list[list[str]] = []
-        if todo.num_rows:
-            init_ray(cfg)
-            for receipt in build_dataset(cfg, todo, done).iter_rows():
-                generated += receipt["generated"]
-                failed += receipt["failed"]
-                nbytes += receipt["bytes"]
-                actors.append(receipt["actors"])
-                if on_part:
-                    on_part(generated, failed)
-        wall = time.perf_counter() - t0
-        summary = {"planned": planned, "generated": generated, "skipped": skipped, "failed": failed,
-                   "wall_s": round(wall, 3),
+        with writer_lock(store, f"generate {cfg.experiment}"):
+            have = wanted.join(store_index(store), "key", join_type="inner")
+            done = set(have["image_id"].to_pylist())
+            todo, reused = pending_sources(sources, lams, list(gen.seeds), done)
+            planned = wanted.num_rows
+            log.info("generate: %d sources × %d λ × %d seeds = %d keys; %d already in the store %s",
+                     sources.num_rows, len(lams), len(gen.seeds), planned, reused, store)
+            t0 = time.perf_counter()
+            generated = failed = nbytes = 0
+            actors: list[list[str]] = []
+            if todo.num_rows:
+                init_ray(cfg)
+                store_args = dict(store_dir=str(store), settings=settings, source_digests=digests)
+                for receipt in build_dataset(cfg, todo, done, store_args=store_args).iter_rows():
+                    generated += receipt["generated"]
+                    failed += receipt["failed"]
+                    nbytes += receipt["bytes"]
+                    actors.append(receipt["actors"])
+                    if on_part:
+                        on_part(generated, failed)
+            wall = time.perf_counter() - t0
+            manifest = wanted.join(store_index(store), "key", join_type="inner") if generated else have
+            manifest = _one_part_per_key(manifest)
+            meta = write_manifest(stage, store, manifest, settings)  # under the lock: `discl gc` sees it
+        build_view(store, manifest, out_dir)
+        summary = {"planned": planned, "generated": generated, "reused": reused, "skipped": reused,
+                   "failed": failed, "wall_s": round(wall, 3),
                    "outputs_per_s": round(generated / wall, 3) if wall and generated else 0.0,
                    "bytes_written": nbytes, "bytes_per_output": round(nbytes / generated, 1) if generated else 0.0,
                    "steps_expected": sum(steps_for(gen.steps, lam) for lam in lams) * len(gen.seeds) * sources.num_rows,
                    "model": gen.model, "lams": lams, "seeds": list(gen.seeds), "format": gen.image_format,
                    "actors": merge_actors(actors),
+                   "store": meta["store"], "store_digest": meta["store_digest"], "settings_digest": settings,
+                   "manifest": str(stage.join(MANIFEST)),
                    "spectrum_dir": str(out_dir), "errors_dir": str(paths.store("generate", "errors"))}
+        log.info("generate: generated %d, reused %d from the store, failed %d", generated, reused, failed)
         grid_path = write_grid(cfg, sources, lams)
         summary["grid"] = str(grid_path) if grid_path else None
         stage.join("summary.json").write_text(json.dumps(summary, indent=1))
     if cfg.tracking.enabled:
         log_to_mlflow(cfg, summary, grid_path)
     return summary
+
+
+def _one_part_per_key(manifest: pa.Table) -> pa.Table:
+    """A key written twice (never under the writer lock; defensive) is read from one part only."""
+    if manifest.num_rows == pc.count_distinct(manifest["key"]).as_py():
+        return manifest
+    manifest = manifest.sort_by([("key", "ascending"), ("part", "ascending")])
+    keys = manifest["key"].to_pylist()
+    first = [i == 0 or keys[i] != keys[i - 1] for i in range(len(keys))]
+    return manifest.filter(pa.array(first, pa.bool_()))
 
 
 def write_grid(cfg: "ExperimentConfig", sources: pa.Table, lams: list[float]):
@@ -178,8 +223,9 @@ def log_to_mlflow(cfg: "ExperimentConfig", summary: dict, grid_path) -> None:
     from discl_ray import tracking
 
     with tracking.run(cfg, "generate"):
-        mlflow.log_metrics({k: float(summary[k]) for k in ("planned", "generated", "skipped", "failed",
+        mlflow.log_metrics({k: float(summary[k]) for k in ("planned", "generated", "reused", "skipped", "failed",
                                                            "wall_s", "outputs_per_s")})
+        mlflow.log_params({"spectrum_store": summary["store"], "spectrum_store_digest": summary["store_digest"]})
         mlflow.log_dict(summary, "generate_summary.json")
         if grid_path:
             mlflow.log_image(Image.open(io.BytesIO(grid_path.read_bytes())), "spectrum_grid.png")

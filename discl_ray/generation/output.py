@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -49,9 +50,14 @@ def encode_rows(raw: pa.Table, fmt: str = "png", quality: int = 95) -> pa.Table:
     return table
 
 
-def encode_and_write(raw: pa.Table, spectrum_dir: str, errors_dir: str, fmt: str = "png",
-                     quality: int = 95) -> pa.Table:
-    """Encode one block and write its spectrum and error rows; returns a one-row receipt."""
+def encode_and_write(raw: pa.Table, spectrum_dir: str, errors_dir: str, fmt: str = "png", quality: int = 95,
+                     store_dir: Optional[str] = None, settings: str = "",
+                     source_digests: Optional[dict[str, str]] = None) -> pa.Table:
+    """Encode one block and write its spectrum and error rows; returns a one-row receipt.
+
+    With ``store_dir`` (what ``discl generate`` does) the rows get their content ``key`` and go to the spectrum
+    store as one part per λ (``store.write_image_parts``), each then linked into ``spectrum_dir`` (the
+    experiment's view); without it they are written to ``spectrum_dir`` directly."""
     table = encode_rows(raw, fmt, quality)
     name = part_name(table["image_id"].to_pylist())
     ok = pc.equal(table["error"], "")
@@ -62,7 +68,16 @@ def encode_and_write(raw: pa.Table, spectrum_dir: str, errors_dir: str, fmt: str
         errors = pa.table({"key": bad["image_id"], "source_image_id": bad["source_image_id"],
                            "reason": bad["error"]}, schema=ERRORS_SCHEMA)
         as_storage(errors_dir).join(f"{name}.parquet").write_parquet(errors)
-    if good.num_rows:
+    if good.num_rows and store_dir:
+        from discl_ray.generation.store import image_key, link_parts, write_image_parts
+
+        digests = source_digests or {}
+        keys = [image_key(settings, sid, digests.get(sid, ""), prompt, lam, seed) for sid, prompt, lam, seed in zip(
+            good["source_image_id"].to_pylist(), good["prompt"].to_pylist(), good["lam"].to_pylist(),
+            good["seed"].to_pylist())]
+        good = good.append_column("key", pa.array(keys, pa.string()))
+        link_parts(store_dir, write_image_parts(good, store_dir), spectrum_dir)
+    elif good.num_rows:
         as_storage(spectrum_dir).join(f"{name}.parquet").write_parquet(good)
     actors = sorted({a for a in raw["actor"].to_pylist() if a})
     nbytes = int(sum(len(b) for b in good["image"].to_pylist() if b))

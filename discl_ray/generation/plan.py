@@ -70,6 +70,30 @@ def done_keys(directory: "str | Path | Storage") -> set[str]:
     return set(read_parquet_dir(directory, columns=["image_id"])["image_id"].to_pylist())
 
 
+MANIFEST_KEYS_SCHEMA = pa.schema([("image_id", pa.string()), ("key", pa.string()), ("source_image_id", pa.string()),
+                                  ("lam", pa.float64()), ("seed", pa.int64())])
+
+
+def planned_keys(sources: pa.Table, lams: list[float], seeds: list[int], settings: str,
+                 digests: dict[str, str]) -> pa.Table:
+    """Every (source, λ, seed) output of the plan with its image_id and content key (``store.image_key``).
+
+    The prompt in the key is the one the generator will use (:func:`pick_prompt`)."""
+    from discl_ray.generation.store import image_key
+
+    out: dict[str, list] = {k: [] for k in MANIFEST_KEYS_SCHEMA.names}
+    for sid, gp in zip(sources["source_image_id"].to_pylist(), sources["gen_prompts"].to_pylist()):
+        for lam in lams:
+            for seed in seeds:
+                prompt = pick_prompt(gp, sid, seed) if gp else ""
+                out["image_id"].append(output_key(sid, lam, seed))
+                out["key"].append(image_key(settings, sid, digests.get(sid, ""), prompt, lam, seed))
+                out["source_image_id"].append(sid)
+                out["lam"].append(round(float(lam), 6))
+                out["seed"].append(int(seed))
+    return pa.table(out, schema=MANIFEST_KEYS_SCHEMA)
+
+
 def block_sources(gen: "GenerationConfig") -> int:
     """Sources per block: a block holds whole sources (a multiple of |Λ|·|seeds| outputs), at least
     ``rows_per_block`` outputs and at least 4 pipeline batches, so actors never get ragged tails."""
@@ -117,8 +141,12 @@ def prepare_sources(batch: pa.Table, lams: list[float], seeds: list[int], skip: 
 def check_existing(directory: str | Path, gen: "GenerationConfig") -> None:
     """Refuse to resume into a spectrum written with another model, step count or guidance scale.
 
-    Keys name only (source, λ, seed), so mixing settings would silently skip keys made differently."""
-    if not parquet_files(directory):
+    Keys name only (source, λ, seed), so mixing settings would silently skip keys made differently.
+    A folder that is a spectrum store view (``manifest.json`` beside it) is always fine: ``discl generate``
+    rebuilds it from the store, whose keys cover every setting."""
+    from discl_ray.storage import as_storage
+
+    if not parquet_files(directory) or as_storage(directory).parent.join("manifest.json").is_file():
         return
     table = read_parquet_dir(directory, columns=["generator", "steps", "guidance_scale"])
     found = {(g, s, w) for g, s, w in zip(table["generator"].to_pylist(), table["steps"].to_pylist(),

@@ -230,9 +230,10 @@ def run_score(cfg: "ExperimentConfig") -> ScoreResult:
     out = paths.store("score")
     scores_dir, errors_dir = out.join("scores"), out.join("errors")
     clip_model = clip_model_id(cfg.scoring, paths.cache)
-    keys = read_parquet_dir(spectrum_dir, ["image_id", "source_image_id", "label", "class_name"])
+    keys = read_parquet_dir(spectrum_dir, ["image_id", "source_image_id", "label", "class_name", "lam", "seed"])
     label_prompts = read_label_prompts(paths, set(keys["label"].to_pylist()))
-    with StageLease(out, "score"):
+    keyed = _score_keys(cfg, paths, keys, label_prompts)
+    with StageLease(out, "score"), _store_lock(cfg, keyed):
         _check_model(out, clip_model)
         scored = _read_optional(scores_dir, ["image_id"])
         old_errors = _read_optional(errors_dir)
@@ -241,8 +242,14 @@ def run_score(cfg: "ExperimentConfig") -> ScoreResult:
             done.append(old_errors["image_id"])
         done = pc.unique(pa.chunked_array(done, pa.string())) if done else pa.array([], pa.string())
         todo = keys.filter(pc.invert(pc.is_in(keys["image_id"], value_set=done)))
-        n_ok = n_bad = 0
+        n_ok = n_bad = reused = 0
         actors: list = []
+        if todo.num_rows and keyed is not None:  # scores of the same content the store already holds
+            reused = _reuse_from_store(cfg, out, todo, keyed, clip_model)
+            if reused:
+                scored = _read_optional(scores_dir, ["image_id"])
+                done = pc.unique(pa.chunked_array([done, scored["image_id"].combine_chunks()], pa.string()))
+                todo = keys.filter(pc.invert(pc.is_in(keys["image_id"], value_set=done)))
         if todo.num_rows:
             if old_errors is not None:  # these ids are retried now: drop their old rows
                 retry = pa.concat_arrays([todo["image_id"].combine_chunks(),
@@ -250,12 +257,107 @@ def run_score(cfg: "ExperimentConfig") -> ScoreResult:
                 replace_parquet_dir(old_errors.filter(pc.invert(pc.is_in(old_errors["image_id"], value_set=retry))),
                                     errors_dir, prefix="errors")
             n_ok, n_bad, actors = _score_todo(cfg, paths, files, todo, done, label_prompts, clip_model)
+            if keyed is not None and n_ok:
+                _publish_to_store(cfg, out, todo, keyed)
+        log.info("score: scored %d, reused %d from the spectrum store", n_ok, reused)
         return finalize(cfg, paths, keys, clip_model, scored=n_ok, skipped=keys.num_rows - todo.num_rows,
-                        errors=n_bad, actors=actors)
+                        errors=n_bad, actors=actors, reused=reused, store=keyed)
+
+
+# -- the spectrum store's scores (see discl_ray.generation.store) -----------------------------------------------
+def _score_keys(cfg: "ExperimentConfig", paths: RunPaths, keys: pa.Table,
+                label_prompts: dict[int, str]) -> Optional[dict]:
+    """image_id → score key (CLIP identity, image content key, filter prompt), written to
+    ``score/score_keys.parquet``; None when the spectrum has no store manifest (then nothing is shared)."""
+    from discl_ray.generation.store import clip_identity, read_manifest, score_key
+
+    try:
+        meta, manifest = read_manifest(paths.store("generate"))
+    except FileNotFoundError:
+        return None
+    image_keys = dict(zip(manifest["image_id"].to_pylist(), manifest["key"].to_pylist()))
+    clip_id = clip_identity(cfg.scoring, paths.cache)
+    ids, iks, sks = [], [], []
+    for iid, label in zip(keys["image_id"].to_pylist(), keys["label"].to_pylist()):
+        ik = image_keys.get(iid)
+        if ik is None:
+            continue
+        ids.append(iid)
+        iks.append(ik)
+        sks.append(score_key(clip_id, ik, label_prompts[int(label)]))
+    table = pa.table({"image_id": pa.array(ids, pa.string()), "image_key": pa.array(iks, pa.string()),
+                      "score_key": pa.array(sks, pa.string())})
+    paths.store("score", "score_keys.parquet").write_parquet(table)
+    return {"store": meta["store"], "clip_identity": clip_id, "table": table}
+
+
+def _store_lock(cfg: "ExperimentConfig", keyed: Optional[dict]):
+    import contextlib
+
+    from discl_ray.generation.store import writer_lock
+
+    return writer_lock(keyed["store"], f"score {cfg.experiment}") if keyed else contextlib.nullcontext()
+
+
+def _store_scores(store: str, wanted: pa.Array) -> Optional[pa.Table]:
+    from discl_ray.generation.store import STORE_SCORE_SCHEMA
+    from discl_ray.storage import as_storage
+
+    d = as_storage(store).join("scores")
+    if not d.parquet_files():
+        return None
+    table = read_parquet_dir(d, STORE_SCORE_SCHEMA.names)
+    table = table.filter(pc.is_in(table["score_key"], value_set=wanted))
+    if not table.num_rows:
+        return None
+    # one row per score key (a key scored twice holds the same numbers)
+    idx = pc.index_in(pc.unique(table["score_key"]), table["score_key"])
+    return table.take(idx)
+
+
+def _reuse_from_store(cfg: "ExperimentConfig", out: "Storage", todo: pa.Table, keyed: dict, clip_model: str) -> int:
+    """Copy the store's scores of ``todo``'s content into this experiment's ``scores/``; returns how many."""
+    kt = keyed["table"].filter(pc.is_in(keyed["table"]["image_id"], value_set=todo["image_id"].combine_chunks()))
+    found = _store_scores(keyed["store"], kt["score_key"].combine_chunks())
+    if found is None:
+        return 0
+    rows = todo.join(kt, "image_id", join_type="inner").join(
+        found.drop_columns(["image_key", "clip_model"]), "score_key", join_type="inner")
+    rows = rows.sort_by("image_id")
+    rows = rows.append_column("clip_model", pa.array([clip_model] * rows.num_rows, pa.string()))
+    table = rows.select(SCORE_COLUMNS)
+    table = table.cast(pa.schema([(c, t) for c, t in zip(SCORE_COLUMNS, [
+        pa.string(), pa.string(), pa.int64(), pa.float64(), pa.int64(), pa.float64(), pa.float64(), pa.float64(),
+        pa.string()])]))
+    out.join("scores", f"{_part(table['image_id'].to_pylist())}.parquet").write_parquet(table)
+    return table.num_rows
+
+
+def _publish_to_store(cfg: "ExperimentConfig", out: "Storage", todo: pa.Table, keyed: dict) -> None:
+    """Add the scores made now to the store (one part named by its score keys)."""
+    from discl_ray.generation.store import STORE_SCORE_SCHEMA, _h
+    from discl_ray.storage import as_storage
+
+    new = read_parquet_dir(out.join("scores"), ["image_id", "clip_text_cos", "clip_image_cos", "clip_score"])
+    new = new.filter(pc.is_in(new["image_id"], value_set=todo["image_id"].combine_chunks()))
+    rows = new.join(keyed["table"], "image_id", join_type="inner")
+    known = _store_scores(keyed["store"], rows["score_key"].combine_chunks())
+    if known is not None:
+        rows = rows.filter(pc.invert(pc.is_in(rows["score_key"], value_set=known["score_key"].combine_chunks())))
+    if not rows.num_rows:
+        return
+    rows = rows.sort_by("score_key")
+    table = pa.table({"score_key": rows["score_key"], "image_key": rows["image_key"],
+                      "clip_text_cos": rows["clip_text_cos"], "clip_image_cos": rows["clip_image_cos"],
+                      "clip_score": rows["clip_score"],
+                      "clip_model": pa.array([keyed["clip_identity"]] * rows.num_rows, pa.string())},
+                     schema=STORE_SCORE_SCHEMA)
+    as_storage(keyed["store"]).join("scores", f"part-{_h(*table['score_key'].to_pylist())}.parquet").write_parquet(table)
 
 
 def finalize(cfg: "ExperimentConfig", paths: RunPaths, keys: pa.Table, clip_model: str, scored: int,
-             skipped: int, errors: int, actors: Optional[list] = None) -> ScoreResult:
+             skipped: int, errors: int, actors: Optional[list] = None, reused: int = 0,
+             store: Optional[dict] = None) -> ScoreResult:
     """Kept ids, summary.json and histograms from all scores; logged to MLflow when enabled.
 
     ``kept/`` holds only ids and scores of the rows at or above the threshold (the spectrum is not copied:
@@ -277,6 +379,8 @@ def finalize(cfg: "ExperimentConfig", paths: RunPaths, keys: pa.Table, clip_mode
     names = dict(zip(keys["label"].to_pylist(), keys["class_name"].to_pylist()))
     summary = summarize(scores, threshold, clip_model, names, n_errors)
     summary["actors"] = actors or []
+    summary["scored"], summary["reused"] = int(scored), int(reused)
+    summary["store"] = store["store"] if store else None
     out.join("summary.json").write_text(json.dumps(summary, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
         local = plot_histograms(scores, Path(tmp), threshold, bins=cfg.scoring.histogram_bins)

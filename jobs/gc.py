@@ -1,0 +1,36 @@
+"""`discl gc [--dry-run]`: drop spectrum-store keys that no experiment under the run root uses.
+
+The store of the config's dataset (``<run_root>/_spectra/<dataset>/``) keeps every image and CLIP score any
+experiment ever generated. An experiment uses the keys of its ``generate/manifest.parquet`` (and the score
+keys of its ``score/score_keys.parquet``). Image parts none of whose keys any experiment uses are deleted;
+score rows whose image is gone and that no experiment uses are dropped. Delete an experiment's folder first
+to release its keys. Holds the store's writer lock: it never races a running ``discl generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from discl_ray.cli_common import run_stage
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="only count what would be dropped")
+
+
+def _body(cfg, args: argparse.Namespace) -> int:
+    from discl_ray.generation.store import gc_store, store_root
+    from discl_ray.runtime import RunPaths
+
+    report = gc_store(RunPaths.from_config(cfg).root, store_root(cfg), dry_run=args.dry_run)
+    verb = "would drop" if args.dry_run else "dropped"
+    print(f"gc: {verb} {report['images_dropped']} images ({report['image_parts_dropped']} parts) and "
+          f"{report['scores_dropped']} scores; kept {report['images_kept']} images used by "
+          f"{len(report['experiments'])} experiments")
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(argv, "gc", __doc__, _body, _args)
