@@ -1,7 +1,8 @@
 """`discl generate`: the synthetic-to-real spectrum (hard images × λ × seeds) on Ray Data.
 
-Reads ``<exp>/mine/`` and ``<exp>/prompts/``, writes ``<exp>/generate/spectrum/`` (+ ``errors/``,
-``summary.json``, ``spectrum_grid.png``). Rerunning resumes: keys already written are skipped.
+Reads ``<exp>/mine/`` and ``<exp>/prompts/``; generates only the keys the dataset's spectrum store
+(``<run_root>/_spectra/<dataset>/``) lacks; writes ``<exp>/generate/manifest.parquet`` and the view
+``<exp>/generate/spectrum/`` (+ ``errors/``, ``summary.json``, ``spectrum_grid.png``). Rerunning resumes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def _body(cfg, args) -> int:
     print(f"generate: generated {summary['generated']}, skipped {summary['skipped']} (already written), "
           f"failed {summary['failed']} of {summary['planned']} keys in {summary['wall_s']:.1f} s "
           f"({summary['outputs_per_s']:.2f} outputs/s)")
-    print(json.dumps({k: summary[k] for k in ("spectrum_dir", "errors_dir", "grid")}, indent=1))
+    print(f"spectrum store: generated {summary['generated']}, reused {summary['reused']} "
+          f"(digest {summary['store_digest']})")
+    print(json.dumps({k: summary[k] for k in ("store", "spectrum_dir", "errors_dir", "grid")}, indent=1))
     nodes = sorted({(a["node_id"][:12], a["device"], a["resources"].get("GPU", 0)) for a in summary["actors"]})
     print("actors (node, device, GPUs): " + ", ".join(f"{n} {d} {g:g}" for n, d, g in nodes))
     return 0

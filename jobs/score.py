@@ -23,7 +23,8 @@ def _body(cfg, args) -> int:
     except (ScoreInputError, TrackingConfigError, StageBusy) as err:
         print(f"discl score: {err}", file=sys.stderr)
         return 2
-    print(f"scored {res.scored} rows ({res.skipped} already scored, {res.errors} errors); "
+    print(f"scored {res.scored} rows ({res.skipped} already scored, {res.reused} of them reused from the "
+          f"spectrum store; {res.errors} errors); "
           f"kept {res.kept}/{res.total} at clip_text_cos >= {cfg.scoring.threshold}")
     print(f"outputs: {res.out_dir} (scores/, kept/, errors/, summary.json, "
           f"{', '.join(p.name for p in res.histograms)})")

@@ -59,6 +59,7 @@ class ScoreResult:
     kept: int
     out_dir: "Path | Storage"
     histograms: list = field(default_factory=list)
+    reused: int = 0          # of ``skipped``: scores copied from the spectrum store
 
     @property
     def summary_path(self) -> "Path | Storage":
@@ -393,7 +394,7 @@ def finalize(cfg: "ExperimentConfig", paths: RunPaths, keys: pa.Table, clip_mode
             summary_file.write_text(json.dumps(summary, indent=1))
             _log_mlflow(cfg, summary, [summary_file, *local])
     return ScoreResult(scored=scored, skipped=skipped, errors=errors, total=scores.num_rows,
-                       kept=kept.num_rows, out_dir=local_or_storage(out), histograms=hists)
+                       kept=kept.num_rows, out_dir=local_or_storage(out), histograms=hists, reused=reused)
 
 
 def _log_mlflow(cfg: "ExperimentConfig", summary: dict, artifacts: list[Path]) -> None:
