@@ -258,6 +258,24 @@ def test_inat2018_splits_labels_val_holdout(tmp_path):
     assert class_groups(train, few_max=2, many_min=5) == {0: "many", 1: "medium", 2: "medium", 3: "few"}
 
 
+def test_inat2018_val_holdout_keeps_the_standard_groups(tmp_path):
+    """A class of exactly 101 (many) or 20 (medium) images would cross a Liu et al. boundary with one image
+    held out: it keeps all of them; every other class still gives one, and each class's group is the one the
+    full training split gives it."""
+    from discl_ray.data.loaders.inat2018 import group_of
+
+    counts = (102, 101, 100, 21, 20, 19, 3, 2)
+    root = _inat_root(tmp_path, train_counts=counts, test_per_class=1)
+    table = load_rows(DatasetConfig(name="inat2018", root=str(root), seed=0))
+    assert _counts(table, "val").tolist() == [1, 0, 1, 1, 0, 1, 1, 0]
+    train = _counts(table, "train").tolist()
+    assert train == [101, 101, 99, 20, 20, 18, 2, 2]
+    assert [group_of(n) for n in train] == [group_of(n) for n in counts]
+    groups = class_groups([y for y, s in zip(table["label"].to_pylist(), table["split"].to_pylist()) if s == "train"],
+                          few_max=20, many_min=101)
+    assert [groups[c] for c in range(len(counts))] == ["many", "many", "medium", "medium", "medium", "few", "few", "few"]
+
+
 def test_inat2018_malformed(tmp_path):
     root = _inat_root(tmp_path)
     data = json.loads((root / "val2018.json").read_text())

@@ -125,3 +125,57 @@ def test_bad_world_or_arm_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     assert "--worlds nowhere" in err and "no_such.yaml" in err and "clean" in err
     assert R.main(["--collect", "--arms", "bogus", "--run-root", str(tmp_path)]) == 2
     assert "unknown --arms ['bogus']" in capsys.readouterr().err
+
+
+def _c(task, a, b, metric, diffs):
+    return {"task": task, "a": a, "b": b, "metric": metric, "key": True} | R.paired_difference(
+        dict(enumerate(diffs)), dict.fromkeys(range(len(diffs)), 0.0))
+
+
+def test_holm_adjusts_step_down_and_decides_on_the_adjusted_p():
+    from scipy import stats
+
+    strong = _c("digits_lt", "diverse→specific", "CE", "few", [50.0, 55.0, 60.0, 52.0, 58.0])
+    weak = _c("digits_lt", "diverse→specific", "all-level", "few", [3.0, -1.0, 4.0, 2.0, 1.0])
+    null = _c("digits_lt", "adaptive", "diverse→specific", "few", [-2.0, 2.0, -1.0, 1.0, 0.5])
+    items = R.annotate([weak, null, strong])
+    ps = sorted(c["p"] for c in items)
+    assert math.isclose(strong["p_holm"], 3 * ps[0]) and strong["decided"]
+    assert math.isclose(weak["p_holm"], max(3 * ps[0], 2 * ps[1])) and not weak["decided"]
+    assert null["p_holm"] == max(weak["p_holm"], min(1.0, null["p"]))
+    # Holm's level for the first step is 1 − α/3: its interval is wider than the raw 95 % one
+    assert math.isclose(strong["holm_level"], 1 - 0.05 / 3)
+    assert strong["ci_holm"][0] < strong["ci95"][0] and strong["ci_holm"][1] > strong["ci95"][1]
+    half = stats.t.ppf(1 - 0.05 / 6, 4) * strong["std"] / math.sqrt(5)
+    assert math.isclose(strong["ci_holm"][1] - strong["mean"], half)
+    # the paper's number and sign: adaptive − diverse→specific is −6.86 in Table 1 (16.78 − 23.64)
+    assert math.isclose(null["paper"], 16.78 - 23.64) and "16.78" in null["paper_source"]
+    assert strong["agrees_with_paper_sign"] is True and weak["agrees_with_paper_sign"] is True
+    assert null["agrees_with_paper_sign"] is (null["mean"] < 0)
+    table = R.contrast_table(items)
+    assert "Holm p" in table and "Table 1: 23.64 − 19.17" in table
+
+
+def test_seeds_for_power_matches_the_noncentral_t():
+    from scipy import stats
+
+    n = R.seeds_for_power(4.47, 5.4)          # the paper's diverse→specific − all-level, the toy's per-seed SD
+    def power(k):
+        crit, nc = stats.t.ppf(0.975, k - 1), 4.47 / (5.4 / math.sqrt(k))
+        return stats.nct.sf(crit, k - 1, nc) + stats.nct.cdf(-crit, k - 1, nc)
+    assert power(n) >= 0.8 > power(n - 1) and 12 <= n <= 15
+    assert R.seeds_for_power(4.47, 5.4, alpha=0.05 / 11) > n
+    c = R.annotate([_c("digits_lt", "diverse→specific", "all-level", "few", [4.0, -3.0, 9.0, 1.0])])[0]
+    assert c["seeds_for_paper_effect"]["n_raw"] == R.seeds_for_power(23.64 - 19.17, c["std"])
+
+
+def test_lam_history_is_kept_and_written_as_strict_json():
+    import json
+
+    run = {"seed": 0, "final_test_few_acc": 0.5, "lam_history": [float("nan"), 0.3, -1.0],
+           "gain_history": [{"0.0": 0.1, "1.0": 0.2}, {}, {}]}
+    out = R.summarize({"adaptive": [run]}, [("adaptive", [])], R.LT_COLS)
+    kept = out["adaptive"]["runs"][0]
+    assert kept["lam_history"] == ["all", 0.3, "real"] and kept["gain_history"][0] == {"0.0": 0.1, "1.0": 0.2}
+    json.dumps(out, allow_nan=False)
+    assert set(R.KEEP_LISTS) == {"lam_history", "gain_history"}

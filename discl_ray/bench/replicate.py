@@ -412,6 +412,16 @@ def common_value(common: list[str], key: str) -> str | None:
     return found
 
 
+def _readable_lams(run: dict) -> dict:
+    """A run's ``lam_history`` with the trainer's markers spelt out (strict JSON has no NaN): "all" = every
+    level mixed (all-level), "real" = a real-only epoch; λ values stay numbers."""
+    if "lam_history" not in run:
+        return run
+    marks = ["all" if isinstance(v, float) and math.isnan(v) else "real" if v == -1.0 else v
+             for v in run["lam_history"]]
+    return run | {"lam_history": marks}
+
+
 def summarize(rows: dict[str, list[dict]], arms, cols) -> dict:
     """Per arm: its overrides, seeds, per-seed metrics (percent) and mean ± std per column."""
     out = {}
@@ -426,7 +436,7 @@ def summarize(rows: dict[str, list[dict]], arms, cols) -> dict:
             "per_seed": {c: v for c, v in per_col.items()},
             "missing_seeds": [int(r["seed"]) for r in rows.get(name, []) if r.get("missing")],
             "failed_seeds": [int(r["seed"]) for r in rows.get(name, []) if "error" in r],
-            "runs": res,
+            "runs": [_readable_lams(r) for r in res],
         }
     return out
 

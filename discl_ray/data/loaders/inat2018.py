@@ -13,7 +13,11 @@ Labels are the category ids mapped to 0..K−1 in id order (the identity for iNa
 
 Validation: ``VAL_PER_CLASS`` (1) training image per class is held out — seeded, balanced — but only from
 classes that keep at least ``MIN_TRAIN_KEEP`` (2) training images, so the rarest classes (2 images in
-iNat-2018) are never emptied; ``val2018.json`` is reported on as ``test`` and never used for selection.
+iNat-2018) are never emptied, and never from a class the hold-out would move across a group boundary of the
+standard split (Liu et al. 2019: many > 100, few < 20 training images; a class of exactly 101 or 20 images
+keeps them all), so every class keeps the many/medium/few group it has in the standard split, and the
+frequency-mined hard set (the few classes) is the standard split's classes; ``val2018.json`` is reported on as
+``test`` and never used for selection.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ if TYPE_CHECKING:
 TRAIN_FILE, TEST_FILE, CATEGORIES_FILE = "train2018.json", "val2018.json", "categories.json"
 VAL_PER_CLASS = 1
 MIN_TRAIN_KEEP = 2
+STANDARD_MANY_MIN, STANDARD_FEW_MAX = 101, 20   # many ≥ 101, few < 20 training images (Liu et al. 2019)
+
+
+def group_of(n: int) -> str:
+    return "many" if n >= STANDARD_MANY_MIN else "few" if n < STANDARD_FEW_MAX else "medium"
+
+
+def holdout_candidates(train_labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Training indices a validation hold-out may draw from: those of classes whose group stays the same with
+    ``per_class`` images fewer."""
+    counts = np.bincount(train_labels)
+    keep = np.array([group_of(int(n)) == group_of(int(n) - per_class) for n in counts], dtype=bool)
+    return np.flatnonzero(keep[train_labels]) if len(train_labels) else np.empty(0, np.int64)
 
 
 def _read_json(path: Path):
@@ -104,7 +121,8 @@ def load(cfg: "DatasetConfig") -> pa.Table:
 
     train_labels = np.array([label_of[c] for _, c in train], dtype=np.int64)
     per_class = int(getattr(cfg, "val_per_class", None) or VAL_PER_CLASS)
-    val = set(balanced_holdout(train_labels, per_class, seed=cfg.seed, min_keep=MIN_TRAIN_KEEP).tolist())
+    val = set(balanced_holdout(train_labels, per_class, seed=cfg.seed, min_keep=MIN_TRAIN_KEEP,
+                               candidates=holdout_candidates(train_labels, per_class)).tolist())
     cols: dict[str, list] = {k: [] for k in ("image_id", "path", "label", "class_name", "split")}
     for split_rows, is_train in ((train, True), (test, False)):
         for i, (rel, cat) in enumerate(split_rows):
