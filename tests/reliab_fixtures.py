@@ -98,3 +98,21 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def python() -> str:
     return sys.executable
+
+
+def ray_start_tripwire(monkeypatch) -> list:
+    """Record every attempt to start (or join) a Ray cluster through the project's one entry point.
+
+    ``init_ray`` looks up ``runtime._init_ray`` at call time, so this catches a stage that reaches its cluster
+    start even when the test session's Ray is already up (``init_ray`` would return at once then). A test
+    asserts the list is empty: proof of "no Ray start" that does not depend on how fast the machine is."""
+    from discl_ray import runtime
+
+    calls: list = []
+
+    def refuse(cfg, **kwargs):
+        calls.append(getattr(cfg, "experiment", cfg))
+        raise RuntimeError("a Ray start was attempted where none may happen")
+
+    monkeypatch.setattr(runtime, "_init_ray", refuse)
+    return calls

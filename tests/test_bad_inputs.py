@@ -4,12 +4,10 @@ every planned key is either written or listed with its reason."""
 
 from __future__ import annotations
 
-import time
-
 import pyarrow as pa
 import pytest
 from gen_fixtures import tiny_sd_dir, write_experiment
-from reliab_fixtures import deep_update, free_port, lt_experiment, write_config
+from reliab_fixtures import deep_update, free_port, lt_experiment, ray_start_tripwire, write_config
 
 from discl_ray.io import read_parquet_dir, write_parquet_part
 
@@ -46,14 +44,14 @@ def gen_config(tmp_path, cfg, **generation) -> str:
 
 
 # -- generate ---------------------------------------------------------------------------------------------
-def test_generate_model_path_that_does_not_exist(tmp_path, capsys):
+def test_generate_model_path_that_does_not_exist(tmp_path, capsys, monkeypatch):
     from jobs.generate import main
 
     cfg = write_experiment(tmp_path / "runs", model="/nonexistent")
-    start = time.monotonic()
+    ray_starts = ray_start_tripwire(monkeypatch)
     assert main(["--config", gen_config(tmp_path, cfg)]) == 2
     one_line_error(capsys, "generate", "generation.model", "/nonexistent", "not a folder")
-    assert time.monotonic() - start < 15                      # no Ray start, no model load
+    assert ray_starts == []                                   # refused before any Ray start (or model load)
     assert not (tmp_path / "runs" / "gt" / "generate").exists()
     # A folder that is not a diffusers pipeline is named as such.
     (tmp_path / "empty-model").mkdir()
@@ -281,9 +279,9 @@ def test_unreachable_mlflow_fails_before_work(stage, tmp_path, capsys, monkeypat
         path, _ = lt_experiment(tmp_path)
         exp = tmp_path / "runs" / "fx"
     main = importlib.import_module(f"jobs.{stage}").main
-    start = time.monotonic()
+    ray_starts = ray_start_tripwire(monkeypatch)
     assert main(["--config", str(path), f"tracking.tracking_uri={uri}", "tracking.enabled=true"]) == 2
-    assert time.monotonic() - start < 15
+    assert ray_starts == []                                   # refused before the cluster start
     one_line_error(capsys, stage, uri, "cannot be reached")
     out_dir = {"train": "train", "generate": "generate", "score": "score", "report": "report"}[stage]
     assert not (exp / out_dir).exists() or stage == "generate" and not list((exp / out_dir).rglob("*.parquet"))

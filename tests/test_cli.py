@@ -25,7 +25,9 @@ def test_console_script_help():
 
 def test_unknown_command_fails():
     out = subprocess.run([sys.executable, "-m", "discl_ray.cli", "frobnicate"], capture_output=True, text=True)
-    assert out.returncode != 0 and "unknown command" in out.stderr
+    # a refusal (argparse's usage error, exit 2), not a crash that happens to print the words
+    assert out.returncode == 2 and "unknown command 'frobnicate'" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "choose from:" in out.stderr
 
 
 def test_bad_config_fails_before_work(tmp_path, capsys):
