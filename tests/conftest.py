@@ -38,6 +38,18 @@ HEAVY_FIRST = ("test_faults.py", "test_quickstart.py", "test_world.py", "test_ga
                "test_ui.py", "test_bad_inputs.py", "test_scoring_job.py", "test_training_e2e.py")
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Every skipped test by its id and reason, in one section of the output: a skip that depends on the machine
+    (no root, no mount namespace, no GPU) is listed in CI's log instead of being counted only."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.section(f"skipped tests by id ({len(skipped)})")
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        terminalreporter.write_line(f"SKIPPED {rep.nodeid}: {reason}")
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))   # stable: order within a file kept
