@@ -13,7 +13,7 @@ INSTALLER ?= uv
 # the first process to import a module writes them and every later process reads them.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup test test-slow test-all quickstart lint format mlflow-ui clean
+.PHONY: setup test test-slow test-all quickstart lint format mlflow-ui clean gpu-wheels gpu-check
 
 # uv does not read pip's configuration (pip.conf, PIP_* variables): hand it the package indexes, find-links
 # and constraint files pip is configured with on this machine, read from `pip config list` at run time.
@@ -86,3 +86,21 @@ mlflow-ui: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The GPU check for a lent device (docs/benchmarks.md, "GPU check"): its image has torch, transformers,
+# accelerate, timm and pyarrow, no venv, no Ray/MLflow and no network. `make gpu-wheels` (here, with the package
+# index) fetches the pinned wheels it lacks into build/gpu-wheels (8.3 MiB; build/ is git-ignored: carry it);
+# `make gpu-check` (there) unpacks them with the standard library and runs the check with the image's python.
+GPU_WHEELS ?= build/gpu-wheels
+GPU_PKGS   := diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+GPU_PY     ?= python3
+GPU_JSON   ?= build/gpu-check.json
+
+gpu-wheels:
+	$(PY) -m pip download --no-deps --only-binary=:all: -d $(GPU_WHEELS) $(GPU_PKGS)
+
+gpu-check:
+	@ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1 || { echo "no wheels in $(GPU_WHEELS): run 'make gpu-wheels' first"; exit 2; }
+	rm -rf $(GPU_WHEELS)/site
+	for w in $(GPU_WHEELS)/*.whl; do $(GPU_PY) -m zipfile -e $$w $(GPU_WHEELS)/site || exit 1; done
+	PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_WHEELS)/site $(GPU_PY) -m discl_ray.cli bench gpu --json $(GPU_JSON) $(GPU_ARGS)

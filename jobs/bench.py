@@ -1,4 +1,4 @@
-"""`discl bench NAME [args]`: run a benchmark (generate, score, train, train-memory, replicate, scaling)."""
+"""`discl bench NAME [args]`: run a benchmark (generate, score, train, train-memory, replicate, scaling, gpu)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ BENCHES = {
     "score": "discl_ray.bench.score",
     "train": "discl_ray.bench.train",
     "train-memory": "discl_ray.bench.train_memory",
+    "train-io": "discl_ray.bench.train_io",
     "replicate": "discl_ray.bench.replicate",
     "scaling": "discl_ray.bench.scaling",
+    "gpu": "discl_ray.bench.gpu",
 }
 
 
