@@ -267,7 +267,7 @@ def test_inat2018_val_holdout_keeps_the_standard_groups(tmp_path):
     counts = (102, 101, 100, 21, 20, 19, 3, 2)
     root = _inat_root(tmp_path, train_counts=counts, test_per_class=1)
     table = load_rows(DatasetConfig(name="inat2018", root=str(root), seed=0))
-    assert _counts(table, "val").tolist() == [1, 0, 1, 1, 0, 1, 1, 0]
+    assert _counts(table, "val").tolist() == [1, 0, 1, 1, 0, 1, 1]             # class 7 (2 images) keeps both
     train = _counts(table, "train").tolist()
     assert train == [101, 101, 99, 20, 20, 18, 2, 2]
     assert [group_of(n) for n in train] == [group_of(n) for n in counts]

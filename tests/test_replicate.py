@@ -179,3 +179,12 @@ def test_lam_history_is_kept_and_written_as_strict_json():
     assert kept["lam_history"] == ["all", 0.3, "real"] and kept["gain_history"][0] == {"0.0": 0.1, "1.0": 0.2}
     json.dumps(out, allow_nan=False)
     assert set(R.KEEP_LISTS) == {"lam_history", "gain_history"}
+
+
+def test_holm_family_counts_contrasts_that_did_not_run_as_p_one():
+    items = [_c("digits_lt", "diverse→specific", "CE", "few", [50.0, 55.0, 60.0, 52.0, 58.0])]
+    alone = dict(R.annotate([dict(items[0])])[0])
+    in_six = R.annotate([dict(items[0])], family=6)[0]
+    assert math.isclose(in_six["p_holm"], min(1.0, 6 * alone["p"])) and math.isclose(alone["p_holm"], alone["p"])
+    assert math.isclose(in_six["holm_level"], 1 - 0.05 / 6)
+    assert sum(1 for c in R.CONTRASTS if c[0] == "digits_lt") == 6

@@ -163,13 +163,14 @@ def t_interval(mean: float, std: float, n: int, level: float) -> list[float]:
     return [mean - half, mean + half]
 
 
-def holm(items: list[dict], alpha: float = ALPHA) -> list[dict]:
+def holm(items: list[dict], alpha: float = ALPHA, family: int | None = None) -> list[dict]:
     """Holm's step-down correction over ``items`` (one family): each gets ``p_holm`` (the adjusted p-value),
     ``holm_level`` (the confidence level Holm tests it at: 1 − α/(m − rank + 1), rank by raw p) with
-    ``ci_holm`` (the paired t-interval at that level), and ``decided`` (p_holm < α). Items without a p-value
-    (n < 2) stay undecided and do not count in m."""
+    ``ci_holm`` (the paired t-interval at that level), and ``decided`` (p_holm < α). m is ``family`` when
+    larger than the number of items with a p-value (contrasts of the family that did not run count as p = 1,
+    which only makes the correction more conservative); items without a p-value (n < 2) stay undecided."""
     tested = sorted((c for c in items if c.get("p") is not None), key=lambda c: c["p"])
-    m, running = len(tested), 0.0
+    m, running = max(len(tested), family or 0), 0.0
     for rank, c in enumerate(tested):
         running = max(running, min(1.0, (m - rank) * c["p"]))
         c["p_holm"] = running
@@ -198,11 +199,12 @@ def seeds_for_power(effect: float, sd: float, alpha: float = ALPHA, power: float
     return None
 
 
-def annotate(items: list[dict], alpha: float = ALPHA) -> list[dict]:
-    """The paper's number and sign per contrast, Holm over the family, and the seeds a test of the paper's
-    effect size needs given the measured per-seed SD (raw α, and α/m: Holm's first step)."""
-    holm(items, alpha)
-    m = max(1, sum(c.get("p") is not None for c in items))
+def annotate(items: list[dict], alpha: float = ALPHA, family: int | None = None) -> list[dict]:
+    """The paper's number and sign per contrast, Holm over the family (``family`` contrasts, at least those
+    given), and the seeds a test of the paper's effect size needs given the measured per-seed SD (raw α, and
+    α/m: Holm's first step)."""
+    holm(items, alpha, family)
+    m = max(1, sum(c.get("p") is not None for c in items), family or 0)
     for c in items:
         paper, source = PAPER.get((c["task"], c["a"], c["b"], c["metric"]), (None, None))
         c["paper"], c["paper_source"] = paper, source
@@ -515,11 +517,14 @@ def main(argv: list[str] | None = None) -> int:
                           "contrasts": contrasts({task: rows})}
             print(f"\n[{world} world] {TITLES[task]}\n")
             print(table(rows, arms, cols))
-        # One Holm family per world: every contrast of its tasks that ran (with ≥ 2 paired seeds).
-        family = annotate([c for tout in wout.values() for c in tout["contrasts"]])
+        # One Holm family per world: every contrast CONTRASTS defines for the tasks run (those that did not run,
+        # e.g. with --arms, count as p = 1: the correction a full run would apply, never a weaker one).
+        m = sum(1 for c in CONTRASTS if c[0] in wout)
+        family = annotate([c for tout in wout.values() for c in tout["contrasts"]], family=m)
+        out.setdefault("holm_family_size", {})[world] = m
         if family:
             print(f"\n[{world} world] paired differences (A − B, same seed; percentage points): raw 95 % "
-                  f"t-interval; Holm over the {sum(c.get('p') is not None for c in family)} contrasts "
+                  f"t-interval; Holm over the world's {m} contrasts "
                   f"(FWER {ALPHA}); the paper's A − B; seeds a paired t-test needs for the paper's effect at "
                   f"power {POWER:.0%} given the measured SD\n")
             print(contrast_table(family))
