@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, MiningConfig
 
 __all__ = ["HARD_SCHEMA", "class_groups", "mine_confidence", "mine_frequency", "select_low_confidence",
-           "true_class_probs"]
+           "split_blocks", "true_class_probs"]
 
 HARD_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("label", pa.int64()), ("class_name", pa.string()),
@@ -153,6 +153,18 @@ class ConfidenceScorer:
                          "actor": pa.array([self.actor] * batch.num_rows, pa.string())})
 
 
+def split_blocks(rows: pa.Table, batch_size: int, actors: int, per_actor: int = 16) -> list[pa.Table]:
+    """``rows`` as consecutive slices, one Ray Data block each, so every actor of the pool gets work: one table
+    is one block, and one block goes to one actor (which then decodes every image). At most ``per_actor``
+    blocks per actor and none smaller than a batch (smaller ones would be bundled back together); slices share
+    the table's buffers, and Ray's Arrow serializer ships only each slice's rows."""
+    n = max(1, min(rows.num_rows // max(batch_size, 1), per_actor * max(actors, 1)))
+    if n == 1:
+        return [rows]
+    size = -(-rows.num_rows // n)
+    return [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
+
+
 def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table | None = None,
                      actors: list | None = None) -> np.ndarray:
     """True-class probability of each training image under the configured classifier (a Ray Data stage
@@ -184,7 +196,7 @@ def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table
     sc = cfg.scoring
     size = sc.actors_max if sc.actors_min is None else sc.actors_min
     rows = train.select(["image_id", "image", "path", "label"])
-    ds = ray.data.from_arrow(rows).map_batches(
+    ds = ray.data.from_arrow(split_blocks(rows, m.batch_size, sc.actors_max)).map_batches(
         ConfidenceScorer, fn_constructor_kwargs=dict(cfg=cfg.model_dump(mode="json"), texts=texts, class_names=names),
         batch_size=m.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=size, max_size=sc.actors_max),

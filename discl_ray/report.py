@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
 
 from discl_ray.tracking import use_uri
+
+if TYPE_CHECKING:
+    from discl_ray.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -228,35 +231,50 @@ def plot_groups(df: pd.DataFrame, table: str, path: Path) -> Path:
     return path
 
 
-def write_report(tracking_uri: str, experiment: str, out_dir: str | Path, parent_run_id: Optional[str] = None,
-                 log_to_mlflow: bool = True) -> dict[str, Any]:
+def write_report(tracking_uri: str, experiment: str, out_dir: "str | Path | Storage",
+                 parent_run_id: Optional[str] = None, log_to_mlflow: bool = True) -> dict[str, Any]:
     """Write ``<table>.md``, ``<table>.csv`` and plots under ``out_dir``; log them to a ``report`` run.
 
-    Returns ``{"tables": {name: numeric df}, "files": [paths], "markdown": str, "run_id": id or None}``.
+    ``out_dir`` is a local folder or an object-store location (``s3://…``, a :class:`Storage`): the files are
+    drawn in a local temp folder and written there through ``discl_ray.storage``.
+    Returns ``{"tables": {name: numeric df}, "files": [paths or URIs], "markdown": str, "run_id": id or None}``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    from discl_ray.storage import as_storage
+
+    dest = as_storage(out_dir)
     runs = fetch_runs(tracking_uri, experiment, parent_run_id)
     tables = {t: df for t in TABLES if not (df := aggregate(runs, t)).empty}
     if not tables:
         raise ValueError(f"experiment {experiment!r} has no finished training runs (no final_test_* metrics)")
-    files: list[Path] = []
-    parts = [f"# {experiment}: results (mean ± std over seeds, %)\n"]
-    for name, df in tables.items():
-        shown = format_table(df, name)
-        md = to_markdown(shown)
-        parts.append(f"\n## {name.replace('_', '-')}\n\n{md}")
-        (out / f"{name}.md").write_text(md)
-        df.to_csv(out / f"{name}.csv", index=False)
-        files += [out / f"{name}.md", out / f"{name}.csv", plot_groups(df, name, out / f"{name}_groups.png")]
-    trained = runs.dropna(subset=[f"metrics.{m}" for t in tables for _, m in TABLES[t]], how="all")
-    lam_plot = plot_lams(lam_histories(tracking_uri, trained), out / "lam_per_epoch.png")
-    if lam_plot:
-        files.append(lam_plot)
-    markdown = "".join(parts)
-    (out / "report.md").write_text(markdown)
-    files.append(out / "report.md")
-    run_id = _log_report(tracking_uri, experiment, files, parent_run_id) if log_to_mlflow else None
+    with tempfile.TemporaryDirectory(prefix="discl-report-") as tmp:
+        out = Path(dest.path) if dest.is_local else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        files: list[Path] = []
+        parts = [f"# {experiment}: results (mean ± std over seeds, %)\n"]
+        for name, df in tables.items():
+            shown = format_table(df, name)
+            md = to_markdown(shown)
+            parts.append(f"\n## {name.replace('_', '-')}\n\n{md}")
+            (out / f"{name}.md").write_text(md)
+            df.to_csv(out / f"{name}.csv", index=False)
+            files += [out / f"{name}.md", out / f"{name}.csv", plot_groups(df, name, out / f"{name}_groups.png")]
+        trained = runs.dropna(subset=[f"metrics.{m}" for t in tables for _, m in TABLES[t]], how="all")
+        lam_plot = plot_lams(lam_histories(tracking_uri, trained), out / "lam_per_epoch.png")
+        if lam_plot:
+            files.append(lam_plot)
+        markdown = "".join(parts)
+        (out / "report.md").write_text(markdown)
+        files.append(out / "report.md")
+        run_id = _log_report(tracking_uri, experiment, files, parent_run_id) if log_to_mlflow else None
+        if not dest.is_local:
+            uploaded = []
+            for f in files:
+                target = dest.join(f.name)
+                target.write_bytes(f.read_bytes())
+                uploaded.append(target)
+            files = uploaded
     return {"tables": tables, "files": files, "markdown": markdown, "run_id": run_id}
 
 

@@ -32,6 +32,8 @@ from discl_ray.runtime import RunPaths, tracking_uri
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
+    from discl_ray.storage import Storage
+
 log = logging.getLogger(__name__)
 
 # Config keys holding local paths: made absolute so trials resolve them the same from any working directory.
@@ -166,7 +168,7 @@ class SweepResult:
     """What a sweep produced: its name and folder, the MLflow parent run, Tune's results."""
 
     name: str
-    path: Path
+    path: "Path | Storage"
     parent_run_id: Optional[str]
     results: "ResultGrid"
     num_trials: int
@@ -189,7 +191,7 @@ def run_sweep(cfg: ExperimentConfig, name: Optional[str] = None) -> SweepResult:
     base_cfg = load_config(data=base)
     for params in _grid_points(cfg.sweep.space):  # a bad grid value fails now, not in trial 7
         trial_config(base, params)
-    sweep_dir = RunPaths.from_config(base_cfg).stage("sweep")
+    sweep_dir = RunPaths.from_config(base_cfg).store("sweep")   # local folder or object store, one API
     init_ray(base_cfg)
     if not cfg.tracking.enabled:
         return _summarize(base_cfg, name, sweep_dir / name, None, _tune(base_cfg, base, name, sweep_dir, None))
@@ -206,7 +208,7 @@ def _grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _parent_run(cfg: ExperimentConfig, name: str, path: Path) -> Iterator[str]:
+def _parent_run(cfg: ExperimentConfig, name: str, path: "Storage") -> Iterator[str]:
     """The sweep's MLflow parent run, open while Tune runs (reopened when resuming; id kept beside Tune's state)."""
     import mlflow
 
@@ -228,16 +230,19 @@ def _parent_run(cfg: ExperimentConfig, name: str, path: Path) -> Iterator[str]:
         yield run.info.run_id
 
 
-def _tune(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: Path, parent_id: Optional[str]) -> "ResultGrid":
+def _tune(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: "Storage", parent_id: Optional[str]) -> "ResultGrid":
     from ray import tune
 
     trials_dir = sweep_dir / name / "trials"
     trainable = tune.with_parameters(_trial, base=base, parent_run_id=parent_id, storage=str(trials_dir), sweep=name)
     trainable = tune.with_resources(trainable, {"cpu": cfg.sweep.trial_cpus})
     exp_path = sweep_dir / name
-    if tune.Tuner.can_restore(str(exp_path)):
+    # Tune gets the project's filesystem client for object stores (endpoint and region from the environment),
+    # as the trainer does, so its experiment state lands where the stages write.
+    fs = None if sweep_dir.is_local else sweep_dir.fs
+    if tune.Tuner.can_restore(exp_path.path, storage_filesystem=fs):
         log.info("resuming sweep %s from %s (finished trials are kept, others rerun)", name, exp_path)
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(exp_path.path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
         n = max_concurrent(cfg)
         log.info("sweep %s: %d trials, up to %d at once", name, grid_size(cfg.sweep.space, cfg.sweep.num_samples), n)
@@ -247,13 +252,13 @@ def _tune(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: Path, parent_
             # result without its metric. Ranking happens in _summarize over every epoch's report.
             tune_config=tune.TuneConfig(num_samples=cfg.sweep.num_samples, max_concurrent_trials=n,
                                         trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir),
+            run_config=tune.RunConfig(name=name, storage_path=sweep_dir.path, storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=cfg.sweep.trial_retries),
                                       verbose=1))
     return tuner.fit()
 
 
-def _summarize(cfg: ExperimentConfig, name: str, path: Path, parent_id: Optional[str],
+def _summarize(cfg: ExperimentConfig, name: str, path: "Storage", parent_id: Optional[str],
                results: "ResultGrid") -> SweepResult:
     """Write ``trials.csv`` and log the sweep's outcome (trials, errors, best) to the parent run."""
     space_keys = list(cfg.sweep.space)
@@ -269,9 +274,11 @@ def _summarize(cfg: ExperimentConfig, name: str, path: Path, parent_id: Optional
     except (RuntimeError, ValueError, KeyError):  # no trial reported the metric
         pass
     df = results.get_dataframe()
-    path.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path / "trials.csv", index=False)
+    csv = df.to_csv(index=False)
+    (path / "trials.csv").write_text(csv)           # through discl_ray.storage: a folder or a bucket
     if parent_id:
+        import tempfile
+
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
@@ -280,6 +287,9 @@ def _summarize(cfg: ExperimentConfig, name: str, path: Path, parent_id: Optional
         if best_metric is not None:
             client.log_metric(parent_id, f"best_{resolve_metric(cfg)}", float(best_metric))
             client.set_tag(parent_id, "sweep.best_params", json.dumps(best_params)[:5000])
-        client.log_artifact(parent_id, str(path / "trials.csv"))
-    return SweepResult(name=name, path=path, parent_run_id=parent_id, results=results, num_trials=len(results),
+        with tempfile.TemporaryDirectory(prefix="discl-sweep-") as tmp:
+            Path(tmp, "trials.csv").write_text(csv)
+            client.log_artifact(parent_id, str(Path(tmp, "trials.csv")))
+    shown = Path(path.path) if path.is_local else path
+    return SweepResult(name=name, path=shown, parent_run_id=parent_id, results=results, num_trials=len(results),
                        num_errors=len(results.errors), best_params=best_params, best_metric=best_metric)

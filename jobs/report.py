@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from discl_ray.cli_common import run_stage
 from discl_ray.config import ExperimentConfig
@@ -30,7 +29,7 @@ def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         print(f"discl report: {err}", file=sys.stderr)
         return 2
     experiment = args.experiment or cfg.tracking.experiment_name or cfg.experiment
-    out = Path(args.out) if args.out else RunPaths.from_config(cfg).root / experiment / "report"
+    out = args.out or RunPaths.from_config(cfg).root / experiment / "report"   # a folder or an s3:// URI
     try:
         result = write_report(uri, experiment, out, parent_run_id=args.parent, log_to_mlflow=not args.no_log)
     except ValueError as err:

@@ -16,50 +16,125 @@ from discl_ray.training.models import resnet10
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _finished_run(run_root: Path, exp: str, run: str, seed: int, final: bool = True) -> dict:
-    """A run directory as Ray Train leaves it: checkpoint_<time>/state.pt written by checkpointing.save."""
-    torch.manual_seed(seed)
-    net = resnet10(5)
-    best = ckpt.cpu_state(net)
-    torch.manual_seed(seed + 100)
-    last = resnet10(5)                      # the last epoch's weights differ from the selected ones
-    for i, state in enumerate([{}, {"final": {"best_epoch": 1}} if final else {}]):
-        c = ckpt.save(last, None, epoch=i, best={"value": 0.5, "epoch": 1}, best_model=best, **state)
-        dest = run_root / exp / "train" / run / f"checkpoint_2026-12-02_00-00-0{i}.000000"
-        shutil.copytree(c.path, dest)
-        ckpt.cleanup(c)
-    return best
+# One baseline trained by the real trainer (Ray Train, 2 epochs of a tiny CNN on the toy fixture), shared by the
+# module: the tests copy its run folder under the experiment names they need. Its final checkpoint is what every
+# finished run leaves (checkpoint_final_a0/state.pt with ``final`` and the selected model as ``model``).
+COMMON = ["dataset.image_size=16", "mining.few_max=10", "mining.many_min=30", "generation.lams=[0.0,0.5]",
+          "training.lams=[0.0,0.5,1.0]", "training.backbone=small_cnn", "training.batch_size=32",
+          "training.cpus_per_worker=0.5", "tracking.enabled=false", "ray.num_cpus=2"]
 
 
-def test_resolves_the_baseline_best_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, ray_private):
+    """(config, run folder) of a finished baseline run ``tiny_ce/ce`` trained by ``discl_ray.training.fit``."""
+    from discl_ray.training import fit
+    from discl_ray.training.fixture import write_fixture
+
+    root = tmp_path_factory.mktemp("baseline") / "runs"
+    cfg = load_config(None, [f"run_root={root}", *COMMON, "experiment=tiny_ce", "training.strategy=none",
+                             "training.epochs=2", "training.curriculum_epochs=0", "training.steps_per_epoch=2"])
+    write_fixture(cfg)
+    fit(cfg, run_name="ce")
+    return cfg, root / "tiny_ce" / "train" / "ce"
+
+
+def _copy_run(run_dir: Path, run_root: Path, exp: str, name: str, final: bool = True) -> Path:
+    dest = run_root / exp / "train" / name
+    shutil.copytree(run_dir, dest, ignore=None if final else shutil.ignore_patterns("checkpoint_final_*"))
+    return dest
+
+
+def _final_state(run_dir: Path) -> dict:
+    (final,) = sorted(run_dir.glob("checkpoint_final_*"))
+    return torch.load(final / "state.pt", map_location="cpu", weights_only=False)
+
+
+def test_the_trainer_writes_the_selected_model_as_model(baseline):
+    """What init_from reads is what the trainer writes: the final checkpoint's ``model`` is the best epoch's."""
+    _, run_dir = baseline
+    state = _final_state(run_dir)
+    assert state["final"]["best_epoch"] in (0, 1) and "best_model" not in state
+    best = run_dir / f"checkpoint_epoch{state['final']['best_epoch']:04d}_a0" / "state.pt"
+    chosen = torch.load(best, map_location="cpu", weights_only=False)["model"]   # kept: ranked best
+    assert all(torch.equal(state["model"][k], chosen[k]) for k in chosen)
+
+
+def test_resolves_the_baseline_best_checkpoint(tmp_path, baseline):
+    _, run_dir = baseline
     root = tmp_path / "runs"
-    best = _finished_run(root, "imagenet_lt_ce", "train-none-s0-abc", seed=1)
+    dest = _copy_run(run_dir, root, "imagenet_lt_ce", "train-none-s0-abc")
     cfg = load_config(REPO / "configs/imagenet_lt/discl_d2s.yaml", [f"run_root={root}", "tracking.enabled=false"])
     assert cfg.training.init_from == "imagenet_lt_ce"           # the shipped DisCL config names the CE baseline
     resolved = resolve_init_from(cfg)
-    assert resolved.training.init_from is None and "imagenet_lt_ce/train/train-none-s0-abc" in resolved.training.init_checkpoint
+    assert resolved.training.init_from is None
+    assert resolved.training.init_checkpoint == str(dest / "checkpoint_final_a0")
     assert resolve_init_from(resolved) is resolved              # idempotent (sweeps call fit per trial)
     state = ckpt.load_model_state(resolved.training.init_checkpoint)
-    assert all(torch.equal(state[k], best[k]) for k in best)    # the best-on-validation model, not the last epoch
-    net = resnet10(5)
-    net.load_state_dict(state)
+    want = _final_state(run_dir)["model"]
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
 
 
-def test_clear_errors(tmp_path):
+def test_clear_errors(tmp_path, baseline):
+    _, run_dir = baseline
     root = tmp_path / "runs"
     cfg = load_config(REPO / "configs/inat2018/discl_d2s.yaml", [f"run_root={root}", "tracking.enabled=false"])
     with pytest.raises(FileNotFoundError, match=r"inat2018_ce.*train it first"):
         resolve_init_from(cfg)
-    _finished_run(root, "inat2018_ce", "unfinished", seed=0, final=False)       # killed before its last epoch
+    _copy_run(run_dir, root, "inat2018_ce", "unfinished", final=False)       # killed before its last epoch
     with pytest.raises(FileNotFoundError, match="inat2018_ce"):
         resolve_init_from(cfg)
-    _finished_run(root, "inat2018_ce", "a", seed=0)
-    _finished_run(root, "inat2018_ce", "b", seed=1)
+    _copy_run(run_dir, root, "inat2018_ce", "a")
+    _copy_run(run_dir, root, "inat2018_ce", "b")
     with pytest.raises(ValueError, match="name one: inat2018_ce/a, inat2018_ce/b"):
         resolve_init_from(cfg)
-    assert resolve_checkpoint(cfg, "inat2018_ce/b").parent.name == "b"
+    assert Path(resolve_checkpoint(cfg, "inat2018_ce/b")).parent.name == "b"
     with pytest.raises(ValueError, match="experiment"):
         resolve_checkpoint(cfg, "a/b/c")
+
+
+def test_mining_classifier_finds_the_baseline_in_its_run_folder(tmp_path, baseline):
+    """``mining.classifier: trained_run`` with tracking off: the classifier is the run folder's selected model."""
+    from discl_ray.data import class_names, read_rows
+    from discl_ray.hard_set import TrainedRunClassifier, check_fits
+
+    base_cfg, run_dir = baseline
+    cfg = load_config(None, [f"run_root={base_cfg.run_root}", *COMMON, "experiment=tiny_discl",
+                             "mining.mode=confidence", "mining.classifier=trained_run",
+                             "mining.classifier_from=tiny_ce", "mining.target_count=5"])
+    by_label = class_names(read_rows(base_cfg))
+    names = [by_label[c] for c in sorted(by_label)]
+    check_fits(cfg, names)                                       # found, and it fits this config's model
+    clf = TrainedRunClassifier(cfg, names)
+    want = _final_state(run_dir)["model"]
+    assert all(torch.equal(v, want[k]) for k, v in clf.net.state_dict().items())
+    p = clf.probs(torch.rand(4, 3, 16, 16), [0, 1, 2, 3])
+    assert p.shape == (4,) and ((p > 0) & (p < 1)).all()
+
+
+def test_streamed_run_checks_cpus_only_where_they_can_be_known(baseline, monkeypatch, caplog):
+    """check_data_cpus: the embedded cluster's CPUs are all it will ever have (refuse a run that would hang);
+    a joined cluster may grow (a GPU group at zero has no CPUs until the autoscaler sees the workers' demand)."""
+    import ray
+
+    from discl_ray.training.trainer import build_trainer, check_data_cpus
+
+    base_cfg, _ = baseline
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    over = [f"run_root={base_cfg.run_root}", *COMMON, "experiment=tiny_ce", "training.strategy=none",
+            "training.num_workers=2", "training.cpus_per_worker=1", "training.image_cache_mb=0"]
+    local = load_config(None, over)
+    with pytest.raises(ValueError, match="training.data_cpus"):
+        check_data_cpus(local, 2.0)
+    with pytest.raises(ValueError, match="training.data_cpus"):
+        build_trainer(local, run_name="cpus")                    # the embedded 2-CPU cluster: certain to hang
+    joined = load_config(None, [*over, f"ray.address={ray.get_runtime_context().gcs_address}"])
+    with caplog.at_level("WARNING", logger="discl_ray.training.trainer"):
+        assert check_data_cpus(joined, 0.0, joined=True)        # nothing up yet: warn, go on
+        trainer, selector = build_trainer(joined, run_name="cpus")
+    ray.kill(selector)
+    assert trainer is not None and "autoscaler" in caplog.text
+    assert not check_data_cpus(local.model_copy(update={"training": local.training.model_copy(
+        update={"cpus_per_worker": 0.5})}), 2.0)                 # 2 x 0.5 + 0.25 fits: no complaint
 
 
 def test_resolves_through_mlflow_when_the_run_dir_is_gone(tmp_path):
@@ -81,34 +156,42 @@ def test_resolves_through_mlflow_when_the_run_dir_is_gone(tmp_path):
     assert torch.equal(state["fc.weight"], net.state_dict()["fc.weight"])
 
 
-def test_resolves_from_an_object_store_run_root(tmp_path, monkeypatch):
-    """run_root on S3 (a moto server on 127.0.0.1): the selected model is copied into the local cache."""
-    pytest.importorskip("moto")
-    import socket
-
+def test_resolves_from_an_object_store_run_root(tmp_path, monkeypatch, baseline):
+    """run_root on S3 (a moto server on 127.0.0.1): init_checkpoint is the final checkpoint's URI, which a Ray
+    worker reads through discl_ray.storage where it runs; nothing lands in the driver's node-local cache."""
     import boto3
+    import ray
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    _, run_dir = baseline
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
-        for key, val in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                         "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        host, port = server.get_host_and_port()
+        env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        for key, val in env.items():
             monkeypatch.setenv(key, val)
-        best = _finished_run(tmp_path / "local", "inat2018_ce", "ce", seed=2)
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket="runs")
-        for f in (tmp_path / "local").rglob("state.pt"):
-            s3.upload_file(str(f), "runs", f"exp/{f.relative_to(tmp_path / 'local')}")
+        for f in run_dir.rglob("*"):
+            if f.is_file():
+                s3.upload_file(str(f), "runs", f"exp/inat2018_ce/train/ce/{f.relative_to(run_dir).as_posix()}")
         cfg = load_config(REPO / "configs/inat2018/discl_d2s.yaml", ["run_root=s3://runs/exp", "tracking.enabled=false",
                                                                      f"cache_dir={tmp_path / 'cache'}"])
-        path = resolve_checkpoint(cfg, cfg.training.init_from)
-        assert path == tmp_path / "cache" / "init_from" / "inat2018_ce" / "ce" / "model.pt"
-        state = ckpt.load_model_state(str(path))
-        assert all(torch.equal(state[k], best[k]) for k in best)
+        uri = resolve_init_from(cfg).training.init_checkpoint
+        assert uri == "s3://runs/exp/inat2018_ce/train/ce/checkpoint_final_a0"
+        assert not (tmp_path / "cache").exists()                 # no copy in the driver's node-local cache
+        want = _final_state(run_dir)["model"]
+
+        @ray.remote(num_cpus=0.1, runtime_env={"env_vars": env})
+        def load(path):
+            from discl_ray.training.checkpointing import load_model_state
+
+            return load_model_state(path)
+
+        state = ray.get(load.remote(uri), timeout=120)          # a Ray worker, the way Train workers load it
+        assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
     finally:
         server.stop()
 

@@ -102,3 +102,46 @@ def test_confidence_mining_runs_as_a_ray_data_stage(tmp_path, ray_local):
     want = torch.softmax(net(x), -1)[torch.arange(7), torch.tensor(labels)].detach().numpy()
     assert np.allclose(probs, want, atol=1e-6)
     assert actors and all(a["device"] == "cpu" and a["resources"].get("GPU", 0) == 0 for a in actors)
+
+
+def test_confidence_mining_shares_the_rows_among_the_pool(tmp_path, ray_local):
+    """With a pool of two actors both score rows: the table goes to Ray Data as several blocks (one block, as
+    ``from_arrow(table)`` makes it, is one actor's work; the other would sit idle)."""
+    import numpy as np
+    import torch
+    from ray.data import DataContext
+
+    from discl_ray.config import load_config
+    from discl_ray.io import png_bytes
+    from discl_ray.mining import split_blocks, true_class_probs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    file = tmp_path / "judge.pt"
+    torch.jit.script(net).save(str(file))
+    rng = np.random.default_rng(1)
+    n = 24
+    imgs = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+    labels = [i % 3 for i in range(n)]
+    train = pa.table({"image_id": [f"i{i}" for i in range(n)], "image": [png_bytes(x) for x in imgs],
+                      "path": pa.nulls(n, pa.string()), "label": labels, "class_name": [f"n{c}" for c in labels]})
+    assert [b.num_rows for b in split_blocks(train, 3, 2)] == [3] * 8
+    assert [b.num_rows for b in split_blocks(train, 64, 2)] == [24]      # fewer rows than a batch: one block
+    cfg = load_config(data={"run_root": str(tmp_path / "runs"), "dataset": {"image_size": 8},
+                            "mining": {"mode": "confidence", "classifier": "torchscript",
+                                       "classifier_path": str(file), "lowest_k": 1, "batch_size": 3},
+                            "scoring": {"device": "cpu", "actors_max": 2, "num_cpus_per_actor": 0.5},
+                            "tracking": {"enabled": False}})
+    # Both actors up before the first block is handed out, so the split (not start-up timing) decides.
+    ctx = DataContext.get_current()
+    before = ctx.wait_for_min_actors_s
+    ctx.wait_for_min_actors_s = 120
+    try:
+        actors: list = []
+        probs = true_class_probs(cfg, train, actors=actors)
+    finally:
+        ctx.wait_for_min_actors_s = before
+    x = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 255.0 for a in imgs])
+    want = torch.softmax(net(x), -1)[torch.arange(n), torch.tensor(labels)].detach().numpy()
+    assert np.allclose(probs, want, atol=1e-6)                         # every row once, in the table's order
+    assert len({a["actor_id"] for a in actors}) == 2, actors

@@ -134,3 +134,40 @@ def test_lam_plot_draws_real_only_epochs_and_the_baseline(tmp_path):
     mixed = rows + [{"run_id": "d", "strategy": "diverse_to_specific", "epoch": e, "lam": v}
                     for e, v in enumerate([0.0, 0.5, 0.9, float("nan"), -1.0, -1.0])]
     assert plot_lams(pd.DataFrame(mixed), tmp_path / "lam2.png").is_file()
+
+
+def test_cli_writes_the_report_to_an_object_store_run_root(store, tmp_path, capsys, monkeypatch):
+    """`run_root=s3://…` (moto's S3 server on 127.0.0.1): the report goes to the bucket through
+    discl_ray.storage, by default under <run_root>/<experiment>/report and to an explicit `--out s3://…`."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from jobs.report import main
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for key, val in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                         "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                         "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            monkeypatch.setenv(key, val)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.chdir(tmp_path)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="reports")
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"experiment: rep\nrun_root: s3://reports/runs\ntracking:\n  tracking_uri: '{store[0]}'\n")
+        assert main(["--config", str(cfg), "--no-log"]) == 0
+        assert main(["--config", str(cfg), "--no-log", "--out", "s3://reports/elsewhere"]) == 0
+        assert "files to s3://reports/runs/rep/report" in capsys.readouterr().out
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="reports")["Contents"]}
+        for prefix in ("runs/rep/report/", "elsewhere/"):
+            for name in ("long_tail.md", "long_tail.csv", "long_tail_groups.png", "low_quality.csv",
+                         "lam_per_epoch.png", "report.md"):
+                assert prefix + name in keys, sorted(keys)
+        body = s3.get_object(Bucket="reports", Key="runs/rep/report/report.md")["Body"].read().decode()
+        assert "## long-tail" in body
+        assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "c.yaml"]   # nothing local
+    finally:
+        server.stop()

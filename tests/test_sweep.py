@@ -236,3 +236,62 @@ def test_every_shipped_sweep_config_has_valid_trials():
             flat = to_flat_dict(trial_config(base, params).model_dump())
             for key, val in params.items():
                 assert flat[key] == val, (path, key)
+
+
+def test_sweep_on_an_object_store_run_root(tmp_path, monkeypatch):
+    """`run_root=s3://…` (moto's S3 server on 127.0.0.1): Tune's experiment state, the trials' checkpoints,
+    the parent-run marker and trials.csv go to the bucket through discl_ray.storage; nothing lands locally.
+    The sweep runs in its own driver process (as `discl sweep` does) so its cluster's workers get the S3 env."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import boto3
+    import mlflow
+    import yaml
+    from moto.server import ThreadedMotoServer
+
+    repo = Path(__file__).resolve().parent.parent
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for key, val in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                         "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                         "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            monkeypatch.setenv(key, val)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="sweeps")
+        work = tmp_path / "work"
+        work.mkdir()
+        data = _cfg_data(tmp_path, name="s3sweep", space={"training.seed": {"grid": [0]}})
+        data["run_root"] = "s3://sweeps/runs"
+        data["training"] |= {"epochs": 1, "curriculum_epochs": 1, "steps_per_epoch": 1}
+        data["ray"] = {"num_cpus": 2}
+        cfg_path = tmp_path / "sweep.yaml"
+        cfg_path.write_text(yaml.safe_dump(data))
+        _craft_upstream(load_config(cfg_path))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("MLFLOW_TRACKING_URI", None)
+        res = subprocess.run([sys.executable, "-m", "discl_ray.cli", "sweep", "--config", str(cfg_path)],
+                             capture_output=True, text=True, timeout=600, env=env, cwd=work)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+        assert "1 trials, 0 failed; results in s3://sweeps/runs/sweeptest/sweep/s3sweep" in res.stdout
+        keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="sweeps")
+                for o in page.get("Contents", [])}
+        prefix = "runs/sweeptest/sweep/s3sweep/"
+        assert {prefix + "trials.csv", prefix + "mlflow_parent_run.json"} <= keys, sorted(keys)
+        assert any(k.startswith(prefix) and "experiment_state" in k for k in keys), sorted(keys)
+        assert any(k.startswith(prefix + "trials/") and "checkpoint_final" in k for k in keys), sorted(keys)
+        csv = s3.get_object(Bucket="sweeps", Key=prefix + "trials.csv")["Body"].read().decode()
+        assert "config/training.seed" in csv.splitlines()[0]
+        assert not list(work.rglob("s3:*"))                              # never a local folder named after the URI
+        client = mlflow.MlflowClient(tracking_uri=data["tracking"]["tracking_uri"])
+        (parent,) = client.search_runs([client.get_experiment_by_name("sweeptest").experiment_id],
+                                       "tags.stage = 'sweep'")
+        assert parent.data.metrics["num_trials"] == 1 and parent.data.metrics["num_errors"] == 0
+        assert "trials.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    finally:
+        server.stop()

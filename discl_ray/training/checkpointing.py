@@ -78,7 +78,21 @@ def save_model_file(model: torch.nn.Module, path: Path) -> Path:
 
 
 def load_model_state(path: str) -> dict[str, torch.Tensor]:
-    """Weights for ``training.init_checkpoint``: a ``model.pt`` state dict or a run checkpoint directory."""
+    """Weights for ``training.init_checkpoint``: a ``model.pt`` state dict or a run checkpoint directory, on
+    local disk or an object store (read where this runs, through ``discl_ray.storage``)."""
+    from discl_ray.storage import as_storage, is_uri
+
+    if is_uri(path):
+        import io
+
+        src = as_storage(path)
+        state_file = src.join(STATE_FILE)
+        if state_file.is_file():
+            state = torch.load(io.BytesIO(state_file.read_bytes()), map_location="cpu", weights_only=False)
+            return state.get("best_model") or state["model"]
+        if not src.is_file():
+            raise FileNotFoundError(f"training.init_checkpoint: {path} is neither a model.pt nor a checkpoint dir")
+        return torch.load(io.BytesIO(src.read_bytes()), map_location="cpu", weights_only=True)
     p = Path(path)
     if p.is_dir():
         if (p / STATE_FILE).is_file():

@@ -6,11 +6,14 @@ the dataset names it, so the chain is two commands (``discl train`` the baseline
 
 Resolution, before any worker starts:
 
-1. the run directory ``<run_root>/<experiment>/train/<run>/checkpoint_*/state.pt`` (local or an object-store
-   URI) - the newest checkpoint of a *finished* run (its state carries ``final``); its ``best_model`` is the
-   model selected on validation (copied into the local cache when the run root is remote);
+1. the run directory ``<run_root>/<experiment>/train/<run>/checkpoint_final_*/state.pt`` (local or an
+   object-store URI) - the final checkpoint of a *finished* run (its state carries ``final``); its ``model`` is
+   the model selected on validation (the trainer writes it there, see ``loop.Worker.selected_model``). The
+   resolved ``training.init_checkpoint`` is that folder's path or URI: every worker reads it through
+   ``discl_ray.storage`` where it runs, never from a copy in the driver's node-local cache;
 2. otherwise MLflow: the experiment's finished ``train`` run of that name and its ``checkpoint/model.pt``
-   artifact (the same selected model; logged when ``tracking.log_checkpoint`` is on), downloaded once.
+   artifact (the same selected model; logged when ``tracking.log_checkpoint`` is on), copied once into this
+   experiment's run folder (``init_from/``, through ``discl_ray.storage``).
 
 Without a run name the experiment must hold exactly one finished run. Anything else is a
 ``FileNotFoundError`` that says which command produces the missing model.
@@ -24,6 +27,8 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
+STATE_FILE = "state.pt"     # checkpointing.STATE_FILE (not imported: that module imports torch at once)
+
 
 def split_ref(ref: str) -> tuple[str, Optional[str]]:
     exp, _, run = ref.strip().strip("/").partition("/")
@@ -33,64 +38,74 @@ def split_ref(ref: str) -> tuple[str, Optional[str]]:
 
 
 def _train_storage(cfg, exp: str):
-    """(filesystem, path) of ``<run_root>/<exp>/train``: local disk or an object store (``s3://``, ``gs://``)."""
+    """``<run_root>/<exp>/train`` as a :class:`~discl_ray.storage.Storage` (local disk or an object store)."""
+    from discl_ray.storage import as_storage
+
+    return as_storage(cfg.run_root).join(exp, "train")
+
+
+def _children(where) -> list:
+    """The folders directly under ``where`` (a Storage), sorted by name."""
     import pyarrow.fs as pafs
 
-    root = str(cfg.run_root)
-    if "://" in root:
-        return pafs.FileSystem.from_uri(f"{root.rstrip('/')}/{exp}/train")
-    return pafs.LocalFileSystem(), str(Path(root).resolve() / exp / "train")
+    infos = where.fs.get_file_info(pafs.FileSelector(where.path, allow_not_found=True))
+    return sorted((where.join(i.base_name) for i in infos if i.type == pafs.FileType.Directory),
+                  key=lambda s: s.path)
 
 
-def _children(fs, path: str) -> list[str]:
-    import pyarrow.fs as pafs
+def selected_model(state: dict) -> Optional[dict]:
+    """The selected weights in a checkpoint's state: the trainer's final checkpoint keeps them as ``model``
+    (``Worker.selected_model``); checkpoints of older versions kept them as ``best_model`` beside the last
+    epoch's ``model``, so that key wins where it exists."""
+    return state.get("best_model") or state.get("model")
 
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.Directory)
 
-
-def _finished(fs, run_dir: str) -> Optional[tuple[str, dict]]:
-    """(path, state) of the newest checkpoint of ``run_dir`` holding a finished run (names sort by time)."""
+def _finished(run_dir) -> Optional[tuple]:
+    """(checkpoint Storage, state) of the newest checkpoint of ``run_dir`` holding a finished run: its state
+    carries ``final`` (the trainer's ``checkpoint_final_a<n>``) and the selected model. Names sort by time
+    within a kind, and ``checkpoint_final_*`` after every ``checkpoint_epoch*``."""
     import io
 
     import torch
 
-    for ckpt in reversed([c for c in _children(fs, run_dir) if c.rsplit("/", 1)[-1].startswith("checkpoint_")]):
+    # The trainer's per-epoch checkpoints (checkpoint_epoch<NNNN>_a<n>) never carry ``final``: not read at all
+    # (on an object store each would be a download of the model and its optimizer state).
+    ckpts = [c for c in _children(run_dir) if c.name.startswith("checkpoint_")
+             and not c.name.startswith("checkpoint_epoch")]
+    ckpts.sort(key=lambda c: (c.name.startswith("checkpoint_final"), c.name))
+    for ckpt in reversed(ckpts):
         try:
-            with fs.open_input_file(f"{ckpt}/state.pt") as fh:
-                state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=False)
+            state = torch.load(io.BytesIO(ckpt.join(STATE_FILE).read_bytes()), map_location="cpu",
+                               weights_only=False)
         except (FileNotFoundError, OSError):
             continue
-        if state.get("final") and state.get("best_model"):
+        if state.get("final") and selected_model(state):
             return ckpt, state
     return None
 
 
-def _from_run_dir(cfg, exp: str, run: Optional[str]) -> Optional[Path]:
-    import pyarrow.fs as pafs
-    import torch
-
-    fs, base = _train_storage(cfg, exp)
-    runs = [f"{base}/{run}"] if run else _children(fs, base)
-    done = {r.rsplit("/", 1)[-1]: found for r in runs if (found := _finished(fs, r)) is not None}
+def _from_run_dir(cfg, exp: str, run: Optional[str]) -> Optional[str]:
+    """The finished run's final checkpoint folder: a local path, or its object-store URI. Workers read it
+    where they run (``checkpointing.load_model_state`` reads URIs through ``discl_ray.storage``), never from
+    a copy in the driver's node-local cache."""
+    base = _train_storage(cfg, exp)
+    runs = [base.join(run)] if run else _children(base)
+    done = {r.name: found for r in runs if (found := _finished(r)) is not None}
     if len(done) > 1:
         raise ValueError(f"training.init_from: experiment {exp!r} has {len(done)} finished runs; name one: "
                          + ", ".join(f"{exp}/{name}" for name in sorted(done)))
     if not done:
         return None
-    name, (ckpt, state) = next(iter(done.items()))
-    if isinstance(fs, pafs.LocalFileSystem):
-        return Path(ckpt)
-    # An object store: cache the selected model locally; workers load it by path.
-    from discl_ray.runtime import RunPaths
-
-    dest = RunPaths.from_config(cfg).cache / "init_from" / exp / name / "model.pt"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state["best_model"], dest)
-    return dest
+    ckpt, _state = next(iter(done.values()))
+    return str(ckpt)
 
 
-def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[Path]:
+def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[str]:
+    """The run's ``checkpoint/model.pt`` artifact, copied once into this experiment's run folder
+    (``<run_root>/<experiment>/init_from/<exp>/<run id>/model.pt``, local or object store) so every worker, on
+    any node, reads the same file."""
+    import tempfile
+
     import mlflow
 
     from discl_ray.runtime import RunPaths, tracking_uri
@@ -110,27 +125,31 @@ def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[Path]:
         raise ValueError(f"training.init_from: experiment {exp!r} has {len(names)} finished runs in MLflow; name "
                          "one: " + ", ".join(f"{exp}/{n}" for n in names))
     for r in runs:
-        dest = RunPaths.from_config(cfg).cache / "init_from" / exp / r.info.run_id
-        model = dest / "checkpoint" / "model.pt"
-        if not model.is_file():
+        dest = RunPaths.from_config(cfg).store("init_from", exp, r.info.run_id, "model.pt")
+        if dest.is_file():
+            return str(dest)
+        with tempfile.TemporaryDirectory(prefix="discl-init-from-") as tmp:
             try:
-                client.download_artifacts(r.info.run_id, "checkpoint", str(dest))
+                client.download_artifacts(r.info.run_id, "checkpoint", tmp)
             except Exception:      # no checkpoint artifact (tracking.log_checkpoint was off)
                 continue
-        if model.is_file():
-            return model
+            model = Path(tmp, "checkpoint", "model.pt")
+            if model.is_file():
+                dest.write_bytes(model.read_bytes())
+                return str(dest)
     return None
 
 
-def resolve_checkpoint(cfg, ref: str) -> Path:
-    """Checkpoint path (run checkpoint dir or ``model.pt``) of the run ``ref`` names; raises when missing."""
+def resolve_checkpoint(cfg, ref: str) -> str:
+    """Where the weights of the run ``ref`` names are: its final checkpoint folder or a ``model.pt``, as a local
+    path or an object-store URI (``checkpointing.load_model_state`` reads either); raises when missing."""
     exp, run = split_ref(ref)
-    train_dir = _train_storage(cfg, exp)[1]
     found = _from_run_dir(cfg, exp, run) or (_from_mlflow(cfg, exp, run) if cfg.tracking.enabled else None)
     if found is None:
         what = f"run {run!r} of experiment {exp!r}" if run else f"a finished training run of experiment {exp!r}"
-        raise FileNotFoundError(f"training.init_from: {what} not found under {train_dir} or in MLflow; train it "
-                                f"first (e.g. discl train --config <its baseline config>, experiment={exp})")
+        raise FileNotFoundError(f"training.init_from: {what} not found under {_train_storage(cfg, exp)} or in "
+                                f"MLflow; train it first (e.g. discl train --config <its baseline config>, "
+                                f"experiment={exp})")
     return found
 
 
@@ -141,5 +160,5 @@ def resolve_init_from(cfg):
         return cfg
     path = resolve_checkpoint(cfg, ref)
     log.info("training.init_from %s -> %s", ref, path)
-    training = cfg.training.model_copy(update={"init_from": None, "init_checkpoint": str(path)})
+    training = cfg.training.model_copy(update={"init_from": None, "init_checkpoint": path})
     return cfg.model_copy(update={"training": training})

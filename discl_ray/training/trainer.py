@@ -55,18 +55,28 @@ def check_run_name(run_name: str) -> str:
     return run_name
 
 
-def check_data_cpus(cfg, cluster_cpus: float) -> None:
+def check_data_cpus(cfg, cluster_cpus: float, *, joined: bool = False) -> bool:
     """A streamed run needs CPU left for its Ray Data decode tasks beside the Train workers: with every CPU
-    held by the workers, the stream never starts and training waits forever. Fail up front instead."""
+    held by the workers, the stream never starts and training waits forever.
+
+    On the embedded local cluster (this machine, all of it up now) that is certain: fail up front. A joined
+    cluster (``ray.address``) may have an autoscaler: what is up now says nothing about what the run will get
+    (a GPU group scaled to zero has no CPUs until the workers' demand adds nodes, and those bring their own
+    CPUs), so there it only warns. Returns whether the CPUs up now are short."""
     from discl_ray.training.images import will_stream
 
     tc = cfg.training
     held = tc.num_workers * tc.cpus_per_worker
-    if will_stream(cfg) and held + tc.data_cpus > cluster_cpus + 1e-9:
-        raise ValueError(f"training streams its images through Ray Data, which needs training.data_cpus="
-                         f"{tc.data_cpus} CPU beside the {tc.num_workers} Train worker(s) × "
-                         f"training.cpus_per_worker={tc.cpus_per_worker}, but the cluster has {cluster_cpus:g} "
-                         "CPUs: lower cpus_per_worker (fractions are fine) or raise training.image_cache_mb")
+    if not will_stream(cfg) or held + tc.data_cpus <= cluster_cpus + 1e-9:
+        return False
+    need = (f"training streams its images through Ray Data, which needs training.data_cpus={tc.data_cpus} CPU "
+            f"beside the {tc.num_workers} Train worker(s) × training.cpus_per_worker={tc.cpus_per_worker}, but "
+            f"the cluster has {cluster_cpus:g} CPUs")
+    if joined:
+        log.warning("%s up now; going on: an autoscaler adds nodes for the run's demand (on a fixed-size cluster "
+                    "the stream would wait: lower cpus_per_worker or raise training.image_cache_mb)", need)
+        return True
+    raise ValueError(f"{need}: lower cpus_per_worker (fractions are fine) or raise training.image_cache_mb")
 
 
 def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[list] = None,
@@ -81,13 +91,12 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from discl_ray.runtime import cluster_address
     from discl_ray.training.loop import SELECTION_RANK, train_loop_per_worker
 
     tc = cfg.training
-    check_data_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
+    check_data_cpus(cfg, ray.cluster_resources().get("CPU", 0.0), joined=bool(cluster_address(cfg)))
     os.environ.setdefault(CONTROLLER_POLL_ENV, str(CONTROLLER_POLL_S))
-    from discl_ray.runtime import cluster_address
-
     if not cluster_address(cfg):
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     run_name = check_run_name(run_name or default_run_name(cfg))
