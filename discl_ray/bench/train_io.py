@@ -1,0 +1,256 @@
+"""`discl bench train-io`: what a streamed curriculum epoch reads, how it mixes, and how fast it runs.
+
+Writes an experiment of realistic shape (scaled to the machine; ``--sources``, ``--real``): real rows stored
+CLASS BY CLASS (embedded 224² JPEG, row groups of ``--row-group`` rows), a spectrum of sources × 5 λ × 2 seeds
+of 224² JPEG hive-partitioned by λ (``lam=<value>/part-*.parquet``), scores with ~85 % of the rows kept.
+Then, for one curriculum epoch at λ with ``--world`` ranks (each rank's stream run in turn on this node's
+Ray Data, as a Train worker would run it; the rank's rows from ``StreamedImages.plan``, as in
+``training/loop.py``):
+
+- ``read_amplification``: bytes the read tasks took from storage (``/proc/self/io`` rchar in each task,
+  summed over ranks) ÷ encoded bytes of the rows the epoch trained on;
+- ``read_amplification_adaptive``: the same with the adaptive probe (V decoded once, rank 0; the random real
+  set D streamed by every rank) added to both sides;
+- ``mixed_batch_share``: share of the streamed epoch's batches holding real and synthetic rows;
+- ``class_entropy_ratio``: mean per-batch class entropy, stream ÷ cache path (the cache's seeded permutation);
+- ``stream_over_cache_samples_per_s``: samples/s of the epoch (images → small CNN step at
+  ``training.image_size``), stream ÷ cache (the cache's one-time decode at load not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+LAMS = (0.1, 0.3, 0.5, 0.7, 0.9)
+CLASSES = 10
+
+
+def write_experiment(cfg, n_real: int, n_sources: int, row_group: int, seed: int = 0) -> dict:
+    import pyarrow.parquet as pq
+
+    from discl_ray.bench.train_memory import _jpeg
+    from discl_ray.data import CANONICAL_SCHEMA
+    from discl_ray.runtime import RunPaths
+
+    paths = RunPaths.from_config(cfg)
+    done = paths.exp / "_bench_io.json"
+    key = {"n_real": n_real, "n_sources": n_sources, "row_group": row_group}
+    if done.is_file() and json.loads(done.read_text()).get("key") == key:
+        return json.loads(done.read_text())
+    rng = np.random.default_rng(seed)
+    paths.dataset.mkdir(parents=True, exist_ok=True)
+    size = {}
+    # Real training rows class by class (the hard case for a sequential reader), then val.
+    labels = np.sort(rng.integers(0, CLASSES, n_real))
+    ids = [f"train-{c}-{i:06d}" for i, c in enumerate(labels)]
+    val_labels = np.arange(200) % CLASSES
+    all_ids = ids + [f"val-{i:04d}" for i in range(200)]
+    all_labels = np.concatenate([labels, val_labels])
+    imgs = [_jpeg(rng, int(c)) for c in all_labels]
+    size.update({i: len(b) for i, b in zip(all_ids, imgs)})
+    n = len(all_ids)
+    table = pa.table({"image_id": all_ids, "image": imgs, "path": [None] * n, "label": all_labels,
+                      "class_name": [f"class{c}" for c in all_labels],
+                      "split": ["train"] * n_real + ["val"] * 200, "domain": [""] * n}).cast(CANONICAL_SCHEMA)
+    pq.write_table(table, paths.dataset / "rows-00000.parquet", row_group_size=row_group)
+    (paths.dataset / "_dataset_config.json").write_text(json.dumps(cfg.dataset.model_dump(mode="json"), indent=1,
+                                                                   sort_keys=True))
+    hard_pos = np.sort(rng.choice(n_real, n_sources, replace=False))
+    hard = [(ids[k], int(labels[k])) for k in hard_pos]
+    mine = paths.stage("mine")
+    mine.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image_id": [h[0] for h in hard], "label": [h[1] for h in hard],
+                             "class_name": [f"class{h[1]}" for h in hard], "group": ["few"] * len(hard),
+                             "reason": ["confidence"] * len(hard), "score": [float("nan")] * len(hard)}),
+                   mine / "part-0.parquet")
+    spec_dir, score_dir = paths.stage("generate", "spectrum"), paths.stage("score", "scores")
+    score_dir.mkdir(parents=True, exist_ok=True)
+    scores = {k: [] for k in ("image_id", "source_image_id", "label", "lam", "seed", "clip_text_cos")}
+    for lam in LAMS:
+        spec = {k: [] for k in ("image_id", "source_image_id", "label", "seed", "image")}
+        for src, c in hard:
+            for s in (0, 1):
+                iid = f"{src}|l{lam:.3f}|s{s}"
+                img = _jpeg(rng, c)
+                size[iid] = len(img)
+                for k, v in (("image_id", iid), ("source_image_id", src), ("label", c), ("seed", s), ("image", img)):
+                    spec[k].append(v)
+                for k, v in (("image_id", iid), ("source_image_id", src), ("label", c), ("lam", lam), ("seed", s),
+                             ("clip_text_cos", float(rng.uniform(0.25, 0.9)))):
+                    scores[k].append(v)
+        d = spec_dir / f"lam={lam}"
+        d.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(spec), d / "part-0.parquet", row_group_size=row_group)
+    pq.write_table(pa.table(scores), score_dir / "part-0.parquet")
+    info = {"key": key, "sizes": size}
+    done.write_text(json.dumps(info))
+    return info
+
+
+def _entropy(labels: np.ndarray) -> float:
+    p = np.bincount(labels) / len(labels)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def _train_pass(images, model, opt, pool, pipe, rows: np.ndarray, batch: int, seed: int) -> tuple[float, int]:
+    import torch
+
+    sizes = [min(batch, len(rows) - k) for k in range(0, len(rows), batch)]
+    t0, n = time.perf_counter(), 0
+    for x, sel in images.batches(rows, sizes, True, seed):
+        loss = torch.nn.functional.cross_entropy(model(pipe.normalise(x)), torch.as_tensor(pool.labels[sel]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n += len(sel)
+    return time.perf_counter() - t0, n
+
+
+def run(root: Path, n_real: int, n_sources: int, row_group: int, world: int, lam: float,
+        overrides: list[str]) -> dict:
+    import torch
+
+    from discl_ray.config import load_config
+    from discl_ray.io import stable_seed
+    from discl_ray.training import data as D
+    from discl_ray.training.images import CachedImages, StreamedImages
+    from discl_ray.training.models import build_model
+    from discl_ray.training.transforms import build_pipeline
+
+    cfg = load_config(None, [
+        f"run_root={root}", "experiment=io", "dataset.name=digits_lt", "dataset.image_size=224",
+        "training.task=low_quality", "training.backbone=small_cnn", "training.image_size=32",
+        f"generation.lams={list(LAMS)}", f"training.lams={list(LAMS) + [1.0]}", "scoring.threshold=0.35",
+        "training.strategy=adaptive", "training.batch_size=128", "training.image_cache_mb=0",
+        "training.random_real_size=1000", "training.guidance_val_size=100", "tracking.enabled=false",
+        *overrides])
+    t0 = time.perf_counter()
+    info = write_experiment(cfg, n_real, n_sources, row_group)
+    write_s = time.perf_counter() - t0
+    sizes = info["sizes"]
+    pool = D.load_pool(cfg)
+    pipe = build_pipeline(cfg)
+    v = D.choose_guidance_val(cfg, pool, np.random.default_rng(stable_seed("V", cfg.training.seed)))
+    uris = D.stage_uris(cfg)
+    t0 = time.perf_counter()
+    streamed = StreamedImages(pool, pipe, cfg, uris)
+    index_s = time.perf_counter() - t0
+    idx = D.epoch_indices(cfg, pool, lam, np.random.default_rng(1))
+    batch = max(1, cfg.training.batch_size // world)
+
+    def nbytes(rows) -> int:
+        return int(sum(sizes[i] for i in pool.image_id[rows]))
+
+    def model():
+        torch.manual_seed(0)
+        net = build_model("small_cnn", pool.num_classes, cfg=cfg)
+        return net, torch.optim.SGD(net.parameters(), lr=0.01)
+
+    # Streamed epoch: each rank's plan, then its stream (the ranks one after the other on this node).
+    net, opt = model()
+    out: dict = {"epoch_rows": int(len(idx)), "lam": lam, "world": world, "index_s": index_s, "write_s": write_s}
+    read, used, s_time, s_n, s_batches = 0, 0, 0.0, 0, []
+    for r in range(world):
+        rows = streamed.plan(idx, np.random.default_rng(7), r, world)
+        s_batches += [rows[k:k + batch] for k in range(0, len(rows), batch)]
+        streamed.bytes_read = 0
+        dt, n = _train_pass(streamed, net, opt, pool, pipe, rows, batch, 5)
+        read += streamed.bytes_read
+        used += nbytes(rows)
+        s_time, s_n = s_time + dt, s_n + n
+    out.update(read_amplification=read / used, epoch_bytes_read=read, epoch_bytes_used=used,
+               stream_samples_per_s=s_n / s_time)
+    # Adaptive probe: V decoded once (rank 0), the random real set D streamed on every rank.
+    v_rows = np.concatenate(list(v.values()))
+    streamed.bytes_read = 0
+    streamed.held(v_rows)
+    p_read, p_used = streamed.bytes_read, nbytes(v_rows)
+    d_all = pool.train_real
+    d = np.random.default_rng(3).choice(d_all, size=min(cfg.training.random_real_size, len(d_all)), replace=False)
+    for r in range(world):
+        rows = streamed.plan(d, np.random.default_rng(9), r, world)
+        streamed.bytes_read = 0
+        _train_pass(streamed, net, opt, pool, pipe, rows, batch, 6)
+        p_read += streamed.bytes_read
+        p_used += nbytes(rows)
+    out.update(read_amplification_adaptive=(read + p_read) / (used + p_used), probe_bytes_read=p_read,
+               probe_bytes_used=p_used)
+    # Cache path: the same epoch through decoded images (the loop's seeded permutation per rank).
+    cache = CachedImages(pool, pipe, cfg, D.image_tables(cfg, pool))
+    net, opt = model()
+    c_time, c_n, c_batches = 0.0, 0, []
+    for r in range(world):
+        rows = D.shard(np.random.default_rng(7).permutation(idx), r, world)
+        c_batches += [rows[k:k + batch] for k in range(0, len(rows), batch)]
+        dt, n = _train_pass(cache, net, opt, pool, pipe, rows, batch, 5)
+        c_time, c_n = c_time + dt, c_n + n
+    out["cache_samples_per_s"] = c_n / c_time
+    out["same_epoch_rows"] = sorted(np.concatenate(s_batches).tolist()) == sorted(np.concatenate(c_batches).tolist())
+    is_syn = pool.split == "syn"
+    out["mixed_batch_share"] = float(np.mean([is_syn[b].any() and (~is_syn[b]).any() for b in s_batches]))
+    out["cache_mixed_batch_share"] = float(np.mean([is_syn[b].any() and (~is_syn[b]).any() for b in c_batches]))
+    h_s = float(np.mean([_entropy(pool.labels[b]) for b in s_batches]))
+    h_c = float(np.mean([_entropy(pool.labels[b]) for b in c_batches]))
+    out.update(class_entropy_stream=h_s, class_entropy_cache=h_c, class_entropy_ratio=h_s / h_c,
+               stream_over_cache_samples_per_s=out["stream_samples_per_s"] / out["cache_samples_per_s"])
+    return out
+
+
+TARGETS = {"read_amplification": ("<=", 1.5), "read_amplification_adaptive": ("<=", 2.0),
+           "mixed_batch_share": (">=", 0.9), "class_entropy_ratio": (">=", 0.9),
+           "stream_over_cache_samples_per_s": (">=", 0.7)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="discl bench train-io", description=__doc__.splitlines()[0])
+    p.add_argument("--real", type=int, default=4000, help="real training rows (stored class by class)")
+    p.add_argument("--sources", type=int, default=400, help="hard sources (× 5 λ × 2 seeds spectrum rows)")
+    p.add_argument("--row-group", type=int, default=128, help="rows per parquet row group of every table")
+    p.add_argument("--world", type=int, default=2, help="ranks the epoch is split over")
+    p.add_argument("--lam", type=float, default=0.5, help="the curriculum epoch's λ")
+    p.add_argument("--run-root", default=None, help="where the parquet goes (reused when the shape matches)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the numbers as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+
+    import ray
+
+    from discl_ray.runtime import pin_loopback
+
+    root = Path(args.run_root or Path(tempfile.gettempdir()) / "discl-bench-train-io")
+    if not ray.is_initialized():
+        pin_loopback()
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    out = run(root, args.real, args.sources, args.row_group, args.world, args.lam, args.overrides)
+    out["workload"] = {"real_rows": args.real, "sources": args.sources, "lams": list(LAMS), "seeds": 2,
+                       "image": "224x224 JPEG", "row_group": args.row_group, "world": args.world}
+    out["load_avg_1m"] = os.getloadavg()[0]
+    ok = True
+    for key, (op, target) in TARGETS.items():
+        met = out[key] <= target if op == "<=" else out[key] >= target
+        ok &= met
+        print(f"{key:<34} {out[key]:8.3f}  (target {op} {target}: {'met' if met else 'NOT met'})")
+    print(f"stream {out['stream_samples_per_s']:.0f} samples/s, cache {out['cache_samples_per_s']:.0f} samples/s; "
+          f"epoch rows {out['epoch_rows']}; same epoch rows: {out['same_epoch_rows']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
