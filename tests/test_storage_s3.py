@@ -24,8 +24,9 @@ BUCKET = "discl-test"
 
 @pytest.fixture()
 def s3(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
+    # pinned dev dependencies (pyproject.toml, [dev]): an import error fails the test, never skips it
+    import boto3
+    import moto.server as server_mod
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

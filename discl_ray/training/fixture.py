@@ -30,6 +30,7 @@ def write_fixture(cfg, *, train_counts: Sequence[int] = (40, 30, 20, 6, 4), val_
 
     Hard rows: the tail classes (counts < ``cfg.mining.few_max``) or, with ``low_quality``, the noisiest
     third of every class. ``corrupt`` training rows get undecodable image bytes (error-row handling)."""
+    from discl_ray.generation.engine import noise_seed
     from discl_ray.runtime import RunPaths
 
     rng = np.random.default_rng(seed)
@@ -78,7 +79,7 @@ def write_fixture(cfg, *, train_counts: Sequence[int] = (40, 30, 20, 6, 4), val_
                         paths.stage("mine"))
     spec: dict[str, list] = {k: [] for k in ("image_id", "source_image_id", "label", "class_name", "lam", "seed",
                                              "prompt", "image", "width", "height", "generator", "steps",
-                                             "guidance_scale")}
+                                             "guidance_scale", "format", "noise_seed")}
     scores: dict[str, list] = {k: [] for k in ("image_id", "source_image_id", "label", "lam", "seed",
                                                "clip_text_cos", "clip_image_cos", "clip_score", "clip_model")}
     for src, c in zip(hard["image_id"], hard["label"]):
@@ -90,13 +91,17 @@ def write_fixture(cfg, *, train_counts: Sequence[int] = (40, 30, 20, 6, 4), val_
                 text_cos = float(r.uniform(0.1, 0.9))
                 spec_row = dict(image_id=iid, source_image_id=src, label=c, class_name=f"class{c}", lam=float(lam),
                                 seed=s, prompt=f"a photo of class{c}", image=png_bytes(arr), width=size,
-                                height=size, generator="fixture", steps=10, guidance_scale=10.0)
+                                height=size, generator="fixture", steps=10, guidance_scale=10.0, format="png",
+                                noise_seed=noise_seed(src, float(lam), s, cfg.generation.shared_noise))
                 for k, v in spec_row.items():
                     spec[k].append(v)
                 for k, v in dict(image_id=iid, source_image_id=src, label=c, lam=float(lam), seed=s,
                                  clip_text_cos=text_cos, clip_image_cos=float(lam), clip_score=2.5 * text_cos,
                                  clip_model="fixture").items():
                     scores[k].append(v)
-    replace_parquet_dir(pa.table(spec), paths.stage("generate", "spectrum"))
+    from discl_ray.generation.plan import SPECTRUM_SCHEMA
+
+    replace_parquet_dir(pa.table(spec).select(SPECTRUM_SCHEMA.names).cast(SPECTRUM_SCHEMA),
+                        paths.stage("generate", "spectrum"))
     replace_parquet_dir(pa.table(scores), paths.stage("score", "scores"))
     return paths.exp
