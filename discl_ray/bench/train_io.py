@@ -11,8 +11,10 @@ Ray Data, as a Train worker would run it; the rank's rows from ``StreamedImages.
   summed over ranks) ÷ encoded bytes of the rows the epoch trained on;
 - ``read_amplification_adaptive``: the same with the adaptive probe (V decoded once, rank 0; the random real
   set D streamed by every rank) added to both sides;
-- ``mixed_batch_share``: share of the streamed epoch's batches holding real and synthetic rows;
-- ``class_entropy_ratio``: mean per-batch class entropy, stream ÷ cache path (the cache's seeded permutation);
+- ``mixed_batch_share``: share of the streamed epoch's global batches (the ranks' k-th batches together: what
+  one DDP step averages) holding real and synthetic rows;
+- ``class_entropy_ratio``: mean per-global-batch class entropy, stream ÷ cache path (the cache's seeded
+  permutation);
 - ``stream_over_cache_samples_per_s``: samples/s of the epoch (images → small CNN step at
   ``training.image_size``), stream ÷ cache (the cache's one-time decode at load not counted).
 """
@@ -159,10 +161,10 @@ def run(root: Path, n_real: int, n_sources: int, row_group: int, world: int, lam
     # Streamed epoch: each rank's plan, then its stream (the ranks one after the other on this node).
     net, opt = model()
     out: dict = {"epoch_rows": int(len(idx)), "lam": lam, "world": world, "index_s": index_s, "write_s": write_s}
-    read, used, s_time, s_n, s_batches = 0, 0, 0.0, 0, []
+    read, used, s_time, s_n, s_ranks = 0, 0, 0.0, 0, []
     for r in range(world):
         rows = streamed.plan(idx, np.random.default_rng(7), r, world)
-        s_batches += [rows[k:k + batch] for k in range(0, len(rows), batch)]
+        s_ranks.append(rows)
         streamed.bytes_read = 0
         dt, n = _train_pass(streamed, net, opt, pool, pipe, rows, batch, 5)
         read += streamed.bytes_read
@@ -188,13 +190,18 @@ def run(root: Path, n_real: int, n_sources: int, row_group: int, world: int, lam
     # Cache path: the same epoch through decoded images (the loop's seeded permutation per rank).
     cache = CachedImages(pool, pipe, cfg, D.image_tables(cfg, pool))
     net, opt = model()
-    c_time, c_n, c_batches = 0.0, 0, []
+    c_time, c_n, c_ranks = 0.0, 0, []
     for r in range(world):
         rows = D.shard(np.random.default_rng(7).permutation(idx), r, world)
-        c_batches += [rows[k:k + batch] for k in range(0, len(rows), batch)]
+        c_ranks.append(rows)
         dt, n = _train_pass(cache, net, opt, pool, pipe, rows, batch, 5)
         c_time, c_n = c_time + dt, c_n + n
     out["cache_samples_per_s"] = c_n / c_time
+
+    def global_batches(ranks):   # step k's global batch: every rank's k-th batch (what one DDP step averages)
+        return [np.concatenate([x[k:k + batch] for x in ranks]) for k in range(0, len(ranks[0]), batch)]
+
+    s_batches, c_batches = global_batches(s_ranks), global_batches(c_ranks)
     out["same_epoch_rows"] = sorted(np.concatenate(s_batches).tolist()) == sorted(np.concatenate(c_batches).tolist())
     is_syn = pool.split == "syn"
     out["mixed_batch_share"] = float(np.mean([is_syn[b].any() and (~is_syn[b]).any() for b in s_batches]))
