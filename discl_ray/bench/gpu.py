@@ -427,16 +427,16 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    import torch
-
     device, tiny = args.device, args.tiny
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("discl bench gpu: --device cuda but no CUDA device is visible (use --device cpu --tiny to check "
-              "the code path)", file=sys.stderr)
-        return 2
     if not device.startswith("cuda") and not tiny:
         print("discl bench gpu: the real architectures (a 2.3-billion-parameter UNet) need --device cuda; "
               "use --device cpu --tiny", file=sys.stderr)
+        return 2
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("discl bench gpu: --device cuda but no CUDA device is visible (use --device cpu --tiny to check "
+              "the code path)", file=sys.stderr)
         return 2
     skip = {s for s in args.skip.split(",") if s}
     cuda = device.startswith("cuda")
