@@ -114,12 +114,19 @@ def build_tables(tracking_uri: str, experiment: str, parent_run_id: Optional[str
 
 
 def format_table(df: pd.DataFrame, table: str, scale: float = 100.0) -> pd.DataFrame:
-    """Display form: configuration columns, n, and ``mean ± std`` cells in percent (as in the paper)."""
+    """Display form: configuration columns, n, and ``mean ± std`` cells in percent (as in the paper).
+
+    A configuration with one seed shows its value alone: one sample has no standard deviation (the numeric
+    ``<col>_std`` stays 0 there so plots draw no error bar), and ``± 0.00`` would claim a spread of zero."""
     labels = [label for label, _ in TABLES[table]]
     config = [c for c in df.columns if c != "n" and not c.endswith(("_mean", "_std"))]
     shown = df[config + ["n"]].copy()
+
+    def cell(m: float, s: float, n: int) -> str:
+        return f"{m * scale:.2f}" if n < 2 else f"{m * scale:.2f} ± {s * scale:.2f}"
+
     for label in labels:
-        shown[label] = [f"{m * scale:.2f} ± {s * scale:.2f}" for m, s in zip(df[f"{label}_mean"], df[f"{label}_std"], strict=True)]
+        shown[label] = [cell(m, s, n) for m, s, n in zip(df[f"{label}_mean"], df[f"{label}_std"], df["n"], strict=True)]
     return shown
 
 
