@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import uuid
 from collections.abc import Iterable
@@ -112,3 +113,34 @@ def replace_parquet_dir(table: pa.Table, directory: "str | Path | Storage", pref
     for f in old:
         f.delete()
     return path
+
+
+class MergeFileError(ValueError):
+    """A results file that new results were to be merged into cannot be used; the message is one line."""
+
+
+def read_json_to_merge(path: "str | Path") -> dict:
+    """The JSON object an earlier run wrote to ``path``, for a command that merges its new results into it
+    (``{}`` when there is no file yet). Anything else there stops the command before its work, with one line
+    (:class:`MergeFileError`): an empty file (as ``mktemp`` leaves it), text that is not JSON, JSON that is not
+    an object, a folder, an unreadable file. Nothing is overwritten that this command did not write."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    if p.is_dir():
+        raise MergeFileError(f"{p} is a folder, not a results file; name a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise MergeFileError(f"cannot read {p} ({type(err).__name__}: {err})") from None
+    if not text.strip():
+        raise MergeFileError(f"{p} is empty, not the results of an earlier run to merge into; "
+                             "remove it or name a file that does not exist yet")
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise MergeFileError(f"{p} is not JSON ({err}); remove it or name a file that does not exist yet") from None
+    if not isinstance(data, dict):
+        raise MergeFileError(f"{p} holds a JSON {type(data).__name__}, not the object of results this command "
+                             "merges into; remove it or name a file that does not exist yet")
+    return data

@@ -149,10 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"discl bench train-memory: unknown piece(s) {bad}; choose from {', '.join(PIECES)}", file=sys.stderr)
         return 2
 
+    from discl_ray.io import MergeFileError, read_json_to_merge
+
+    try:      # earlier pieces' numbers; a file that cannot hold them stops the run now, not after the runs
+        out: dict = read_json_to_merge(args.json) if args.json else {}
+    except MergeFileError as err:
+        print(f"discl bench train-memory: --json {err}", file=sys.stderr)
+        return 2
+
     import ray
 
     root = Path(args.run_root or Path(tempfile.gettempdir()) / "discl-bench-train-memory")
-    out: dict = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
     if not ray.is_initialized():
         from discl_ray.runtime import init_local_ray
 
