@@ -170,13 +170,55 @@ def _on_keeper_thread(fn) -> None:
         raise box["error"]
 
 
-# Environment a driver forwards to its workers: object-store credentials/endpoints, the tracking store and
+# Environment a driver forwards to its workers: object-store endpoints and regions, the tracking server and
 # the weights cache. On a local cluster workers inherit them anyway; on a joined cluster they would not.
 FORWARD_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "HF_", "MLFLOW_TRACKING_", "DISCL_CACHE_DIR")
+# Never forwarded: a job's runtime env is stored in the cluster's GCS in plain text and readable by anyone who
+# holds the cluster token. Credentials reach workers from the nodes' own environment (a Kubernetes Secret on
+# the pod spec, workload identity, the shell that ran `ray start`): docs/cluster.md, "Secrets".
+SECRET_ENV_WORDS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL", "SESSION", "_KEY_ID", "API_KEY")
 
 
-def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
+def is_secret_env(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in SECRET_ENV_WORDS)
+
+
+def job_env_vars() -> dict[str, str]:
+    """Env vars the surrounding Ray job's runtime env already sets ({} outside a Ray job).
+
+    Ray refuses a ``ray.init(runtime_env=…)`` that sets any of them again ("Failed to merge the Job's runtime
+    env"), even to the same value; the job's values reach every worker anyway."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        runtime_env = (json.loads(raw) or {}).get("runtime_env") or {}
+    except ValueError:
+        return {}
+    return dict(runtime_env.get("env_vars") or {})
+
+
+def forwarded_env(secrets: bool = False) -> dict[str, str]:
+    """What this driver hands its workers: the forwardable settings, minus whatever the Ray job around it
+    (``discl submit``, a RayJob) already sets, and minus secrets unless ``secrets`` (this process's own local
+    cluster: nothing leaves the machine, and workers then see credentials set after Ray started)."""
+    already = job_env_vars()
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(FORWARD_ENV_PREFIXES) and (secrets or not is_secret_env(k)) and k not in already}
+
+
+def driver_runtime_env(joined: bool = True) -> dict:
+    """The ``runtime_env`` of this driver's ``ray.init``: PYTHONPATH (this checkout) and :func:`forwarded_env`
+    (secrets only to a local cluster this process starts), leaving out every key the surrounding Ray job's
+    runtime env sets."""
+    already = job_env_vars()
+    env_vars = dict(forwarded_env(secrets=not joined))
+    if "PYTHONPATH" not in already:
+        env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))
+    return {"env_vars": env_vars}
 
 
 def pin_loopback() -> None:
@@ -215,9 +257,7 @@ def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
         return
     rc = cfg.ray
     address = cluster_address(cfg)
-    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
-                **forwarded_env()}
-    runtime_env = kwargs.pop("runtime_env", None) or {"env_vars": env_vars}
+    runtime_env = kwargs.pop("runtime_env", None) or driver_runtime_env(joined=bool(address))
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=_log_to_driver(), **kwargs)
         return

@@ -31,7 +31,9 @@ import yaml
 # anchored with '/' (gitignore syntax): a bare "data/" would also drop the discl_ray/data package.
 EXCLUDES = ["/runs/", "/.venv/", "/venv/", "/data/", "/.git/", "/mlruns/", "/mlartifacts/", "/.ray/", "/build/",
             "/dist/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/", "*.parquet", "*.pt",
-            "*.ckpt", "*.safetensors", "*.db"]
+            "*.ckpt", "*.safetensors", "*.db",
+            # … except the toy worlds' shipped weights: a submitted toy job unpacks them on the cluster
+            "!/discl_ray/assets/**"]
 CONFIG_ENV = "DISCL_CONFIG_YAML"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -67,9 +69,10 @@ def resolve_config_yaml(config: Optional[str], overrides: Iterable[str] = ()) ->
 
 
 def entrypoint(stage: str, config: Optional[str], overrides: Iterable[str], working_dir: Path,
-               stage_args: Iterable[str] = ()) -> tuple[str, dict]:
+               stage_args: Iterable[str] = (), python: str = "python") -> tuple[str, dict]:
     """The job's shell command and extra env vars for ``stage`` with ``config`` and ``overrides``;
-    ``stage_args`` are the stage's own positional words (``pipeline``'s stage names)."""
+    ``stage_args`` are the stage's own positional words (``pipeline``'s stage names); ``python`` the
+    interpreter the job runs (``python`` on the cluster's PATH; this client's own for a workstation head)."""
     from discl_ray.cli import COMMANDS
 
     if stage not in COMMANDS or stage in ("submit", "ui"):
@@ -89,26 +92,43 @@ def entrypoint(stage: str, config: Optional[str], overrides: Iterable[str], work
     overrides = list(overrides)
     env: dict[str, str] = {}
     if config is None:
-        cmd = ["python", "-m", "discl_ray.cli", *shlex.split(stage)]
+        cmd = [python, "-m", "discl_ray.cli", *shlex.split(stage)]
     else:
         cfg_path = Path(config).resolve()
         try:
             rel = cfg_path.relative_to(working_dir.resolve())
-            cmd = ["python", "-m", "discl_ray.cli", *shlex.split(stage), "--config", rel.as_posix()]
+            cmd = [python, "-m", "discl_ray.cli", *shlex.split(stage), "--config", rel.as_posix()]
         except ValueError:  # outside the uploaded tree: ship the resolved config itself
             env[CONFIG_ENV] = resolve_config_yaml(config, overrides)
-            cmd, overrides = ["python", "-m", "discl_ray.submit", *shlex.split(stage)], []
+            cmd, overrides = [python, "-m", "discl_ray.submit", *shlex.split(stage)], []
     return shlex.join(cmd + overrides), env
 
 
 LOOPBACK_HOSTS = ("localhost", "0.0.0.0", "::1", "[::1]")
 
 
-def check_forwardable(uri: Optional[str], setting: str) -> None:
+def is_loopback_host(host: str) -> bool:
+    host = (host or "").lower()
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def is_loopback_address(address: Optional[str]) -> bool:
+    """A Ray address (``http://127.0.0.1:8265``, ``127.0.0.1:6379``, ``localhost``) on this machine."""
+    from urllib.parse import urlparse
+
+    if not address:
+        return False
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    return is_loopback_host(parsed.hostname or "")
+
+
+def check_forwardable(uri: Optional[str], setting: str, address: Optional[str] = None) -> None:
     """Refuse a tracking URI that means this client machine: a loopback server or a local file store.
 
     On the cluster 127.0.0.1 is the job's own pod/node, where no MLflow server runs, and a sqlite/file path
-    is a path on this laptop; the job would fail (or log somewhere nobody looks) after minutes of work."""
+    is a path on this laptop; the job would fail (or log somewhere nobody looks) after minutes of work.
+    A workstation head (``address`` on loopback too) runs the job on this machine: a loopback server is then
+    the right one, and allowed."""
     from urllib.parse import urlparse
 
     if not uri:
@@ -116,19 +136,28 @@ def check_forwardable(uri: Optional[str], setting: str) -> None:
     parsed = urlparse(uri)
     host = (parsed.hostname or "").lower()
     if parsed.scheme in ("http", "https"):
-        if host in LOOPBACK_HOSTS or host.startswith("127."):
+        if is_loopback_host(host) and not is_loopback_address(address):
             raise ValueError(f"{setting}={uri} is a loopback address: on the cluster it names the job's own node. "
                              "Use the tracking server's cluster-reachable address (e.g. the infra's MLflow service)")
         return
     if parsed.scheme in ("", "file", "sqlite"):
+        if is_loopback_address(address):
+            raise ValueError(f"{setting}={uri} is a store only one process can write safely; the job's stages run "
+                             "in several processes: start an MLflow server (mlflow server --host 127.0.0.1 …) and "
+                             "use its http:// address")
         raise ValueError(f"{setting}={uri} is a store on this machine, not reachable from the cluster; use an "
                          "http(s) MLflow server")
 
 
-def runtime_env(working_dir: Path, env_vars: Optional[dict] = None, excludes: Iterable[str] = EXCLUDES) -> dict:
-    """Runtime env: the checkout as working_dir minus outputs/data, plus env vars the stages expect."""
+def runtime_env(working_dir: Path, env_vars: Optional[dict] = None, excludes: Iterable[str] = EXCLUDES,
+                address: Optional[str] = None) -> dict:
+    """Runtime env: the checkout as working_dir minus outputs/data, plus env vars the stages expect.
+
+    Only settings travel (the tracking server's address, the auth mode), never credentials: a job's runtime
+    env is readable by anyone holding the cluster token, so keys and passwords come from the nodes' own
+    environment (docs/cluster.md, "Secrets")."""
     env = {"PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
-    check_forwardable(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+    check_forwardable(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI", address)
     for key in ("MLFLOW_TRACKING_URI", "RAY_AUTH_MODE"):
         if os.environ.get(key):
             env[key] = os.environ[key]
@@ -146,17 +175,21 @@ def submit_stage(stage: str, address: str, *, config: Optional[str] = None, over
 
     overrides = list(overrides)
     resolved = yaml.safe_load(resolve_config_yaml(config, overrides))  # fail here, not on the cluster
-    check_forwardable((resolved.get("tracking") or {}).get("tracking_uri"), "tracking.tracking_uri")
-    check_forwardable(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+    check_forwardable((resolved.get("tracking") or {}).get("tracking_uri"), "tracking.tracking_uri", address)
+    check_forwardable(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI", address)
     wd = Path(working_dir).resolve()
-    cmd, extra_env = entrypoint(stage, config, overrides, wd, stage_args)
+    # A workstation head (`ray start --head` on this machine) runs jobs with whatever `python` the shell that
+    # started it had on its PATH, often not this virtualenv: the job uses this client's interpreter instead.
+    python = sys.executable if is_loopback_address(address) else "python"
+    cmd, extra_env = entrypoint(stage, config, overrides, wd, stage_args, python=python)
     client = JobSubmissionClient(address, headers=auth_headers())
     kwargs = {}
     if num_cpus is not None:
         kwargs["entrypoint_num_cpus"] = num_cpus
     if num_gpus is not None:
         kwargs["entrypoint_num_gpus"] = num_gpus
-    return client.submit_job(entrypoint=cmd, runtime_env=runtime_env(wd, {**(env_vars or {}), **extra_env}),
+    return client.submit_job(entrypoint=cmd, runtime_env=runtime_env(wd, {**(env_vars or {}), **extra_env},
+                                                                      address=address),
                              submission_id=submission_id, metadata={"stage": stage, "tool": "discl"}, **kwargs)
 
 

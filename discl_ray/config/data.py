@@ -58,6 +58,11 @@ class DatasetConfig(StrictModel):
                                          description="Real datasets: validation images per class held out of train "
                                                      "(None = the loader's default: CIFAR 10, iNat 1).")
     embed_images: bool = Field(False, description="Real datasets: embed PNG bytes in parquet instead of paths.")
+    max_classes: Optional[int] = Field(None, ge=1, description="Keep only this many classes (those with the most "
+                                                               "training images; labels renumbered 0..K-1). "
+                                                               "`discl rehearse` sets it; None = all classes.")
+    max_per_class: Optional[int] = Field(None, ge=1, description="Keep at most this many images per class and split "
+                                                                 "(the first by image_id). None = all.")
     toy: ToyDataConfig = Field(default_factory=ToyDataConfig)
 
 

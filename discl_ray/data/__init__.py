@@ -53,9 +53,42 @@ def get_loader(name: str) -> Callable[["DatasetConfig"], pa.Table]:
 
 
 def load_rows(cfg: "DatasetConfig") -> pa.Table:
-    """Build the canonical table for ``cfg`` (no caching)."""
+    """Build the canonical table for ``cfg`` (no caching), cut to ``max_classes`` / ``max_per_class``."""
     table = get_loader(cfg.name)(cfg)
-    return table.select(CANONICAL_SCHEMA.names).cast(CANONICAL_SCHEMA)
+    table = table.select(CANONICAL_SCHEMA.names).cast(CANONICAL_SCHEMA)
+    return subset_rows(table, cfg.max_classes, cfg.max_per_class)
+
+
+def subset_rows(table: pa.Table, max_classes: int | None, max_per_class: int | None) -> pa.Table:
+    """A miniature of ``table`` with the same splits: the ``max_classes`` classes with the most training rows
+    (ties: lower label), renumbered 0..K-1 in label order, and at most ``max_per_class`` rows per class and
+    split (the first by image_id). Deterministic; the identity when both are None."""
+    import pyarrow.compute as pc
+
+    if max_classes is None and max_per_class is None:
+        return table
+    labels = table["label"].to_numpy()
+    if max_classes is not None:
+        train = labels[pc.equal(table["split"], "train").to_numpy(zero_copy_only=False)]
+        counts: dict[int, int] = {}
+        for lab in train.tolist():
+            counts[lab] = counts.get(lab, 0) + 1
+        ranked = sorted(set(labels.tolist()), key=lambda c: (-counts.get(c, 0), c))[:max_classes]
+        keep = sorted(ranked)
+        table = table.filter(pc.is_in(table["label"], pa.array(keep, pa.int64())))
+        remap = {old: new for new, old in enumerate(keep)}
+        table = table.set_column(table.schema.get_field_index("label"), "label",
+                                 pa.array([remap[v] for v in table["label"].to_pylist()], pa.int64()))
+    if max_per_class is not None:
+        table = table.sort_by([("split", "ascending"), ("label", "ascending"), ("image_id", "ascending")])
+        seen: dict[tuple, int] = {}
+        mask = []
+        for split, lab in zip(table["split"].to_pylist(), table["label"].to_pylist()):
+            n = seen.get((split, lab), 0)
+            mask.append(n < max_per_class)
+            seen[(split, lab)] = n + 1
+        table = table.filter(pa.array(mask))
+    return table
 
 
 def materialize(cfg: "ExperimentConfig", force: bool = False) -> "Path | Storage":

@@ -108,3 +108,20 @@ def gather_objects(obj, device) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def worker_device() -> str:
+    """This Train worker's torch device: Ray Train's choice, or the CPU (logged) when Ray gave the worker a GPU
+    that torch cannot see (a node that declares a GPU resource without a working CUDA driver, or a
+    rehearsal's stand-in GPU node) — never a crash on the first ``.to("cuda")``."""
+    import ray.train.torch
+
+    device = str(ray.train.torch.get_device())
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "this Train worker holds a GPU but torch sees no CUDA device (driver?); training on the CPU")
+        return "cpu"
+    return device
+
