@@ -129,6 +129,10 @@ class TrainingConfig(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker (fractional on small machines).")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Train worker.")
     max_failures: int = Field(2, ge=0, description="Worker-failure restarts (FailureConfig).")
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend of the Train workers: auto = nccl when workers hold GPUs, "
+                            "else gloo (Ray Train's rule). gloo on GPU workers runs the collectives on the CPU; "
+                            "`discl rehearse` picks it when a GPU node shows no CUDA device.")
     checkpoint_every: int = Field(
         1, ge=1, description="Epochs between checkpoints (the first and last epoch always get one). A restart "
                              "re-runs the epochs since the last checkpoint; MLflow gets an epoch's metrics "

@@ -72,7 +72,7 @@ class Worker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(max(1, int(config.get("torch_threads") or 1)))
-        self.device = str(ray.train.torch.get_device())
+        self.device = dx.worker_device()
         self.precision = dx.Precision(self.tc.precision, self.device)
         pool = D.load_pool(self.cfg)
         torch.manual_seed(self.tc.seed)

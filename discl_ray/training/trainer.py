@@ -89,7 +89,7 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
     attempt (tests of the stream). Neither is set by the CLI."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from discl_ray.runtime import cluster_address
     from discl_ray.training.loop import SELECTION_RANK, train_loop_per_worker
@@ -118,6 +118,7 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=None if tc.dist_backend == "auto" else tc.dist_backend),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage, storage_filesystem=storage_fs,
