@@ -95,6 +95,8 @@ def miniature(cfg, classes: int, per_class: int, rename: dict[str, str]) -> list
         "training.guidance_val_size": 4,
         "mining.batch_size": 16,
     }
+    if getattr(tc, "lp_epochs", None):          # LP-FT: one linear-probe epoch, then one fine-tuning epoch
+        o["training.lp_epochs"] = 1
     if cfg.dataset.name in TOY_DATASETS:      # the toy world's own models are already tiny
         for key in [k for k in o if k.startswith(("generation.", "scoring.")) and k != "scoring.threshold"]:
             o.pop(key)

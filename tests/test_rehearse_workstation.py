@@ -1,0 +1,217 @@
+"""The real path, as a research team runs it: a workstation cluster started with `ray start` (a CPU head and a
+node with a GPU resource), a real `mlflow server` whose artifacts go to an S3-compatible bucket, moto's S3
+server, and `discl submit rehearse` of the shipped iWildCam and ImageNet-LT configs on small fakes of their
+datasets with `run_root=s3://…` and `MLFLOW_TRACKING_URI` set (docs/cluster.md, "Workstation head").
+
+The Ray processes run with the virtualenv *off* their PATH, as a shell that forgot to activate it would start
+them: `discl submit` must give the job the client's interpreter. Every process listens on 127.0.0.1 and is
+stopped here, by its process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from fakes import fake_imagenet_lt, fake_iwildcam
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BUCKET = "rehearsal"
+pytestmark = pytest.mark.slow
+
+
+def _ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not open port {port}")
+
+
+def _stop(proc: subprocess.Popen, marker: str | None = None) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    if marker:  # Ray daemons that left the process group still hold the temp dir: end those (by pid)
+        out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+        for pid in map(int, out):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def workstation(tmp_path_factory):
+    import boto3
+    import moto.server as server_mod
+
+    tmp = tmp_path_factory.mktemp("workstation")
+    s3 = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    aws = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{port}",
+           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true", "DISCL_CACHE_DIR": str(tmp / "node-cache")}
+    client = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    procs: list[tuple[subprocess.Popen, str | None]] = []
+    temp = tempfile.mkdtemp(prefix="ws", dir="/tmp")   # short: unix socket paths are limited
+    try:
+        # MLflow: SQL backend, artifacts written by the clients straight to the bucket (infra/README.md).
+        ml_port, = _ports(1)
+        env = {**os.environ, **aws}
+        ml = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                               "--default-artifact-root", f"s3://{BUCKET}/mlflow", "--no-serve-artifacts",
+                               "--host", "127.0.0.1", "--port", str(ml_port), "--workers", "1"],
+                              env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+        procs.append((ml, None))
+        # Ray: the shell's PATH without this virtualenv, loopback node IPs, no Windows/OSX switch (docs).
+        path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                               if Path(p).resolve() != BIN.resolve())
+        renv = {**{k: v for k, v in os.environ.items()
+                   if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "MLFLOW_TRACKING_URI")},
+                **aws, "PATH": path, "RAY_AUTH_MODE": "token"}
+        gcs, dash, client_port, agent, metrics, agent2, metrics2, nm2, om2 = _ports(9)
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client_port}",
+             f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}", "--num-cpus=2",
+             "--num-gpus=0", "--include-dashboard=true", f"--temp-dir={temp}"],
+            env=renv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append((head, temp))
+        _wait_port(dash, head, "ray head")
+        node = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+             "--num-cpus=2", "--num-gpus=1", f"--dashboard-agent-listen-port={agent2}",
+             f"--metrics-export-port={metrics2}", f"--node-manager-port={nm2}", f"--object-manager-port={om2}"],
+            env=renv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append((node, temp))
+        _wait_port(ml_port, ml, "mlflow server")
+        _wait_for_gpu_node(f"127.0.0.1:{gcs}", renv)
+        yield {"address": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{ml_port}", "aws": aws,
+               "s3": client, "tmp": tmp}
+    finally:
+        for proc, marker in reversed(procs):
+            _stop(proc, marker)
+        shutil.rmtree(temp, ignore_errors=True)
+        s3.stop()
+
+
+def _wait_for_gpu_node(gcs: str, env: dict, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run([str(BIN / "ray"), "status", f"--address={gcs}"], env=env, capture_output=True,
+                             text=True).stdout
+        if "GPU" in out and "0.0/1.0 GPU" in out:
+            return
+        time.sleep(2)
+    raise TimeoutError("the GPU node did not join")
+
+
+def _submit(ws, config: str, *overrides: str, tracking: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(ws["aws"])
+    if tracking:
+        env["MLFLOW_TRACKING_URI"] = ws["mlflow"]
+    cmd = [str(BIN / "discl"), "submit", "rehearse", "--address", ws["address"], "--config", config, *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+
+
+def _keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _check(ws, proc, exp: str, metric: str, tracking: bool) -> dict:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and out.rstrip().endswith("SUCCEEDED"), out[-6000:]
+    lines = [ln for ln in out.splitlines() if ln.startswith("rehearse [")]
+    print("\n".join(lines))
+    client = ws["s3"]
+    report = json.loads(client.get_object(Bucket=BUCKET, Key=f"runs/{exp}/rehearsal.json")["Body"].read())
+    assert report["ok"] and all(s["ok"] for s in report["stages"]), report
+    by_stage = {s["stage"]: s for s in report["stages"] if s["experiment"] == exp}
+    for stage in ("mine", "prompts", "generate", "score", "train", "report"):
+        assert _keys(client, f"runs/{exp}/{stage}/"), f"no {stage} outputs in the bucket"
+        assert by_stage[stage]["location"].startswith(f"s3://{BUCKET}/runs/{exp}/")
+    # generation and training ran on the GPU node, holding its GPU
+    gpu_node = [n for n, res in report["cluster"].items() if res.get("GPU")]
+    assert len(gpu_node) == 1
+    for stage in ("generate", "train"):
+        assert by_stage[stage]["gpu_nodes"] == gpu_node and by_stage[stage]["gpus_held"] >= 1, by_stage[stage]
+    assert report["gpu_probe"]["cuda"] is False       # a GPU resource without CUDA: said, not hidden
+    # nothing on local disk: no parquet outside the fakes, no local run folder
+    local = [p for p in list(REPO.glob("runs/*rehearsal*")) + list(ws["tmp"].rglob("*.parquet"))]
+    assert not local, local
+    if tracking:
+        from mlflow.tracking import MlflowClient
+
+        ml = MlflowClient(ws["mlflow"])
+        runs = ml.search_runs([ml.get_experiment_by_name(exp).experiment_id])
+        finals = [r for r in runs if metric in r.data.metrics]
+        assert finals, [r.data.metrics for r in runs]
+        assert ml.list_artifacts(finals[0].info.run_id)
+        assert _keys(client, "mlflow/"), "MLflow artifacts did not reach the bucket"
+    return report
+
+
+def test_rehearse_iwildcam_and_imagenet_lt_through_discl_submit(workstation, tmp_path):
+    ws = workstation
+    wilds = fake_iwildcam(tmp_path / "wilds")
+    proc = _submit(ws, "configs/iwildcam/discl_adaptive.yaml", f"run_root=s3://{BUCKET}/runs",
+                   f"dataset.root={wilds}")
+    _check(ws, proc, "iwildcam_flyp_discl_adaptive_rehearsal", "final_test_ood_f1", tracking=True)
+    inlt = fake_imagenet_lt(tmp_path / "inlt")
+    proc = _submit(ws, "configs/imagenet_lt/discl_d2s.yaml", f"run_root=s3://{BUCKET}/runs",
+                   f"dataset.root={inlt}")
+    _check(ws, proc, "imagenet_lt_ce_discl_d2s_rehearsal", "final_test_acc", tracking=True)
+
+
+def test_rehearse_imagenet_lt_with_tracking_off_finds_the_baseline_in_the_run_folder(workstation, tmp_path):
+    ws = workstation
+    inlt = fake_imagenet_lt(tmp_path / "inlt")
+    proc = _submit(ws, "configs/imagenet_lt/discl_d2s.yaml", f"run_root=s3://{BUCKET}/off",
+                   f"dataset.root={inlt}", "tracking.enabled=false", tracking=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and out.rstrip().endswith("SUCCEEDED"), out[-6000:]
+    client = ws["s3"]
+    report = json.loads(client.get_object(Bucket=BUCKET,
+                                          Key="off/imagenet_lt_ce_discl_d2s_rehearsal/rehearsal.json")["Body"].read())
+    assert report["ok"]
+    assert _keys(client, "off/imagenet_lt_ce_rehearsal/train/")      # the baseline, in the run folder
+    assert all(not s["mlflow_runs"] for s in report["stages"])
