@@ -143,7 +143,8 @@ def test_cli_scores_and_reports_missing_inputs(tmp_path, ray_local, capsys):
     # Error rows: the corrupt synthetic image (not scored) and the two rows whose source is missing or unreadable
     # (scored against their prompt, no image–image cosine); every scored row is kept at threshold −1.
     n = len(ids) - 1
-    assert f"scored {n} rows (0 already scored, 3 errors); kept {n}/{n} at clip_text_cos >= -1.0" \
+    assert (f"scored {n} rows (0 already scored, 0 of them reused from the spectrum store; 3 errors); kept {n}/{n} "
+            "at clip_text_cos >= -1.0") \
         in capsys.readouterr().out
     out = Path(data["run_root"]) / "t" / "score"
     assert read_parquet_dir(out / "kept").num_rows == len(ids) - 1

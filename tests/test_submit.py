@@ -115,12 +115,14 @@ def test_submit_bad_config_submits_nothing(tmp_path, capsys, monkeypatch):
 
     assert main(["train", "--address", "http://127.0.0.1:1", "training.strategy=sideways"]) == 2
     assert "training.strategy" in capsys.readouterr().err
-    # A client-side tracking store is refused before anything is submitted (the job would fail on the cluster).
+    # A workstation head (loopback Ray address): a loopback MLflow server is the right one, so the checks pass
+    # and the client goes on to the (absent) job server; a remote head's refusal is in tests/test_rehearse.py.
     assert main(["train", "--address", "http://127.0.0.1:1", "tracking.tracking_uri=http://127.0.0.1:5000"]) == 2
-    assert "tracking.tracking_uri=http://127.0.0.1:5000 is a loopback address" in capsys.readouterr().err
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
+    assert "cannot reach the Ray job server at http://127.0.0.1:1" in capsys.readouterr().err
+    # A client-side sqlite store is refused before anything is submitted, even on a workstation head.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
     assert main(["train", "--address", "http://127.0.0.1:1"]) == 2
-    assert "MLFLOW_TRACKING_URI=http://localhost:5000 is a loopback" in capsys.readouterr().err
+    assert "MLFLOW_TRACKING_URI=sqlite:///runs/mlflow.db is a store only one process" in capsys.readouterr().err
 
 
 def test_submit_prompts_stage_succeeds(ray_head, tmp_path, capsys, monkeypatch):

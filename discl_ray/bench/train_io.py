@@ -232,12 +232,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from discl_ray.runtime import pin_loopback
+    from discl_ray.runtime import init_local_ray
 
     root = Path(args.run_root or Path(tempfile.gettempdir()) / "discl-bench-train-io")
     if not ray.is_initialized():
-        pin_loopback()
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+        init_local_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
