@@ -277,6 +277,10 @@ def run(config: str, overrides: list[str], classes: int = DEFAULT_CLASSES, per_c
     import importlib
     import sys
 
+    # torch (and diffusers, open_clip) before pyarrow's S3 client starts: loaded after it, torch's MKL fails to
+    # load libtorch_cpu ("Intel oneMKL FATAL ERROR") in a Ray job's driver with an s3:// run root.
+    import torch  # noqa: F401
+
     from discl_ray.cli import COMMANDS
     from discl_ray.config import load_config
     from discl_ray.runtime import RunPaths, init_ray
