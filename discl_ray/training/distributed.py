@@ -125,3 +125,18 @@ def worker_device() -> str:
         return "cpu"
     return device
 
+
+def prepare_model(net, device: str, world: int):
+    """Ray Train's ``prepare_model`` (device move, DDP), except when :func:`worker_device` fell back to the CPU
+    on a GPU worker without CUDA: Ray would move the model to ``cuda`` and build DDP with CUDA device ids, so
+    the model stays on the CPU and DDP (gloo) wraps it plainly."""
+    import ray.train.torch
+
+    if str(ray.train.torch.get_device()).startswith("cuda") and device == "cpu":
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(net)
+        return net
+    return ray.train.torch.prepare_model(net)
+

@@ -92,7 +92,7 @@ class Worker:
                                                       np.random.default_rng(stable_seed("V", self.tc.seed)))
         self.groups = D.class_groups(self.cfg, self.pool.class_counts(self.pool.train_real))
         self.zero_shot = copy.deepcopy(net.state_dict()) if self.tc.wise_alphas else None
-        self.model = ray.train.torch.prepare_model(net)
+        self.model = dx.prepare_model(net, self.device, self.world)
         self.opt = _optimizer(self.tc, self.model.parameters())
         self.batch = max(1, self.tc.batch_size // self.world)
         self.global_step = 0          # optimizer steps so far (the warm-up's clock; saved in checkpoints)
