@@ -59,9 +59,10 @@ def is_baseline(cfg) -> bool:
 def stages_of(cfg) -> list[str]:
     """The stages that make ``cfg``'s experiment, in order."""
     first = ["world"] if cfg.dataset.name in TOY_DATASETS else []
+    last = ["report"] if cfg.tracking.enabled else []     # `discl report` reads the runs from MLflow
     if is_baseline(cfg):
-        return first + ["train", "report"]
-    return first + [*DATA_STAGES, "sweep" if cfg.sweep.space else "train", "report"]
+        return first + ["train", *last]
+    return first + [*DATA_STAGES, "sweep" if cfg.sweep.space else "train", *last]
 
 
 def miniature(cfg, classes: int, per_class: int, rename: dict[str, str]) -> list[str]:
