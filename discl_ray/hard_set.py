@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, MiningConfig
@@ -115,12 +114,3 @@ def check_fits(cfg: "ExperimentConfig", class_names: Sequence[str]) -> None:
         raise ValueError(f"mining.classifier_from={m.classifier_from}: its checkpoint does not fit "
                          f"training.backbone={tc.backbone} of this config ({len(bad)} mismatched tensors, "
                          f"e.g. {bad[0]})")
-
-
-def trained_run_probs(cfg: "ExperimentConfig", train: pa.Table, device: str | None = None) -> np.ndarray:
-    """True-class probability of each ``train`` row under the run ``mining.classifier_from`` names (the
-    mining stage's Ray Data actors, on ``scoring``'s device settings; ``device`` is accepted for old callers)."""
-    from discl_ray.mining import true_class_probs
-
-    cfg = cfg.model_copy(update={"mining": cfg.mining.model_copy(update={"classifier": "trained_run"})})
-    return true_class_probs(cfg, train)

@@ -206,3 +206,10 @@ def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table
         actors.extend(json.loads(a) for a in sorted(set(out["actor"].to_pylist())) if a)
     prob = dict(zip(out["image_id"].to_pylist(), out["prob"].to_pylist()))
     return np.array([prob[i] for i in train["image_id"].to_pylist()], dtype=np.float64)
+
+
+def trained_run_probs(cfg: "ExperimentConfig", train: pa.Table, device: str | None = None) -> np.ndarray:
+    """True-class probability of each ``train`` row under the run ``mining.classifier_from`` names (the
+    mining stage's Ray Data actors, on ``scoring``'s device settings; ``device`` is accepted for old callers)."""
+    cfg = cfg.model_copy(update={"mining": cfg.mining.model_copy(update={"classifier": "trained_run"})})
+    return true_class_probs(cfg, train)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
 
+from discl_ray.report_we import TABLES, _std, add_we_rows
 from discl_ray.tracking import use_uri
 
 if TYPE_CHECKING:
@@ -26,12 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# table name -> ordered (column label, MLflow metric) pairs.
-TABLES: dict[str, list[tuple[str, str]]] = {
-    "long_tail": [("many", "final_test_many_acc"), ("medium", "final_test_medium_acc"),
-                  ("few", "final_test_few_acc"), ("overall", "final_test_acc")],
-    "low_quality": [("ood_f1", "final_test_ood_f1"), ("id_f1", "final_test_id_f1")],
-}
 # Params that distinguish repetitions, not configurations.
 SEED_PARAMS = ("training.seed",)
 # Params that never define a configuration (paths, bookkeeping).
@@ -69,11 +64,6 @@ def config_columns(runs: pd.DataFrame) -> list[str]:
     return cols
 
 
-def _std(values: pd.Series) -> float:
-    # Sample std over seeds; a single seed has no spread (0, not NaN, so tables stay readable).
-    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
 def aggregate(runs: pd.DataFrame, table: str) -> pd.DataFrame:
     """One row per configuration of the runs holding ``table``'s metrics: ``n``, ``<col>_mean/_std``."""
     spec = TABLES[table]
@@ -97,7 +87,6 @@ def aggregate(runs: pd.DataFrame, table: str) -> pd.DataFrame:
             row[f"{label}_mean"] = float(vals.mean())
             row[f"{label}_std"] = _std(vals)
         rows.append(row)
-    from discl_ray.report_we import add_we_rows
 
     return add_we_rows(done, table, pd.DataFrame(rows))   # WiSE-FT runs: a "+ WE" row each
 

@@ -10,6 +10,19 @@ from __future__ import annotations
 
 import pandas as pd
 
+# table name -> ordered (column label, MLflow metric) pairs.
+TABLES: dict[str, list[tuple[str, str]]] = {
+    "long_tail": [("many", "final_test_many_acc"), ("medium", "final_test_medium_acc"),
+                  ("few", "final_test_few_acc"), ("overall", "final_test_acc")],
+    "low_quality": [("ood_f1", "final_test_ood_f1"), ("id_f1", "final_test_id_f1")],
+}
+
+
+def _std(values: pd.Series) -> float:
+    # Sample std over seeds; a single seed has no spread (0, not NaN, so tables stay readable).
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 WE_METRICS = {"final_test_ood_f1": "final_wise_test_ood_f1", "final_test_id_f1": "final_wise_test_id_f1"}
 WE_LABEL = "+ WE"
 
@@ -17,8 +30,6 @@ WE_LABEL = "+ WE"
 def add_we_rows(runs: pd.DataFrame, table: str, plain: pd.DataFrame) -> pd.DataFrame:
     """``plain`` (``report.aggregate``'s rows) plus one "+ WE" row per configuration whose runs carry WiSE-FT
     test metrics, grouped by the same configuration columns as the plain rows."""
-    from discl_ray.report import TABLES, _std
-
     if table != "low_quality" or plain.empty:
         return plain
     wise_cols = [f"metrics.{m}" for m in WE_METRICS.values()]

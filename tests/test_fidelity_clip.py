@@ -166,7 +166,7 @@ def test_discl_mine_with_the_trained_baseline(tmp_path, capsys):
             "prompts.clip_template=a photo of the digit {name}"]
     cfg = _cfg(tmp_path, *over)
     from discl_ray.data import class_names, read_rows
-    from discl_ray.hard_set import trained_run_probs
+    from discl_ray.mining import trained_run_probs
 
     names = class_names(read_rows(cfg))
     torch.manual_seed(3)

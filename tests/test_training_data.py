@@ -11,6 +11,7 @@ import pytest
 from discl_ray.config import load_config
 from discl_ray.training import data as D
 from discl_ray.training.fixture import write_fixture
+from discl_ray.training.images import open_images
 from discl_ray.training.schedules import REAL_ONLY, schedule
 from discl_ray.training.transforms import build_pipeline
 
@@ -27,7 +28,7 @@ def lt(run_root):
     cfg = make_cfg(run_root)
     write_fixture(cfg, corrupt=1)
     # The image cache (the toy world's path) decodes every row once and drops the undecodable ones.
-    pool, _images = D.open_images(cfg, D.load_pool(cfg), build_pipeline(cfg))
+    pool, _images = open_images(cfg, D.load_pool(cfg), build_pipeline(cfg))
     return cfg, pool
 
 

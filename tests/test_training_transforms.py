@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from discl_ray.config import load_config
+from discl_ray.training.images import open_images
 from discl_ray.training.transforms import IMAGENET_MEAN, IMAGENET_STD, build_pipeline
 
 
@@ -117,9 +118,9 @@ def test_streamed_and_cached_images_agree(ray_local, run_root, photos):
     replace_parquet_dir(table.set_column(table.schema.get_field_index("image"), "image",
                                          pa.array(images, pa.binary())), ds_dir, prefix="rows")
     pipe = build_pipeline(cfg)
-    streamed_pool, streamed = D.open_images(cfg, D.load_pool(cfg), pipe)
+    streamed_pool, streamed = open_images(cfg, D.load_pool(cfg), pipe)
     assert type(streamed).__name__ == "StreamedImages"
-    cached_pool, cached = D.open_images(cfg.model_copy(update={"training": cfg.training.model_copy(
+    cached_pool, cached = open_images(cfg.model_copy(update={"training": cfg.training.model_copy(
         update={"image_cache_mb": 64})}), D.load_pool(cfg), pipe)
     assert type(cached).__name__ == "CachedImages" and cached_pool.n_bad_images == 1
 

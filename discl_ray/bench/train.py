@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from discl_ray.bench.train_memory import ray_run
+from discl_ray.training.images import open_images
+
 DEFAULTS = ["experiment=bench", "dataset.image_size=32", "generation.lams=[0.0,0.5,0.7,0.9]", "scoring.threshold=0.2",
             "training.backbone=small_cnn",
             "training.batch_size=64", "training.lr=0.002", "training.num_workers=1", "training.cpus_per_worker=1",
@@ -50,7 +53,7 @@ def plain_loop(cfg) -> dict:
     t0 = time.perf_counter()
     pool = D.load_pool(cfg)
     pipe = build_pipeline(cfg)
-    pool, images = D.open_images(cfg, pool, pipe)
+    pool, images = open_images(cfg, pool, pipe)
     torch.manual_seed(tc.seed)
     model = build_model(tc.backbone, pool.num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
@@ -75,19 +78,6 @@ def plain_loop(cfg) -> dict:
     loop_s = time.perf_counter() - loop_t0
     return {"loop_s": loop_s, "samples": seen, "samples_per_s": seen / loop_s, "e2e_s": time.perf_counter() - t0,
             "val_acc": val_acc}
-
-
-def ray_run(cfg, name: str, storage: str) -> dict:
-    from discl_ray.training import build_trainer
-    from discl_ray.training.checkpointing import read_state
-    from discl_ray.training.trainer import run_trainer
-
-    t0 = time.perf_counter()
-    result = run_trainer(*build_trainer(cfg, run_name=name, storage_path=storage))
-    m = result.metrics
-    history = read_state(result.checkpoint).get("metrics", [])
-    return {"loop_s": m["loop_s"], "samples": m["loop_samples"], "samples_per_s": m["loop_samples_per_s"],
-            "e2e_s": time.perf_counter() - t0, "history": history, "final": m}
 
 
 def main(argv: list[str] | None = None) -> int:

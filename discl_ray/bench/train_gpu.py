@@ -67,8 +67,7 @@ def run(root: Path, rows: int = 4096, workers: int = 2, precisions=("fp32", "bf1
     """One epoch per (model, precision) on ``workers`` GPU workers; returns one result row each."""
     import ray
 
-    from discl_ray.bench.train import ray_run
-    from discl_ray.bench.train_memory import write_experiment
+    from discl_ray.bench.train_memory import ray_run, write_experiment
     from discl_ray.config import load_config
 
     # Half the cluster's CPUs to the Train workers (at most 2 each), the rest to the decode tasks.

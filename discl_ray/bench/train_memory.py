@@ -108,7 +108,6 @@ def write_experiment(cfg, n_train: int, n_eval: int = 200, seed: int = 0, part_r
 
 
 def run_piece(name: str, n: int, root: Path, overrides: list[str]) -> dict:
-    from discl_ray.bench.train import ray_run
     from discl_ray.config import load_config
 
     strategy = name.split("-")[0]
@@ -187,3 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def ray_run(cfg, name: str, storage: str) -> dict:
+    """One Ray Train run of ``cfg``: loop and end-to-end time, samples, the per-epoch history (every train bench)."""
+    import time
+
+    from discl_ray.training import build_trainer
+    from discl_ray.training.checkpointing import read_state
+    from discl_ray.training.trainer import run_trainer
+
+    t0 = time.perf_counter()
+    result = run_trainer(*build_trainer(cfg, run_name=name, storage_path=storage))
+    m = result.metrics
+    history = read_state(result.checkpoint).get("metrics", [])
+    return {"loop_s": m["loop_s"], "samples": m["loop_samples"], "samples_per_s": m["loop_samples_per_s"],
+            "e2e_s": time.perf_counter() - t0, "history": history, "final": m}

@@ -260,18 +260,6 @@ def image_tables(cfg, pool: Pool) -> dict[str, pa.Table]:
     return out
 
 
-def open_images(cfg, pool: Pool, pipe):
-    """(pool, images): the cache (bad rows dropped from the pool) or the stream; see ``images.py``."""
-    from discl_ray.training.images import build_images
-
-    images, keep = build_images(pool, pipe, cfg, stage_uris(cfg), lambda: image_tables(cfg, pool))
-    if keep is not None:
-        pool = pool.subset(keep)
-        pool.tail_labels = tail_labels(cfg, pool)
-        images.pool = pool
-    return pool, images
-
-
 def class_groups(cfg, counts: np.ndarray) -> dict[int, str]:
     """many / medium / few per class from training counts (mining.few_max, mining.many_min)."""
     few, many = cfg.mining.few_max, cfg.mining.many_min

@@ -368,3 +368,15 @@ def will_stream(cfg) -> bool:
     kind = pipeline_kind(tc)
     pipe = InputPipeline(kind, size, size if kind != "resnet" else tc.resize_size or round(size * 256 / 224))
     return estimate_cache_bytes(pipe, n) > tc.image_cache_mb * 2**20
+
+
+def open_images(cfg, pool, pipe):
+    """(pool, images): the cache (bad rows dropped from the pool) or the stream; see ``images.py``."""
+    from discl_ray.training.data import image_tables, stage_uris, tail_labels
+
+    images, keep = build_images(pool, pipe, cfg, stage_uris(cfg), lambda: image_tables(cfg, pool))
+    if keep is not None:
+        pool = pool.subset(keep)
+        pool.tail_labels = tail_labels(cfg, pool)
+        images.pool = pool
+    return pool, images

@@ -29,6 +29,7 @@ from discl_ray.training import data as D
 from discl_ray.training import distributed as dx
 from discl_ray.training import lpft
 from discl_ray.training.clip_backbone import caption_prompts
+from discl_ray.training.images import open_images
 from discl_ray.training.losses import classification_loss, flyp_loss, log_class_prior
 from discl_ray.training.metrics import confusion, lt_metrics, macro_f1, true_class_prob
 from discl_ray.training.models import build_model, unwrap
@@ -82,7 +83,7 @@ class Worker:
         if self.tc.init_checkpoint:
             net.load_state_dict(ckpt.load_model_state(self.tc.init_checkpoint))
         self.pipe = build_pipeline(self.cfg, getattr(net, "clip", None))
-        self.pool, self.images = D.open_images(self.cfg, pool, self.pipe)
+        self.pool, self.images = open_images(self.cfg, pool, self.pipe)
         if hasattr(self.images, "stream"):
             _quiet_ray_data()
         self.guidance_val: Optional[dict[float, np.ndarray]] = None

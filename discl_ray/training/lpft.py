@@ -13,48 +13,9 @@ None after the (already all-reduced) backward makes the optimizer skip it - no u
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from discl_ray.training.models import ClipClassifier, unwrap
-
-
-class LinearHeadClip(nn.Module):
-    """CLIP image tower + linear head; takes images normalised by the clip input pipeline (``transforms.py``)
-    like every backbone here."""
-
-    def __init__(self, visual: nn.Module, weight: torch.Tensor, bias: torch.Tensor, image_size: Optional[tuple]):
-        super().__init__()
-        self.visual = visual
-        self.head = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.head.weight.copy_(weight)
-            self.head.bias.copy_(bias)
-        self.image_size = image_size
-
-    @property
-    def clip(self) -> nn.Module:
-        """The open_clip module the input pipeline reads its preprocess from (``build_pipeline(cfg, net.clip)``,
-        as for :class:`ClipClassifier`): the image tower, which carries the model's ``preprocess_cfg``."""
-        return self.visual
-
-    @classmethod
-    def from_zero_shot(cls, clf: ClipClassifier) -> "LinearHeadClip":
-        """Head = logit_scale · normalised class-prompt embeddings: the zero-shot classifier as a linear layer."""
-        with torch.no_grad():
-            txt = F.normalize(clf.clip.encode_text(clf.class_tokens), dim=-1)
-            weight = clf.clip.logit_scale.exp() * txt
-        return cls(clf.clip.visual, weight, torch.zeros(weight.shape[0]), clf.image_size)
-
-    def forward(self, x: torch.Tensor, flyp_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if flyp_labels is not None:
-            raise ValueError("training.head=linear trains with cross-entropy; FLYP needs the text tower")
-        if self.image_size and tuple(x.shape[-2:]) != tuple(self.image_size):
-            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
-        return self.head(F.normalize(self.visual(x), dim=-1))
+from discl_ray.training.models import ClipClassifier, LinearHeadClip, unwrap  # noqa: F401
 
 
 def in_linear_probe(tc, epoch: int) -> bool:

@@ -72,6 +72,42 @@ class ClipClassifier(nn.Module):
         return scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
 
 
+# LP-FT's model (training/lpft.py has the schedule that trains it).
+class LinearHeadClip(nn.Module):
+    """CLIP image tower + linear head; takes images normalised by the clip input pipeline (``transforms.py``)
+    like every backbone here."""
+
+    def __init__(self, visual: nn.Module, weight: torch.Tensor, bias: torch.Tensor, image_size: Optional[tuple]):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+            self.head.bias.copy_(bias)
+        self.image_size = image_size
+
+    @property
+    def clip(self) -> nn.Module:
+        """The open_clip module the input pipeline reads its preprocess from (``build_pipeline(cfg, net.clip)``,
+        as for :class:`ClipClassifier`): the image tower, which carries the model's ``preprocess_cfg``."""
+        return self.visual
+
+    @classmethod
+    def from_zero_shot(cls, clf: ClipClassifier) -> "LinearHeadClip":
+        """Head = logit_scale · normalised class-prompt embeddings: the zero-shot classifier as a linear layer."""
+        with torch.no_grad():
+            txt = F.normalize(clf.clip.encode_text(clf.class_tokens), dim=-1)
+            weight = clf.clip.logit_scale.exp() * txt
+        return cls(clf.clip.visual, weight, torch.zeros(weight.shape[0]), clf.image_size)
+
+    def forward(self, x: torch.Tensor, flyp_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if flyp_labels is not None:
+            raise ValueError("training.head=linear trains with cross-entropy; FLYP needs the text tower")
+        if self.image_size and tuple(x.shape[-2:]) != tuple(self.image_size):
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        return self.head(F.normalize(self.visual(x), dim=-1))
+
+
 def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
     return [template.format(name=n) for n in class_names]
 
@@ -95,8 +131,6 @@ def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[
         model, _preprocess, tokenizer = load_clip(trainer_clip_config(cfg), RunPaths.from_config(cfg).cache, device)
         clf = ClipClassifier(model.float(), tokenizer(list(prompts)))
         if cfg.training.head == "linear":      # LP-FT: image tower + linear head from the zero-shot weights
-            from discl_ray.training.lpft import LinearHeadClip
-
             return LinearHeadClip.from_zero_shot(clf)
         return clf
     raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
