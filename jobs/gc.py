@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli.stage import run_stage
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 def _body(cfg, args: argparse.Namespace) -> int:
     from discl_ray.generation.store import gc_store, store_root
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     report = gc_store(RunPaths.from_config(cfg).root, store_root(cfg), dry_run=args.dry_run)
     verb = "would drop" if args.dry_run else "dropped"

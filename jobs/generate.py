@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import sys
 
-from discl_ray.cli_common import preflight, run_stage
+from discl_ray.cli.stage import preflight, run_stage
 
 
 def _body(cfg, args) -> int:
     from discl_ray.generation.job import run_generate
-    from discl_ray.lease import StageBusy
+    from discl_ray.runtime.lease import StageBusy
 
     preflight(cfg, "generate")  # missing inputs, models, an unreachable MLflow: before any cluster work
     try:

@@ -6,15 +6,16 @@ import json
 import sys
 from collections import Counter
 
-from discl_ray.cli_common import preflight, run_stage
+from discl_ray.cli.stage import preflight, run_stage
 from discl_ray.config import ExperimentConfig
 
 
 def _body(cfg: ExperimentConfig, args) -> int:
-    from discl_ray import data, mining
-    from discl_ray.io import replace_parquet_dir
-    from discl_ray.prompts import build_prompts
-    from discl_ray.runtime import RunPaths
+    from discl_ray import data
+    from discl_ray.mining import select as mining
+    from discl_ray.prompts.templates import build_prompts
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import replace_parquet_dir
 
     preflight(cfg, "mine")  # missing inputs, models, an unreachable MLflow: before any cluster work
     paths = RunPaths.from_config(cfg)

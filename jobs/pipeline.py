@@ -58,7 +58,7 @@ def _validate(stages: list[str], shared: list[str]):
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r}; choose from: {', '.join(STAGES)}")
-    from discl_ray.cli_common import resolve_config, stage_parser
+    from discl_ray.cli.stage import resolve_config, stage_parser
 
     args = stage_parser("pipeline", "").parse_args([a for a in shared if a != "--no-upstream"])
     return resolve_config(args), args

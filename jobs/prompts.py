@@ -1,14 +1,14 @@
 """`discl prompts`: write the per-class prompt table runs/<experiment>/prompts/.
 
 With --llm, first ask an LLM for each class's diverse descriptions (paper A.1.2) through Ray Data LLM and use
-them as prompts.prompts_file (see discl_ray/llm_prompts.py)."""
+them as prompts.prompts_file (see discl_ray/prompts/llm.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from discl_ray.cli_common import preflight, run_stage
+from discl_ray.cli.stage import preflight, run_stage
 from discl_ray.config import ExperimentConfig
 
 
@@ -18,13 +18,13 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 def _body(cfg: ExperimentConfig, args) -> int:
     from discl_ray import data
-    from discl_ray.io import replace_parquet_dir
-    from discl_ray.prompts import build_prompts
-    from discl_ray.runtime import RunPaths
+    from discl_ray.prompts.templates import build_prompts
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import replace_parquet_dir
 
     preflight(cfg, "prompts")  # the dataset's rows can be built (a missing root fails here)
     if args.llm:
-        from discl_ray.llm_prompts import llm_prompt_file
+        from discl_ray.prompts.llm import llm_prompt_file
 
         try:
             path, info = llm_prompt_file(cfg, cfg.prompts.prompts_file)

@@ -136,9 +136,9 @@ def _world_lines(cache: Path) -> list[str]:
 
 
 def run(profile: str, run_root: str, extra: list[str], sequential: bool = False, verbose: bool = False) -> int:
-    from discl_ray import logs
     from discl_ray.config import load_config
-    from discl_ray.runtime import RunPaths, init_ray
+    from discl_ray.runtime import logs
+    from discl_ray.runtime.cluster import RunPaths, init_ray
     from discl_ray.toyworld import ship
 
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli.stage import run_stage
 from discl_ray.config import ExperimentConfig
 
 
@@ -18,9 +18,9 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    from discl_ray.report import write_report
-    from discl_ray.runtime import RunPaths, tracking_uri
-    from discl_ray.tracking import TrackingUnavailable, check_reachable
+    from discl_ray.report.tables import write_report
+    from discl_ray.runtime.cluster import RunPaths, tracking_uri
+    from discl_ray.runtime.tracking import TrackingUnavailable, check_reachable
 
     uri = tracking_uri(cfg)
     try:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import sys
 
-from discl_ray.cli_common import preflight, run_stage
+from discl_ray.cli.stage import preflight, run_stage
 
 
 def _body(cfg, args) -> int:
-    from discl_ray.lease import StageBusy
-    from discl_ray.runtime import TrackingConfigError
+    from discl_ray.runtime.cluster import TrackingConfigError
+    from discl_ray.runtime.lease import StageBusy
     from discl_ray.scoring.job import ScoreInputError, run_score
 
     preflight(cfg, "score")  # missing inputs, models, an unreachable MLflow: before any cluster work

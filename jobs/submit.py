@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.no_auth:
         os.environ["RAY_AUTH_MODE"] = "disabled"
+    from discl_ray.cli.submit import follow, submit_stage
     from discl_ray.config import ConfigError
-    from discl_ray.submit import follow, submit_stage
 
     # `discl submit pipeline mine prompts generate key=value`: bare words are the pipeline's stages.
     stage_args = [o for o in args.overrides if "=" not in o]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from discl_ray.cli_common import preflight, run_stage
+from discl_ray.cli.stage import preflight, run_stage
 from discl_ray.config import ConfigError, ExperimentConfig
 
 
@@ -21,8 +21,8 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    from discl_ray.sweep import grid_size, run_sweep
-    from discl_ray.tracking import TrackingUnavailable
+    from discl_ray.runtime.tracking import TrackingUnavailable
+    from discl_ray.sweep.tune import grid_size, run_sweep
 
     if not cfg.sweep.space:
         print("discl sweep: sweep.space is empty; give it in the config or as an override, e.g. "

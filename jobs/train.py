@@ -14,7 +14,7 @@ import json
 import math
 import sys
 
-from discl_ray.cli_common import preflight, run_stage
+from discl_ray.cli.stage import preflight, run_stage
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _body(cfg, args) -> int:
-    from discl_ray.preflight import tracking_lost
+    from discl_ray.cli.preflight import tracking_lost
     from discl_ray.training import fit
     from discl_ray.training.trainer import check_run_name
 

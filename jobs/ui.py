@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli.stage import run_stage
 from discl_ray.config import ExperimentConfig
 
 
@@ -35,8 +35,8 @@ def headline_views(uri: str) -> dict[str, str]:
 
     import mlflow
 
-    from discl_ray.report import TABLES, config_columns
-    from discl_ray.tracking import use_uri
+    from discl_ray.report.tables import TABLES, config_columns
+    from discl_ray.runtime.tracking import use_uri
 
     use_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -75,8 +75,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    from discl_ray.runtime import tracking_uri
-    from discl_ray.tracking import artifact_root, ui_command, wait_until_up
+    from discl_ray.runtime.cluster import tracking_uri
+    from discl_ray.runtime.tracking import artifact_root, ui_command, wait_until_up
 
     uri = tracking_uri(cfg)
     try:

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from discl_ray.cli_common import run_stage
+from discl_ray.cli.stage import run_stage
 from discl_ray.config import ExperimentConfig
 
 
@@ -93,7 +93,7 @@ def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 def _gap_body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from discl_ray.data.toy import partition_seed
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
     from discl_ray.toyworld import gap_world
 
     if args.train_text:
@@ -158,7 +158,7 @@ def format_gap_report(man: dict, verbose: bool = False) -> str:
 
 def _clean_body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from discl_ray.data.toy import partition_seed
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
     from discl_ray.toyworld.train import FULL_BUDGET_S, train_world
 
     cache = RunPaths.from_config(cfg).cache

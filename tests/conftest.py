@@ -69,7 +69,7 @@ def ray_local():
     """A 2-CPU local Ray cluster shared by the session's tests (stopped at the end)."""
     import ray
 
-    from discl_ray.runtime import pin_loopback
+    from discl_ray.runtime.cluster import pin_loopback
 
     if not ray.is_initialized():
         pin_loopback()

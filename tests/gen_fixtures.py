@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from discl_ray.generation.tiny import build_tiny_sd, build_tiny_sdxl
-from discl_ray.io import png_bytes, write_parquet_part
+from discl_ray.runtime.io import png_bytes, write_parquet_part
 
 __all__ = ["build_tiny_sd", "build_tiny_sdxl", "tiny_sd_dir", "tiny_sdxl_dir", "write_experiment",
            "source_images"]
@@ -48,7 +48,7 @@ def write_experiment(run_root: Path, model: str, n_sources: int = 3, corrupt: bo
     Sources are ``src0..`` (labels alternate 0/1); ``corrupt`` adds ``bad0`` whose bytes are not an image,
     ``missing`` adds a hard id ``gone0`` that is not in the dataset."""
     from discl_ray.config import load_config
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     gen = dict(model=str(model), lams=lams or [0.0, 0.5, 0.9], seeds=seeds or [0, 1], steps=10,
                guidance_scale=3.0, device="cpu", dtype="float32", batch_size=4, rows_per_block=8,

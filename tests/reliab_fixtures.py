@@ -64,7 +64,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def mlflow_server(root: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real ``mlflow server`` on 127.0.0.1 (sqlite store) for the duration of the block; yields (uri, proc)."""
-    from discl_ray.tracking import ui_command, wait_until_up
+    from discl_ray.runtime.tracking import ui_command, wait_until_up
 
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -106,7 +106,7 @@ def ray_start_tripwire(monkeypatch) -> list:
     ``init_ray`` looks up ``runtime._init_ray`` at call time, so this catches a stage that reaches its cluster
     start even when the test session's Ray is already up (``init_ray`` would return at once then). A test
     asserts the list is empty: proof of "no Ray start" that does not depend on how fast the machine is."""
-    from discl_ray import runtime
+    from discl_ray.runtime import cluster as runtime
 
     calls: list = []
 

@@ -9,7 +9,7 @@ import pytest
 from gen_fixtures import tiny_sd_dir, write_experiment
 from reliab_fixtures import deep_update, free_port, lt_experiment, ray_start_tripwire, write_config
 
-from discl_ray.io import read_parquet_dir, write_parquet_part
+from discl_ray.runtime.io import read_parquet_dir, write_parquet_part
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def test_trainer_clip_is_not_the_filter_and_captions_use_common_names(tmp_path):
     cfg = _cfg(tmp_path)
     net = build_model("clip", 2, cfg=cfg, prompts=caption_prompts(cfg, ["tayassu pecari", "empty"]))
     assert isinstance(net, ClipClassifier) and net.clip.visual.conv1.out_channels == 48   # trainer's arch
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
     from discl_ray.scoring.clip import load_clip
 
     filt, _, _ = load_clip(cfg.scoring, RunPaths.from_config(cfg).cache)
@@ -120,7 +120,7 @@ def test_wise_alpha_is_chosen_on_validation_only():
 
 
 def test_report_adds_a_we_row_per_configuration():
-    from discl_ray.report import aggregate, format_table
+    from discl_ray.report.tables import aggregate, format_table
 
     rows = []
     for strategy, wise in (("none", True), ("adaptive", True), ("easy_to_hard", False)):
@@ -141,7 +141,7 @@ def test_report_adds_a_we_row_per_configuration():
 
 def test_select_hard_sizes_and_exclusions():
     from discl_ray.config import MiningConfig
-    from discl_ray.hard_set import select_hard
+    from discl_ray.mining.hard_set import select_hard
 
     labels = [0] * 5 + [1] * 5 + [2] * 5
     prob = [0.1, 0.2, 0.3, 0.4, 0.5, 0.05, 0.15, 0.9, 0.9, 0.9, 0.01, 0.02, 0.03, 0.04, 0.05]
@@ -166,7 +166,7 @@ def test_discl_mine_with_the_trained_baseline(tmp_path, capsys):
             "prompts.clip_template=a photo of the digit {name}"]
     cfg = _cfg(tmp_path, *over)
     from discl_ray.data import class_names, read_rows
-    from discl_ray.mining import trained_run_probs
+    from discl_ray.mining.select import trained_run_probs
 
     names = class_names(read_rows(cfg))
     torch.manual_seed(3)
@@ -181,8 +181,8 @@ def test_discl_mine_with_the_trained_baseline(tmp_path, capsys):
         "training.clip.model=tiny-clip-wide", f"training.clip.model_config_path={cfg.training.clip.model_config_path}",
         "training.clip.pretrained=null", *over]
     assert main(args) == 0
-    from discl_ray.io import read_parquet_dir
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import read_parquet_dir
 
     hard = read_parquet_dir(RunPaths.from_config(cfg).stage("mine"))
     assert hard.num_rows == 25 and "zero" not in hard["class_name"].to_pylist()

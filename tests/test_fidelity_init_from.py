@@ -95,7 +95,7 @@ def test_clear_errors(tmp_path, baseline):
 def test_mining_classifier_finds_the_baseline_in_its_run_folder(tmp_path, baseline):
     """``mining.classifier: trained_run`` with tracking off: the classifier is the run folder's selected model."""
     from discl_ray.data import class_names, read_rows
-    from discl_ray.hard_set import TrainedRunClassifier, check_fits
+    from discl_ray.mining.hard_set import TrainedRunClassifier, check_fits
 
     base_cfg, run_dir = baseline
     cfg = load_config(None, [f"run_root={base_cfg.run_root}", *COMMON, "experiment=tiny_discl",
@@ -158,7 +158,7 @@ def test_resolves_through_mlflow_when_the_run_dir_is_gone(tmp_path):
 
 def test_resolves_from_an_object_store_run_root(tmp_path, monkeypatch, baseline):
     """run_root on S3 (a moto server on 127.0.0.1): init_checkpoint is the final checkpoint's URI, which a Ray
-    worker reads through discl_ray.storage where it runs; nothing lands in the driver's node-local cache."""
+    worker reads through discl_ray.runtime.storage where it runs; nothing lands in the driver's node-local cache."""
     import boto3
     import ray
     from moto.server import ThreadedMotoServer

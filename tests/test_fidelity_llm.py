@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from discl_ray.config import load_config
-from discl_ray.llm_prompts import parse_descriptions
+from discl_ray.prompts.llm import parse_descriptions
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["\n", "1.", "2.", "a", "digit", "drawn", "on", "paper", "in", "the", "park", "with", "soft", "light",
@@ -107,7 +107,7 @@ def test_prompts_llm_queries_every_class_once_and_caches(server, tmp_path, ray_p
     prompts = json.loads(out.read_text())
     assert set(prompts) == {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
     assert prompts["seven"] == parse_descriptions(queries[q7]["content"], 3) and prompts["seven"]
-    from discl_ray.io import read_parquet_dir
+    from discl_ray.runtime.io import read_parquet_dir
 
     table = read_parquet_dir(tmp_path / "toy_lt" / "prompts").to_pylist()
     seven = next(r for r in table if r["class_name"] == "seven")
@@ -116,7 +116,7 @@ def test_prompts_llm_queries_every_class_once_and_caches(server, tmp_path, ray_p
     # Cached by (model, classes): the same run sends nothing; another model asks again.
     assert main(args) == 0 and len(seen) == before + 10
     assert "from the cache" in capsys.readouterr().out
-    from discl_ray.llm_prompts import cache_key
+    from discl_ray.prompts.llm import cache_key
 
     llm = load_config(None, ["prompts.llm.model=other-model"]).prompts.llm
     assert cache_key(llm, ["seven"], "digits") != cache_key(load_config(None).prompts.llm, ["seven"], "digits")

@@ -96,8 +96,8 @@ def test_plan_counts_the_filtered_spectrum_when_it_exists(tmp_path):
     write_fixture(cfg, seeds=(0, 1, 2))
     plan = build_plan(cfg)
     assert not plan.estimated
-    from discl_ray.io import read_parquet_dir
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import read_parquet_dir
 
     scores = read_parquet_dir(RunPaths.from_config(cfg).stage("score", "scores"))
     kept = {(r["source_image_id"]) for r in scores.to_pylist() if r["lam"] == 0.0 and r["clip_text_cos"] >= 0.5}
@@ -115,8 +115,8 @@ def _toy_world(path: Path, run_root: Path, tmp: Path):
     cfg = load_config(path, over)
     if not lt and raw.training.strategy != "none":
         from discl_ray.data import read_rows
-        from discl_ray.io import replace_parquet_dir
-        from discl_ray.runtime import RunPaths
+        from discl_ray.runtime.cluster import RunPaths
+        from discl_ray.runtime.io import replace_parquet_dir
 
         train = read_rows(cfg, ("train",))
         hard = train.take(pa.array(range(0, train.num_rows, 4)))     # a mined hard set, as `discl mine` writes it

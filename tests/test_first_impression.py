@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from discl_ray.report import format_table, to_markdown
+from discl_ray.report.tables import format_table, to_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def test_bench_json_that_cannot_be_merged_into_is_one_line_and_exit_2(tmp_path, 
 
 
 def test_bench_json_helper_reads_what_an_earlier_piece_wrote(tmp_path):
-    from discl_ray.io import MergeFileError, read_json_to_merge
+    from discl_ray.runtime.io import MergeFileError, read_json_to_merge
 
     assert read_json_to_merge(tmp_path / "new.json") == {}              # no file yet: a new one
     (tmp_path / "old.json").write_text('{"fixed-n": {"n_train": 5000}}')

@@ -20,7 +20,7 @@ import yaml
 from gen_fixtures import tiny_sd_dir, write_experiment
 
 from discl_ray.generation.job import run_generate
-from discl_ray.io import parquet_files, read_parquet_dir
+from discl_ray.runtime.io import parquet_files, read_parquet_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ from discl_ray.generation.engine import SpectrumEngine, WorkItem, output_key, st
 from discl_ray.generation.output import encode_rows, part_name
 from discl_ray.generation.pipeline import fix_aesthetics_flag, is_sdxl, load_img2img
 from discl_ray.generation.plan import plan_sources, prepare_sources, read_inputs
-from discl_ray.io import read_parquet_dir
+from discl_ray.runtime.io import read_parquet_dir
 
 torch.set_num_threads(1)
 
@@ -146,8 +146,8 @@ def test_job_on_ray_resumes_and_records_errors(models, tmp_path, ray_local):
     from discl_ray.generation.job import run_generate, source_digests
     from discl_ray.generation.output import encode_and_write
     from discl_ray.generation.store import settings_digest, store_root
-    from discl_ray.lease import LEASE, StageBusy
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.lease import LEASE, StageBusy
 
     cfg = _job_cfg(tmp_path, models)
     hard, rows, prompts = read_inputs(cfg)
@@ -211,7 +211,7 @@ def test_shared_noise_is_one_trajectory_per_source_and_seed(models, tmp_path):
     default draws independent noise per λ; a spectrum is never resumed in the other mode."""
     from discl_ray.generation.engine import noise_seed
     from discl_ray.generation.plan import check_existing
-    from discl_ray.io import write_parquet_part
+    from discl_ray.runtime.io import write_parquet_part
 
     assert noise_seed("s0", 0.0, 3, shared=True) == noise_seed("s0", 0.5, 3, shared=True)
     assert noise_seed("s0", 0.0, 3, shared=True) != noise_seed("s0", 0.0, 4, shared=True)

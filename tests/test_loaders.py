@@ -15,7 +15,7 @@ from discl_ray.data import CANONICAL_SCHEMA, get_loader, load_rows
 from discl_ray.data.loaders import DatasetError, class_groups
 from discl_ray.data.loaders.cifar100_lt import lt_counts
 from discl_ray.data.loaders.common import balanced_holdout
-from discl_ray.io import load_image
+from discl_ray.runtime.io import load_image
 
 
 def _counts(table, split):

@@ -15,7 +15,7 @@ from discl_ray.config import DatasetConfig
 from discl_ray.data import CANONICAL_SCHEMA, load_rows
 from discl_ray.data.loaders import DatasetError, class_groups
 from discl_ray.data.loaders.iwildcam import COMMON_NAMES_PATH, common_name, macro_f1
-from discl_ray.io import load_image
+from discl_ray.runtime.io import load_image
 
 NAMES = ["empty", "tayassu pecari", "dasyprocta punctata", "zzz unmapped beast"]
 # (wilds split, label, location): train at locations 0-1, ID val/test there too, OOD at locations 2-3.

@@ -1,6 +1,6 @@
 """Every local Ray cluster the project starts is pinned to 127.0.0.1 (issue 29).
 
-Stages and benchmarks start their cluster through ``discl_ray.runtime.init_local_ray``; the scan fails on any
+Stages and benchmarks start their cluster through ``discl_ray.runtime.cluster.init_local_ray``; the scan fails on any
 other ``ray.init`` in the package or the jobs, and the runtime check fails if that one place stops pinning."""
 
 from __future__ import annotations
@@ -71,20 +71,20 @@ def test_only_runtime_starts_ray():
         for path in sorted((ROOT / top).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             for line, fn, call in _ray_init_uses(path):
-                if rel == "discl_ray/runtime.py" and fn == "init_local_ray":
+                if rel == "discl_ray/runtime/cluster.py" and fn == "init_local_ray":
                     allowed.append((rel, line))
                     continue
                 # init_ray joining a running cluster by its address: not a cluster this process starts.
-                if rel == "discl_ray/runtime.py" and fn == "_init_ray":
+                if rel == "discl_ray/runtime/cluster.py" and fn == "_init_ray":
                     kw = {k.arg: k.value for k in call.keywords} if call else {}
                     if isinstance(kw.get("address"), ast.Name) and kw["address"].id == "address":
                         allowed.append((rel, line))
                         continue
                 offenders.append(f"{rel}:{line} (in {fn})")
-    assert not offenders, ("ray.init outside discl_ray.runtime.init_local_ray (a cluster not pinned to "
+    assert not offenders, ("ray.init outside discl_ray.runtime.cluster.init_local_ray (a cluster not pinned to "
                            f"127.0.0.1): {offenders}")
     # The one place exists and is the one the scan found (a rename must not turn this test into a no-op).
-    assert ("discl_ray/runtime.py" in {r for r, _ in allowed}) and len(allowed) == 2, allowed
+    assert ("discl_ray/runtime/cluster.py" in {r for r, _ in allowed}) and len(allowed) == 2, allowed
 
 
 def test_benchmarks_and_stages_call_init_local_ray():
@@ -99,7 +99,7 @@ def test_init_local_ray_node_ip_is_loopback(tmp_path):
     # 127.0.0.1 (raylet, GCS and this driver), and an address other than "local" is refused before any start.
     script = textwrap.dedent("""
         import ray
-        from discl_ray.runtime import init_local_ray
+        from discl_ray.runtime.cluster import init_local_ray
         try:
             init_local_ray(address="auto")
         except ValueError as e:

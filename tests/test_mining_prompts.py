@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 
 from discl_ray.config import MiningConfig, PromptsConfig
-from discl_ray.mining import class_groups, mine_confidence, mine_frequency, select_low_confidence
-from discl_ray.prompts import build_prompts
+from discl_ray.mining.select import class_groups, mine_confidence, mine_frequency, select_low_confidence
+from discl_ray.prompts.templates import build_prompts
 
 
 def _train(counts: dict[int, int]) -> pa.Table:
@@ -80,8 +80,8 @@ def test_confidence_mining_runs_as_a_ray_data_stage(tmp_path, ray_local):
     import torch
 
     from discl_ray.config import load_config
-    from discl_ray.io import png_bytes
-    from discl_ray.mining import true_class_probs
+    from discl_ray.mining.select import true_class_probs
+    from discl_ray.runtime.io import png_bytes
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
@@ -112,8 +112,8 @@ def test_confidence_mining_shares_the_rows_among_the_pool(tmp_path, ray_local):
     from ray.data import DataContext
 
     from discl_ray.config import load_config
-    from discl_ray.io import png_bytes
-    from discl_ray.mining import split_blocks, true_class_probs
+    from discl_ray.mining.select import split_blocks, true_class_probs
+    from discl_ray.runtime.io import png_bytes
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))

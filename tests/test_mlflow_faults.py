@@ -16,7 +16,7 @@ import pytest
 from gen_fixtures import tiny_sd_dir, write_experiment
 from reliab_fixtures import free_port, stop_server, write_config
 
-from discl_ray.io import read_parquet_dir
+from discl_ray.runtime.io import read_parquet_dir
 
 # About 210 s on 2 cores: too heavy for the default suite's 15-minute budget (`make test-slow` runs it).
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 @contextlib.contextmanager
 def _server(root: Path, port: int):
     """A real ``mlflow server`` (sqlite store under ``root``, kept across restarts) on 127.0.0.1:``port``."""
-    from discl_ray.tracking import ui_command, wait_until_up
+    from discl_ray.runtime.tracking import ui_command, wait_until_up
 
     root.mkdir(parents=True, exist_ok=True)
     cmd = ui_command(f"sqlite:///{root / 'server.db'}", port=port, artifacts=str(root / "artifacts"))

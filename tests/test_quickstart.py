@@ -65,7 +65,7 @@ def test_mlflow_experiment_kind_inputs_and_metrics_read_back(smoke_run):
     """The MLflow UI opens these experiments as model-training runs tables, with datasets and metrics."""
     from mlflow import MlflowClient
 
-    from discl_ray.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from discl_ray.runtime.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     root, _, _, _ = smoke_run
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")

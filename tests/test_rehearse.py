@@ -18,7 +18,7 @@ SHIPPED = sorted(p for p in (REPO / "configs").glob("*/*.yaml") if p.name != "ba
 
 
 def test_inside_a_ray_job_nothing_the_job_sets_is_forwarded_again(monkeypatch):
-    from discl_ray import runtime
+    from discl_ray.runtime import cluster as runtime
 
     job = {"runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "PYTHONPATH": "x"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
@@ -44,7 +44,7 @@ def test_inside_a_ray_job_nothing_the_job_sets_is_forwarded_again(monkeypatch):
 
 
 def test_workstation_head_accepts_loopback_mlflow_and_uses_this_python():
-    from discl_ray.submit import EXCLUDES, check_forwardable, entrypoint, is_loopback_address
+    from discl_ray.cli.submit import EXCLUDES, check_forwardable, entrypoint, is_loopback_address
 
     assert is_loopback_address("http://127.0.0.1:8265") and is_loopback_address("localhost:6379")
     assert not is_loopback_address("http://ray-head.discl:8265") and not is_loopback_address(None)

@@ -7,18 +7,18 @@ import statistics
 import mlflow  # a hard dependency: a broken install must fail here, not turn into a skip
 import pytest
 
-from discl_ray.report import build_tables, format_table, to_markdown
+from discl_ray.report.tables import build_tables, format_table, to_markdown
 
 STRATS = {"diverse_to_specific": [0.0, 0.5, 1.0], "easy_to_hard": [1.0, 0.5, 0.0]}
 
 
 def _log_runs(uri: str, experiment: str) -> dict:
     """2 strategies × 2 losses × 3 seeds of long-tail runs plus 2 low-quality runs; returns raw finals."""
-    from discl_ray.tracking import ensure_experiment
+    from discl_ray.runtime.tracking import ensure_experiment
 
     # Artifacts next to the store, not in ./mlruns of the current directory.
     ensure_experiment(uri, experiment, uri.removeprefix("sqlite:///").rsplit("/", 1)[0] + "/mlartifacts")
-    from discl_ray.tracking import use_uri
+    from discl_ray.runtime.tracking import use_uri
 
     use_uri(uri)  # unlike mlflow.set_tracking_uri, leaves MLFLOW_TRACKING_URI for the next tests alone
     mlflow.set_experiment(experiment)
@@ -120,7 +120,7 @@ def test_lam_plot_draws_real_only_epochs_and_the_baseline(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from discl_ray.report import plot_lams
+    from discl_ray.report.tables import plot_lams
 
     rows = [{"run_id": "b", "strategy": "none", "epoch": e, "lam": -1.0} for e in range(6)]
     path = plot_lams(pd.DataFrame(rows), tmp_path / "lam.png")
@@ -138,7 +138,7 @@ def test_lam_plot_draws_real_only_epochs_and_the_baseline(tmp_path):
 
 def test_cli_writes_the_report_to_an_object_store_run_root(store, tmp_path, capsys, monkeypatch):
     """`run_root=s3://…` (moto's S3 server on 127.0.0.1): the report goes to the bucket through
-    discl_ray.storage, by default under <run_root>/<experiment>/report and to an explicit `--out s3://…`."""
+    discl_ray.runtime.storage, by default under <run_root>/<experiment>/report and to an explicit `--out s3://…`."""
     import boto3
     from moto.server import ThreadedMotoServer
 

@@ -14,7 +14,7 @@ def test_concurrent_init_ray_starts_one_cluster(tmp_path):
     script = textwrap.dedent(f"""
         import threading, ray
         from discl_ray.config import load_config
-        from discl_ray.runtime import init_ray
+        from discl_ray.runtime.cluster import init_ray
         cfg = load_config(data={{"experiment": "t", "run_root": {str(tmp_path / "r")!r},
                                  "ray": {{"num_cpus": 1, "include_dashboard": False}}}})
         barrier = threading.Barrier(3)
@@ -41,8 +41,8 @@ def test_storage_local_semantics(tmp_path):
 
     import pyarrow as pa
 
-    from discl_ray.io import parquet_files, read_parquet_dir, replace_parquet_dir
-    from discl_ray.storage import Storage, is_uri
+    from discl_ray.runtime.io import parquet_files, read_parquet_dir, replace_parquet_dir
+    from discl_ray.runtime.storage import Storage, is_uri
 
     root = Storage.from_uri(str(tmp_path / "a"))
     part = root.join("x", "p1.parquet")
@@ -64,8 +64,8 @@ def test_object_store_run_root_and_tracking_rules(tmp_path, monkeypatch):
     import pytest
 
     from discl_ray.config import load_config
-    from discl_ray.runtime import RunPaths, TrackingConfigError, tracking_uri
-    from discl_ray.storage import Storage
+    from discl_ray.runtime.cluster import RunPaths, TrackingConfigError, tracking_uri
+    from discl_ray.runtime.storage import Storage
 
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")                  # no region lookup over the network
     monkeypatch.setenv("DISCL_CACHE_DIR", str(tmp_path / "cache"))

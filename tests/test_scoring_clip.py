@@ -12,7 +12,7 @@ from clip_fixtures import TINY_CLIP, digit_image, make_tiny_clip, make_toy_clip_
 from PIL import Image
 
 from discl_ray.config import ScoringConfig
-from discl_ray.io import png_bytes
+from discl_ray.runtime.io import png_bytes
 from discl_ray.scoring.clip import (
     clip_model_id,
     encode_images,

@@ -14,8 +14,8 @@ import yaml
 from clip_fixtures import TINY_CLIP, digit_image, make_tiny_clip
 
 from discl_ray.config import load_config
-from discl_ray.io import parquet_files, png_bytes, read_parquet_dir, write_parquet_part
-from discl_ray.runtime import RunPaths
+from discl_ray.runtime.cluster import RunPaths
+from discl_ray.runtime.io import parquet_files, png_bytes, read_parquet_dir, write_parquet_part
 from discl_ray.scoring.job import run_score
 
 LAMS, SEEDS, N_SOURCES = (0.0, 0.5), (0, 1), 4

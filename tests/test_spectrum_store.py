@@ -21,8 +21,8 @@ from gen_fixtures import tiny_sd_dir, write_experiment
 
 from discl_ray.config import load_config
 from discl_ray.generation import store as st
-from discl_ray.io import read_parquet_dir
-from discl_ray.runtime import RunPaths
+from discl_ray.runtime.cluster import RunPaths
+from discl_ray.runtime.io import read_parquet_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from discl_ray.submit import EXCLUDES, entrypoint, runtime_env
+from discl_ray.cli.submit import EXCLUDES, entrypoint, runtime_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,7 +90,7 @@ def test_entrypoint_and_runtime_env(tmp_path):
     outside = tmp_path / "c.yaml"
     outside.write_text(f"experiment: ext\nrun_root: {tmp_path}\n")
     cmd, env = entrypoint("prompts", str(outside), ["dataset.seed=3"], REPO)
-    assert cmd == "python -m discl_ray.submit prompts"
+    assert cmd == "python -m discl_ray.cli.submit prompts"
     assert "experiment: ext" in env["DISCL_CONFIG_YAML"] and "seed: 3" in env["DISCL_CONFIG_YAML"]
     with pytest.raises(ValueError, match="cannot be submitted; choose from: world, mine"):
         entrypoint("ui", None, [], REPO)
@@ -100,7 +100,7 @@ def test_entrypoint_and_runtime_env(tmp_path):
     assert cmd == ("python -m discl_ray.cli pipeline mine prompts --config configs/toy/digits_lt.yaml "
                    "training.epochs=1")
     cmd, _ = entrypoint("pipeline", str(outside), [], REPO, ["prompts"])
-    assert cmd == "python -m discl_ray.submit pipeline prompts"
+    assert cmd == "python -m discl_ray.cli.submit pipeline prompts"
     with pytest.raises(ValueError, match="unknown 'mind'; choose from: world, mine"):
         entrypoint("pipeline", None, [], REPO, ["mind"])
     with pytest.raises(ValueError, match="takes key=value overrides only"):

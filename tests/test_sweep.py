@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from discl_ray.config import ConfigError, load_config, to_flat_dict
-from discl_ray.sweep import (
+from discl_ray.sweep.tune import (
     absolute_paths,
     grid_size,
     max_concurrent,
@@ -48,8 +48,8 @@ def _craft_upstream(cfg) -> None:
     import pyarrow.compute as pc
 
     from discl_ray.data import read_rows
-    from discl_ray.io import load_image, png_bytes, write_parquet_part
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import load_image, png_bytes, write_parquet_part
 
     paths = RunPaths.from_config(cfg)
     train = read_rows(cfg, ("train",))
@@ -171,7 +171,7 @@ def test_sweep_2x2_children_under_parent(tmp_path, ray_local, capsys):
     # The report over this sweep equals a recomputation from the children's raw final metrics.
     import statistics
 
-    from discl_ray.report import build_tables
+    from discl_ray.report.tables import build_tables
 
     lt = build_tables(uri, "sweeptest", parent_run_id=parent.info.run_id)["long_tail"]
     assert len(lt) == 2 and set(lt["n"]) == {2}
@@ -221,7 +221,7 @@ def test_every_shipped_sweep_config_has_valid_trials():
     """Every grid point of every shipped sweep config is a valid trial config (what `discl sweep` checks first)."""
     from pathlib import Path
 
-    from discl_ray.sweep import _grid_points
+    from discl_ray.sweep.tune import _grid_points
 
     repo = Path(__file__).resolve().parent.parent
     paths = sorted(repo.glob("configs/**/sweep_*.yaml"))
@@ -241,7 +241,7 @@ def test_every_shipped_sweep_config_has_valid_trials():
 @pytest.mark.slow  # ~95 s on the shared 2-core machine (a driver process, Tune and one Train trial)
 def test_sweep_on_an_object_store_run_root(tmp_path, monkeypatch):
     """`run_root=s3://…` (moto's S3 server on 127.0.0.1): Tune's experiment state, the trials' checkpoints,
-    the parent-run marker and trials.csv go to the bucket through discl_ray.storage; nothing lands locally.
+    the parent-run marker and trials.csv go to the bucket through discl_ray.runtime.storage; nothing lands locally.
     The sweep runs in its own driver process (as `discl sweep` does) so its cluster's workers get the S3 env."""
     import os
     import subprocess

@@ -10,7 +10,7 @@ import pytest
 from discl_ray.config import load_config
 from discl_ray.data import CANONICAL_SCHEMA, load_rows
 from discl_ray.data.toy import corrupt, lt_counts, world_arrays
-from discl_ray.io import load_image
+from discl_ray.runtime.io import load_image
 
 
 def _rows(*overrides):

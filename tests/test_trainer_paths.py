@@ -148,7 +148,7 @@ def test_confidence_mining_with_a_real_classifier(tmp_path, capsys):
 
     from discl_ray.config import load_config
     from discl_ray.data import read_rows
-    from discl_ray.io import load_image, read_parquet_dir
+    from discl_ray.runtime.io import load_image, read_parquet_dir
     from jobs.mine import main
 
     path, _ = lt_experiment(tmp_path, {"training": {"task": "low_quality"}}, low_quality=True,

@@ -278,8 +278,8 @@ def test_fixture_tables_match_the_stages_schemas(tmp_path):
 
     from discl_ray.generation.engine import noise_seed
     from discl_ray.generation.plan import SPECTRUM_SCHEMA
-    from discl_ray.io import read_parquet_dir
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import read_parquet_dir
     from discl_ray.scoring.embed import SCORE_COLUMNS
 
     cfg = lt_config(tmp_path / "runs")

@@ -33,7 +33,7 @@ def io_config(run_root, *extra):
 
 def layout(cfg, *, keep_lam_column: bool) -> None:
     """Real rows stored class by class in row groups of 8; the spectrum hive-partitioned by λ."""
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     paths = RunPaths.from_config(cfg)
     real = pq.read_table(paths.dataset).sort_by([("label", "ascending"), ("image_id", "ascending")])

@@ -40,7 +40,7 @@ def _steps(client, run_id: str, key: str) -> list[int]:
 def test_epoch_log_writes_each_epoch_once_across_restarts(tmp_path):
     import mlflow
 
-    from discl_ray.tracking import use_uri
+    from discl_ray.runtime.tracking import use_uri
 
     use_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.MlflowClient()

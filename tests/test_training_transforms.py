@@ -96,7 +96,7 @@ def test_streamed_and_cached_images_agree(ray_local, run_root, photos):
     decode + augment in map_batches): identical eval tensors; an undecodable image is dropped and counted."""
     import pyarrow as pa
 
-    from discl_ray.io import png_bytes
+    from discl_ray.runtime.io import png_bytes
     from discl_ray.training import data as D
     from discl_ray.training.fixture import write_fixture
 
@@ -106,8 +106,8 @@ def test_streamed_and_cached_images_agree(ray_local, run_root, photos):
                              "training.image_cache_mb=0"])
     write_fixture(cfg, corrupt=1)
     # Swap two rows' images for real photographs (non-square), so crops and resizes matter.
-    from discl_ray.io import read_parquet_dir, replace_parquet_dir
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import read_parquet_dir, replace_parquet_dir
 
     ds_dir = RunPaths.from_config(cfg).dataset
     table = read_parquet_dir(ds_dir)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from discl_ray.tracking import TrackingUnavailable, check_reachable, wait_until_up
+from discl_ray.runtime.tracking import TrackingUnavailable, check_reachable, wait_until_up
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def test_ui_serves_mlflow_on_loopback(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     (tmp_path / "runs").mkdir()
-    from discl_ray.tracking import ensure_experiment
+    from discl_ray.runtime.tracking import ensure_experiment
 
     ensure_experiment(uri, "uitest", str(tmp_path / "runs" / "mlartifacts"))
     mlflow.set_tracking_uri(uri)

@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from discl_ray.generation.engine import steps_for
 from discl_ray.generation.plan import fan_out, plan_sources, spectrum_lams
-from discl_ray.io import png_bytes
+from discl_ray.runtime.io import png_bytes
 
 LAMS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]
 
@@ -146,8 +146,8 @@ print(json.dumps({"generated": s["generated"], "rss_kib": resource.getrusage(res
 def write_inputs(cfg, n_sources: int, size: int) -> None:
     """The dataset, mine and prompts tables of a bench experiment, as the upstream stages write them."""
     from discl_ray.data import CANONICAL_SCHEMA
-    from discl_ray.io import write_parquet_part
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import write_parquet_part
 
     hard, rows, prompts = _inputs(n_sources, size)
     paths = RunPaths.from_config(cfg)
@@ -233,13 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     # Same priority for all three modes (a dedicated GPU node has no competitors, so no difference there).
     os.environ.setdefault("RAY_worker_niceness", "0")
     if not ray.is_initialized():
-        from discl_ray.runtime import init_local_ray
+        from discl_ray.runtime.cluster import init_local_ray
 
         init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     t_c, t_c_loaded, n_c, bytes_c = run_ray(cfg, sources)
-    from discl_ray.io import read_parquet_dir
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import read_parquet_dir
 
     out_c = read_parquet_dir(RunPaths.from_config(cfg).store("generate", "spectrum"))
     same = sorted(out_b["image_id"].to_pylist()) == sorted(out_c["image_id"].to_pylist())

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     os.environ.setdefault("RAY_worker_niceness", "0")      # see bench/generate.py: shared-machine fairness
-    from discl_ray.runtime import init_local_ray
+    from discl_ray.runtime.cluster import init_local_ray
 
     init_local_ray(num_cpus=2, resources={"sim_gpu": args.max_k}, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()

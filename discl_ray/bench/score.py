@@ -55,7 +55,7 @@ def _scoring_cfg(model: str, work: Path, batch_size: int):
 
 def _rows(n_sources: int, per_source: int, size: int, work: Path, n_files: int) -> tuple[list[Path], pa.Table]:
     """Source images and their synthetic rows (noisy copies) written as spectrum parquet parts."""
-    from discl_ray.io import png_bytes, write_parquet_part
+    from discl_ray.runtime.io import png_bytes, write_parquet_part
 
     rng = np.random.default_rng(0)
     src = {f"src{i}": rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for i in range(n_sources)}
@@ -74,7 +74,7 @@ def _rows(n_sources: int, per_source: int, size: int, work: Path, n_files: int) 
 
 
 def _read(files: list[Path]) -> pa.Table:
-    from discl_ray.io import read_parquet_dir
+    from discl_ray.runtime.io import read_parquet_dir
 
     return read_parquet_dir(files[0].parent)
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         t_b, out_b = _timed(ours_in_process, bundle, files, sources, prompts, args.batch_size)
         started = ray.is_initialized()
         if not started:
-            from discl_ray.runtime import init_local_ray
+            from discl_ray.runtime.cluster import init_local_ray
 
             init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False

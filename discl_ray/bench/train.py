@@ -41,7 +41,7 @@ DEFAULTS = ["experiment=bench", "dataset.image_size=32", "generation.lams=[0.0,0
 
 def plain_loop(cfg) -> dict:
     """The reference: the same epochs without Ray (the code path a researcher would write by hand)."""
-    from discl_ray.io import stable_seed
+    from discl_ray.runtime.io import stable_seed
     from discl_ray.training import data as D
     from discl_ray.training.losses import classification_loss, log_class_prior
     from discl_ray.training.metrics import accuracy, confusion
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from discl_ray.config import load_config
-    from discl_ray.runtime import init_ray
+    from discl_ray.runtime.cluster import init_ray
     from discl_ray.training.fixture import write_fixture
 
     torch.set_num_threads(1)
@@ -173,7 +173,7 @@ def _gpu_main(args) -> int:
         return 2
     workers = min(2, n_gpu)
     if not ray.is_initialized():
-        from discl_ray.runtime import init_local_ray
+        from discl_ray.runtime.cluster import init_local_ray
 
         init_local_ray(include_dashboard=False, log_to_driver=False)
     root = Path(args.run_root or tempfile.mkdtemp(prefix="discl-bench-train-gpu-"))

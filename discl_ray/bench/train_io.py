@@ -41,7 +41,7 @@ def write_experiment(cfg, n_real: int, n_sources: int, row_group: int, seed: int
 
     from discl_ray.bench.train_memory import _jpeg
     from discl_ray.data import CANONICAL_SCHEMA
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     paths = RunPaths.from_config(cfg)
     done = paths.exp / "_bench_io.json"
@@ -123,7 +123,7 @@ def run(root: Path, n_real: int, n_sources: int, row_group: int, world: int, lam
     import torch
 
     from discl_ray.config import load_config
-    from discl_ray.io import stable_seed
+    from discl_ray.runtime.io import stable_seed
     from discl_ray.training import data as D
     from discl_ray.training.images import CachedImages, StreamedImages
     from discl_ray.training.models import build_model
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from discl_ray.runtime import init_local_ray
+    from discl_ray.runtime.cluster import init_local_ray
 
     root = Path(args.run_root or Path(tempfile.gettempdir()) / "discl-bench-train-io")
     if not ray.is_initialized():

@@ -50,7 +50,7 @@ def write_experiment(cfg, n_train: int, n_eval: int = 200, seed: int = 0, part_r
     import pyarrow.parquet as pq
 
     from discl_ray.data import CANONICAL_SCHEMA
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     paths = RunPaths.from_config(cfg)
     marker = paths.dataset / "_dataset_config.json"
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"discl bench train-memory: unknown piece(s) {bad}; choose from {', '.join(PIECES)}", file=sys.stderr)
         return 2
 
-    from discl_ray.io import MergeFileError, read_json_to_merge
+    from discl_ray.runtime.io import MergeFileError, read_json_to_merge
 
     try:      # earlier pieces' numbers; a file that cannot hold them stops the run now, not after the runs
         out: dict = read_json_to_merge(args.json) if args.json else {}
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(args.run_root or Path(tempfile.gettempdir()) / "discl-bench-train-memory")
     if not ray.is_initialized():
-        from discl_ray.runtime import init_local_ray
+        from discl_ray.runtime.cluster import init_local_ray
 
         init_local_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     for name in pieces:

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from discl_ray.io import read_parquet_dir, replace_parquet_dir
+from discl_ray.runtime.io import read_parquet_dir, replace_parquet_dir
 
 if TYPE_CHECKING:
     from discl_ray.config import DatasetConfig, ExperimentConfig
-    from discl_ray.storage import Storage
+    from discl_ray.runtime.storage import Storage
 
 CANONICAL_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -95,7 +95,7 @@ def materialize(cfg: "ExperimentConfig", force: bool = False) -> "Path | Storage
     """Write the experiment's canonical rows to ``runs/<exp>/dataset/`` once; reuse while the config matches.
 
     Works on any storage (local or object store); returns a Path for a local run root."""
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     paths = RunPaths.from_config(cfg)
     out = paths.store("dataset")

@@ -18,7 +18,7 @@ import pyarrow as pa
 from PIL import Image, ImageFilter
 
 from discl_ray.data.looks import apply_look
-from discl_ray.io import png_bytes
+from discl_ray.runtime.io import png_bytes
 from discl_ray.toyworld import DIGIT_NAMES
 
 if TYPE_CHECKING:

@@ -211,7 +211,7 @@ def _mlflow_runs(cfg, t0_ms: int) -> list[dict]:
     try:
         from mlflow.tracking import MlflowClient
 
-        from discl_ray.runtime import tracking_uri
+        from discl_ray.runtime.cluster import tracking_uri
 
         client = MlflowClient(tracking_uri(cfg))
         exp = client.get_experiment_by_name(cfg.tracking.experiment_name or cfg.experiment)
@@ -246,7 +246,7 @@ def probe_gpus(timeout_s: float = 600.0) -> Optional[dict]:
 
 def _record(step: Step, cfg, ok: bool, rc: int, seconds: float, t0_ms: int, before: dict, error: str,
             nodes: dict) -> dict:
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     stage_store = RunPaths.from_config(cfg).store(step.stage if step.stage != "world" else "dataset")
     after = _objects(stage_store)
@@ -284,8 +284,8 @@ def run(config: str, overrides: list[str], classes: int = DEFAULT_CLASSES, per_c
 
     from discl_ray.cli import COMMANDS
     from discl_ray.config import load_config
-    from discl_ray.runtime import RunPaths, init_ray
-    from discl_ray.storage import as_storage
+    from discl_ray.runtime.cluster import RunPaths, init_ray
+    from discl_ray.runtime.storage import as_storage
 
     out = out or sys.stdout
     steps = plan(config, overrides, classes, per_class)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from discl_ray.storage import Storage
+    from discl_ray.runtime.storage import Storage
 
 SUFFIX = "-rehearsal"
 

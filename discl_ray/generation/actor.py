@@ -38,7 +38,7 @@ class SpectrumGenerator:
         import torch
 
         from discl_ray.config import GenerationConfig
-        from discl_ray.runtime import actor_record, resolve_device
+        from discl_ray.runtime.cluster import actor_record, resolve_device
 
         if threads:
             torch.set_num_threads(threads)

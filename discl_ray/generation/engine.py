@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from discl_ray.generation.pipeline import is_sdxl, load_img2img
-from discl_ray.io import stable_seed
+from discl_ray.runtime.io import stable_seed
 
 if TYPE_CHECKING:
     from pathlib import Path

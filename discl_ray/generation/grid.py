@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 from PIL import Image, ImageDraw, ImageFont
 
-from discl_ray.storage import Storage, as_storage
+from discl_ray.runtime.storage import Storage, as_storage
 
 GAP = 2
 GROUP_GAP = 6            # extra space between λ groups (and after the real column)

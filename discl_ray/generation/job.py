@@ -47,9 +47,9 @@ from discl_ray.generation.store import (
     write_manifest,
     writer_lock,
 )
-from discl_ray.io import ImageLoadError
-from discl_ray.lease import StageLease
-from discl_ray.runtime import RunPaths, actor_gpus, check_tracking, init_ray
+from discl_ray.runtime.cluster import RunPaths, actor_gpus, check_tracking, init_ray
+from discl_ray.runtime.io import ImageLoadError
+from discl_ray.runtime.lease import StageLease
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig
@@ -220,7 +220,7 @@ def log_to_mlflow(cfg: "ExperimentConfig", summary: dict, grid_path) -> None:
     import mlflow
     from PIL import Image
 
-    from discl_ray import tracking
+    from discl_ray.runtime import tracking
 
     with tracking.run(cfg, "generate"):
         mlflow.log_metrics({k: float(summary[k]) for k in ("planned", "generated", "reused", "skipped", "failed",

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from discl_ray.generation.plan import ERRORS_SCHEMA, SPECTRUM_SCHEMA
-from discl_ray.io import encode_image
-from discl_ray.storage import as_storage
+from discl_ray.runtime.io import encode_image
+from discl_ray.runtime.storage import as_storage
 
 RECEIPT_SCHEMA = pa.schema([("part", pa.string()), ("generated", pa.int64()), ("failed", pa.int64()),
                             ("bytes", pa.int64()), ("actors", pa.list_(pa.string()))])

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from discl_ray.storage import is_uri, local_copy
+from discl_ray.runtime.storage import is_uri, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def resolve_model(model: str, cache: Optional[Path] = None) -> str:
     if model in GENERATORS:
         if cache is None:
             from discl_ray.config import ExperimentConfig
-            from discl_ray.runtime import RunPaths
+            from discl_ray.runtime.cluster import RunPaths
 
             cache = RunPaths.from_config(ExperimentConfig()).cache
         variant = GENERATORS[model]
@@ -105,7 +105,7 @@ def load_img2img(model: str, device: str = "cpu", dtype: str = "float32", schedu
     import torch
     from diffusers import AutoPipelineForImage2Image
 
-    from discl_ray.runtime import resolve_device
+    from discl_ray.runtime.cluster import resolve_device
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: valid: {', '.join(DTYPES)}")

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Optional
 import pyarrow as pa
 
 from discl_ray.generation.engine import output_key
-from discl_ray.io import ImageLoadError, load_image, parquet_files, png_bytes, read_parquet_dir, stable_seed
+from discl_ray.runtime.io import ImageLoadError, load_image, parquet_files, png_bytes, read_parquet_dir, stable_seed
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, GenerationConfig
-    from discl_ray.storage import Storage
+    from discl_ray.runtime.storage import Storage
 
 SPECTRUM_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source_image_id", pa.string()), ("label", pa.int64()),
@@ -144,7 +144,7 @@ def check_existing(directory: str | Path, gen: "GenerationConfig") -> None:
     Keys name only (source, λ, seed), so mixing settings would silently skip keys made differently.
     A folder that is a spectrum store view (``manifest.json`` beside it) is always fine: ``discl generate``
     rebuilds it from the store, whose keys cover every setting."""
-    from discl_ray.storage import as_storage
+    from discl_ray.runtime.storage import as_storage
 
     if not parquet_files(directory) or as_storage(directory).parent.join("manifest.json").is_file():
         return
@@ -244,7 +244,7 @@ def fan_out(batch: pa.Table, lams: list[float], seeds: list[int], skip: Iterable
 def read_inputs(cfg: "ExperimentConfig") -> tuple[pa.Table, pa.Table, pa.Table]:
     """(hard samples, canonical train rows, prompts) of the experiment; clear errors when a stage is missing."""
     from discl_ray.data import read_rows
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     paths = RunPaths.from_config(cfg)
     tables = []

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from discl_ray.storage import Storage, as_storage
+from discl_ray.runtime.storage import Storage, as_storage
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, GenerationConfig, ScoringConfig
@@ -176,7 +176,7 @@ def score_key(clip_id: str, img_key: str, prompt: str) -> str:
 # -- the store ----------------------------------------------------------------------------------------------
 def store_root(cfg: "ExperimentConfig") -> Storage:
     """``<run_root>/_spectra/<dataset.name>/``."""
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     return as_storage(RunPaths.from_config(cfg).root / STORE_DIR / cfg.dataset.name)
 
@@ -217,7 +217,7 @@ def writer_lock(store: "str | Storage", what: str, wait_s: float = LOCK_WAIT_S):
     """Hold the store's writer lock; wait (polling) while another run holds it.
 
     Local stores use ``flock`` (released by the kernel when the holder dies, so never stale); object stores a
-    :class:`~discl_ray.lease.StageLease` on the store folder, retried until it is free."""
+    :class:`~discl_ray.runtime.lease.StageLease` on the store folder, retried until it is free."""
     store = as_storage(store)
     t0 = time.monotonic()
     said = False
@@ -251,7 +251,7 @@ def writer_lock(store: "str | Storage", what: str, wait_s: float = LOCK_WAIT_S):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
         return
-    from discl_ray.lease import StageBusy, StageLease
+    from discl_ray.runtime.lease import StageBusy, StageLease
 
     while True:
         lease = StageLease(store, f"store:{what}")

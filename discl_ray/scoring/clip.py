@@ -52,7 +52,7 @@ def resolve_clip_source(scoring_cfg: "ScoringConfig", cache_dir: Path) -> tuple[
                 how = "discl world" if variant == "clean" else f"discl world --variant {variant}"
                 raise FileNotFoundError(f"toy CLIP {what} not found at {path}; train the toy world first "
                                         f"({how}) or set scoring.model_config_path / scoring.pretrained")
-    from discl_ray.storage import is_uri, local_copy
+    from discl_ray.runtime.storage import is_uri, local_copy
 
     # Weights or an architecture file on object storage: one node-local copy, loaded like a local file.
     config_path = str(local_copy(config_path, cache_dir)) if is_uri(config_path) else config_path

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from discl_ray.io import ImageLoadError, load_image
+from discl_ray.runtime.io import ImageLoadError, load_image
 from discl_ray.scoring.clip import encode_images, encode_texts, load_clip
 
 SCORE_COLUMNS = ["image_id", "source_image_id", "label", "lam", "seed", "clip_text_cos", "clip_image_cos",
@@ -150,7 +150,7 @@ class SpectrumScorer:
 
     def __init__(self, scoring_cfg: Any, cache_dir: str, sources: Any, label_prompts: dict[int, str],
                  clip_model: str, root: Optional[str] = None):
-        from discl_ray.runtime import actor_record, resolve_device
+        from discl_ray.runtime.cluster import actor_record, resolve_device
 
         torch.set_grad_enabled(False)
         self.device = resolve_device(scoring_cfg.device, "scoring")

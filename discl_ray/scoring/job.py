@@ -28,16 +28,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from discl_ray.io import parquet_files, read_parquet_dir, replace_parquet_dir
-from discl_ray.runtime import RunPaths
+from discl_ray.runtime.cluster import RunPaths
+from discl_ray.runtime.io import parquet_files, read_parquet_dir, replace_parquet_dir
+from discl_ray.runtime.storage import local_or_storage
 from discl_ray.scoring.clip import clip_model_id, resolve_clip_source
 from discl_ray.scoring.embed import SCORE_COLUMNS, SOURCE_COLUMNS, SPECTRUM_INPUT_COLUMNS, SpectrumScorer
 from discl_ray.scoring.report import filter_scores, plot_histograms, summarize
-from discl_ray.storage import local_or_storage
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, ScoringConfig
-    from discl_ray.storage import Storage
+    from discl_ray.runtime.storage import Storage
 
 log = logging.getLogger(__name__)
 ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("reason", pa.string())])
@@ -104,7 +104,7 @@ def write_scored(batch: pa.Table, scores_dir: str, errors_dir: str) -> pa.Table:
 
     File names hash the block's ids, so a rewritten block replaces its file (never a duplicate). Errors are
     written first: a crash between the two writes leaves ids in errors/ only, which ``retry_errors`` redoes."""
-    from discl_ray.storage import as_storage
+    from discl_ray.runtime.storage import as_storage
 
     name = _part(batch["image_id"].to_pylist())
     bad_src = batch.filter(batch["source_error"].is_valid())
@@ -155,7 +155,7 @@ def _pool_args(scoring: "ScoringConfig", num_gpus: float) -> dict:
 def _read_todo(done: pa.Array):
     """A map_batches function: spectrum file URIs → their rows (scoring columns) not yet in ``done``."""
     def read(batch: pa.Table) -> pa.Table:
-        from discl_ray.storage import as_storage
+        from discl_ray.runtime.storage import as_storage
 
         parts = []
         for uri in batch["path"].to_pylist():
@@ -190,7 +190,7 @@ def _score_todo(cfg: "ExperimentConfig", paths: RunPaths, files: list, todo: pa.
                 label_prompts: dict[int, str], clip_model: str) -> tuple[int, int, list]:
     """Score the ``todo`` rows on Ray Data; workers write the parts. Returns (scored, errors, actors)."""
     from discl_ray.generation.output import merge_actors
-    from discl_ray.runtime import actor_gpus, init_ray
+    from discl_ray.runtime.cluster import actor_gpus, init_ray
 
     out = paths.store("score")
     sources, n_missing = _source_rows(cfg, sorted(set(todo["source_image_id"].to_pylist())), out.join("errors"))
@@ -215,8 +215,8 @@ def _score_todo(cfg: "ExperimentConfig", paths: RunPaths, files: list, todo: pa.
 
 def run_score(cfg: "ExperimentConfig") -> ScoreResult:
     """Score, filter and summarise the experiment's spectrum (see the module docstring)."""
-    from discl_ray.lease import StageLease
-    from discl_ray.runtime import check_tracking
+    from discl_ray.runtime.cluster import check_tracking
+    from discl_ray.runtime.lease import StageLease
 
     check_tracking(cfg)  # a cluster needs an http(s) store: say so before any work
     paths = RunPaths.from_config(cfg)
@@ -302,7 +302,7 @@ def _store_lock(cfg: "ExperimentConfig", keyed: Optional[dict]):
 
 def _store_scores(store: str, wanted: pa.Array) -> Optional[pa.Table]:
     from discl_ray.generation.store import STORE_SCORE_SCHEMA
-    from discl_ray.storage import as_storage
+    from discl_ray.runtime.storage import as_storage
 
     d = as_storage(store).join("scores")
     if not d.parquet_files():
@@ -337,7 +337,7 @@ def _reuse_from_store(cfg: "ExperimentConfig", out: "Storage", todo: pa.Table, k
 def _publish_to_store(cfg: "ExperimentConfig", out: "Storage", todo: pa.Table, keyed: dict) -> None:
     """Add the scores made now to the store (one part named by its score keys)."""
     from discl_ray.generation.store import STORE_SCORE_SCHEMA, _h
-    from discl_ray.storage import as_storage
+    from discl_ray.runtime.storage import as_storage
 
     new = read_parquet_dir(out.join("scores"), ["image_id", "clip_text_cos", "clip_image_cos", "clip_score"])
     new = new.filter(pc.is_in(new["image_id"], value_set=todo["image_id"].combine_chunks()))
@@ -400,7 +400,7 @@ def finalize(cfg: "ExperimentConfig", paths: RunPaths, keys: pa.Table, clip_mode
 def _log_mlflow(cfg: "ExperimentConfig", summary: dict, artifacts: list[Path]) -> None:
     import mlflow
 
-    from discl_ray import tracking
+    from discl_ray.runtime import tracking
 
     metrics = {"total": summary["total"], "kept": summary["kept"], "errors": summary["errors"]}
     if summary["kept_frac"] is not None:

@@ -79,8 +79,8 @@ def save_model_file(model: torch.nn.Module, path: Path) -> Path:
 
 def load_model_state(path: str) -> dict[str, torch.Tensor]:
     """Weights for ``training.init_checkpoint``: a ``model.pt`` state dict or a run checkpoint directory, on
-    local disk or an object store (read where this runs, through ``discl_ray.storage``)."""
-    from discl_ray.storage import as_storage, is_uri
+    local disk or an object store (read where this runs, through ``discl_ray.runtime.storage``)."""
+    from discl_ray.runtime.storage import as_storage, is_uri
 
     if is_uri(path):
         import io

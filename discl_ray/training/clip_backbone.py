@@ -22,6 +22,6 @@ def trainer_clip_config(cfg):
 
 def caption_prompts(cfg, class_names: Sequence[str]) -> list[str]:
     """One caption per class: ``prompts.clip_template`` with the display (common) name of each class."""
-    from discl_ray.prompts import display_names
+    from discl_ray.prompts.templates import display_names
 
     return [cfg.prompts.clip_template.format(name=n) for n in display_names(class_names, cfg.prompts)]

@@ -83,7 +83,7 @@ class Pool:
 def read_table(uri: str, columns: list[str], filter=None) -> pa.Table:
     """Columns of a stage directory (local path or URI) as one table: its finished ``*.parquet`` files only
     (a stage's ``summary.json``, hidden and temporary files are skipped)."""
-    from discl_ray.storage import as_storage
+    from discl_ray.runtime.storage import as_storage
 
     d = as_storage(uri)
     try:
@@ -137,7 +137,7 @@ def stage_dataset(d, files):
 def lam_files(uri: str, lams: Optional[list[float]] = None) -> list:
     """Parquet files of a stage directory (recursive); with ``lams``, the files of a λ-partitioned table whose
     ``lam=<value>`` directory is not one of them are left out (a flat table keeps every file)."""
-    from discl_ray.storage import as_storage
+    from discl_ray.runtime.storage import as_storage
 
     files = stage_files(as_storage(uri))
     if lams is None:
@@ -153,7 +153,7 @@ def lam_files(uri: str, lams: Optional[list[float]] = None) -> list:
 
 def stage_uris(cfg) -> dict[str, str]:
     """Where the images of real and synthetic rows live (the canonical rows and the spectrum)."""
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     paths = RunPaths.from_config(cfg)
     return {"real": str(paths.dataset), "syn": str(paths.stage("generate", "spectrum"))}
@@ -193,8 +193,8 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
 
 def preflight(cfg) -> None:
     """Fail in the driver, before any worker starts, when an input table the strategy needs is missing."""
-    from discl_ray.io import parquet_files
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import parquet_files
 
     paths = RunPaths.from_config(cfg)
     needed = [] if cfg.training.strategy == "none" else [("mine", paths.stage("mine"), "discl mine")]
@@ -211,7 +211,7 @@ def load_pool(cfg, image_size: Optional[int] = None) -> Pool:
     import pyarrow.dataset as ds
 
     from discl_ray.data import materialize
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     paths = RunPaths.from_config(cfg)
     materialize(cfg)

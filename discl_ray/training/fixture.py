@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from discl_ray.io import png_bytes, replace_parquet_dir
+from discl_ray.runtime.io import png_bytes, replace_parquet_dir
 
 
 def _img(rng: np.random.Generator, proto: np.ndarray, noise: float) -> np.ndarray:
@@ -31,7 +31,7 @@ def write_fixture(cfg, *, train_counts: Sequence[int] = (40, 30, 20, 6, 4), val_
     Hard rows: the tail classes (counts < ``cfg.mining.few_max``) or, with ``low_quality``, the noisiest
     third of every class. ``corrupt`` training rows get undecodable image bytes (error-row handling)."""
     from discl_ray.generation.engine import noise_seed
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     rng = np.random.default_rng(seed)
     n_cls = len(train_counts)

@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from discl_ray.io import ImageLoadError, load_image, stable_seed
+from discl_ray.runtime.io import ImageLoadError, load_image, stable_seed
 from discl_ray.training.transforms import InputPipeline
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def _read_units(batch: dict, pipe: InputPipeline, train: bool, seed: int, root) 
     wanted rows, decode + base + augment them to uint8 (B, 3, S, S); ``bytes_read`` counts the task's reads."""
     import pyarrow.parquet as pq
 
-    from discl_ray.storage import as_storage
+    from discl_ray.runtime.storage import as_storage
 
     ids_out, px_out, ok_out, read_out = [], [], [], []
     for name, uri, rg, wanted in zip(batch["table"], batch["uri"], batch["rg"], batch["ids"]):

@@ -10,10 +10,10 @@ Resolution, before any worker starts:
    object-store URI) - the final checkpoint of a *finished* run (its state carries ``final``); its ``model`` is
    the model selected on validation (the trainer writes it there, see ``loop.Worker.selected_model``). The
    resolved ``training.init_checkpoint`` is that folder's path or URI: every worker reads it through
-   ``discl_ray.storage`` where it runs, never from a copy in the driver's node-local cache;
+   ``discl_ray.runtime.storage`` where it runs, never from a copy in the driver's node-local cache;
 2. otherwise MLflow: the experiment's finished ``train`` run of that name and its ``checkpoint/model.pt``
    artifact (the same selected model; logged when ``tracking.log_checkpoint`` is on), copied once into this
-   experiment's run folder (``init_from/``, through ``discl_ray.storage``).
+   experiment's run folder (``init_from/``, through ``discl_ray.runtime.storage``).
 
 Without a run name the experiment must hold exactly one finished run. Anything else is a
 ``FileNotFoundError`` that says which command produces the missing model.
@@ -38,8 +38,8 @@ def split_ref(ref: str) -> tuple[str, Optional[str]]:
 
 
 def _train_storage(cfg, exp: str):
-    """``<run_root>/<exp>/train`` as a :class:`~discl_ray.storage.Storage` (local disk or an object store)."""
-    from discl_ray.storage import as_storage
+    """``<run_root>/<exp>/train`` as a :class:`~discl_ray.runtime.storage.Storage` (local disk or an object store)."""
+    from discl_ray.runtime.storage import as_storage
 
     return as_storage(cfg.run_root).join(exp, "train")
 
@@ -86,7 +86,7 @@ def _finished(run_dir) -> Optional[tuple]:
 
 def _from_run_dir(cfg, exp: str, run: Optional[str]) -> Optional[str]:
     """The finished run's final checkpoint folder: a local path, or its object-store URI. Workers read it
-    where they run (``checkpointing.load_model_state`` reads URIs through ``discl_ray.storage``), never from
+    where they run (``checkpointing.load_model_state`` reads URIs through ``discl_ray.runtime.storage``), never from
     a copy in the driver's node-local cache."""
     base = _train_storage(cfg, exp)
     runs = [base.join(run)] if run else _children(base)
@@ -108,7 +108,7 @@ def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[str]:
 
     import mlflow
 
-    from discl_ray.runtime import RunPaths, tracking_uri
+    from discl_ray.runtime.cluster import RunPaths, tracking_uri
 
     try:
         client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))

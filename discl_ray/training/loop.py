@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from discl_ray.io import stable_seed
+from discl_ray.runtime.io import stable_seed
 from discl_ray.training import checkpointing as ckpt
 from discl_ray.training import data as D
 from discl_ray.training import distributed as dx
@@ -391,7 +391,7 @@ class Worker:
             return
         import mlflow
 
-        from discl_ray import tracking
+        from discl_ray.runtime import tracking
 
         if run_id:
             tracking.setup(self.cfg)

@@ -123,7 +123,7 @@ def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[
         if cfg is None or prompts is None:
             raise ValueError("backbone=clip needs the experiment config and one prompt per class")
         # Contract with the scoring stage: load_clip(scoring_cfg, cache_dir, device) -> (model, preprocess, tok).
-        from discl_ray.runtime import RunPaths
+        from discl_ray.runtime.cluster import RunPaths
         from discl_ray.scoring.clip import load_clip
         from discl_ray.training.clip_backbone import trainer_clip_config
 

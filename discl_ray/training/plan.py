@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from discl_ray.io import read_parquet_dir, stable_seed
+from discl_ray.runtime.io import read_parquet_dir, stable_seed
 from discl_ray.training import data as D
 from discl_ray.training.composition import limit_per_source
 from discl_ray.training.schedules import ALL_LEVELS, REAL_ONLY, scheduled_lam
@@ -50,7 +50,7 @@ def _hard_ids(cfg, paths, train: pa.Table) -> set:
     if cfg.training.strategy == "none":
         return set()
     if cfg.mining.mode == "frequency":
-        from discl_ray.mining import mine_frequency
+        from discl_ray.mining.select import mine_frequency
 
         return set(mine_frequency(train, cfg.mining)["image_id"].to_pylist())
     raise FileNotFoundError(f"mining.mode=confidence: the plan needs the hard-sample table {paths.stage('mine')} "
@@ -93,7 +93,7 @@ def _synthetic_meta(cfg, paths, hard: pa.Table) -> tuple[pa.Table, bool]:
 def metadata_pool(cfg) -> tuple[D.Pool, bool]:
     """A pixel-free :class:`Pool` of the experiment (real train rows + synthetic rows) and the estimate flag."""
     from discl_ray.data import read_rows
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     paths = RunPaths.from_config(cfg)
     real = read_rows(cfg, ("train",)).sort_by("image_id")

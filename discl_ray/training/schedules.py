@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from discl_ray.io import stable_seed
+from discl_ray.runtime.io import stable_seed
 
 REAL_ONLY = -1.0
 ALL_LEVELS = float("nan")

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any, Optional
 
-from discl_ray.io import stable_seed
+from discl_ray.runtime.io import stable_seed
 from discl_ray.training.selector import get_selector
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def default_run_name(cfg) -> str:
 
 
 def default_storage(cfg) -> str:
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     path = RunPaths.from_config(cfg).stage("train")
     path.mkdir(parents=True, exist_ok=True)       # a no-op on object stores (no directories there)
@@ -91,7 +91,7 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from discl_ray.runtime import cluster_address
+    from discl_ray.runtime.cluster import cluster_address
     from discl_ray.training.loop import SELECTION_RANK, train_loop_per_worker
 
     tc = cfg.training
@@ -100,7 +100,7 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
     if not cluster_address(cfg):
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     run_name = check_run_name(run_name or default_run_name(cfg))
-    from discl_ray.storage import as_storage
+    from discl_ray.runtime.storage import as_storage
 
     # Local folders absolute (trials run elsewhere); object stores through the project's filesystem client
     # (endpoint and region from the environment), so Ray Train writes checkpoints where the stages write.
@@ -137,7 +137,7 @@ def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
         mlflow_parent_run_id: str | None = None, storage_path: str | None = None) -> dict:
     """Run curriculum training for ``cfg`` on Ray Train and return the final metrics (selected on validation)."""
     from discl_ray.config import resolve_paths
-    from discl_ray.runtime import init_ray
+    from discl_ray.runtime.cluster import init_ray
 
     if run_name:
         check_run_name(run_name)
@@ -146,8 +146,8 @@ def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
 
     cfg = resolve_init_from(cfg)   # training.init_from -> the named run's best checkpoint, or a clear error now
     if cfg.tracking.enabled:
-        from discl_ray.runtime import tracking_uri
-        from discl_ray.tracking import check_reachable
+        from discl_ray.runtime.cluster import tracking_uri
+        from discl_ray.runtime.tracking import check_reachable
 
         check_reachable(tracking_uri(cfg))   # fail before any training when the server is down
     from discl_ray.data import materialize

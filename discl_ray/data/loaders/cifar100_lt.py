@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from discl_ray.data.loaders.common import DatasetError, balanced_holdout, canonical_table, require_file, require_root
-from discl_ray.io import png_bytes
+from discl_ray.runtime.io import png_bytes
 
 if TYPE_CHECKING:
     from discl_ray.config import DatasetConfig

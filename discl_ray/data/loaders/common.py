@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import pyarrow as pa
 
-from discl_ray.io import ImageLoadError, load_image, png_bytes
+from discl_ray.runtime.io import ImageLoadError, load_image, png_bytes
 
 if TYPE_CHECKING:
     from discl_ray.config import DatasetConfig

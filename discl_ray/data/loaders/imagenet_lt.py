@@ -8,7 +8,7 @@ Layout under ``dataset.root`` (the ImageNet image folders plus the three ImageNe
     classnames.txt           optional: 1,000 lines, line i naming label i (else open_clip's ImageNet names)
     train/…, val/…           the images, at the paths the lists name (relative to the root)
 
-Paths stay relative to the root in the rows (``discl_ray.io.load_image(path=…, root=cfg.root)`` reads
+Paths stay relative to the root in the rows (``discl_ray.runtime.io.load_image(path=…, root=cfg.root)`` reads
 them); ``dataset.embed_images`` stores PNG bytes instead. The image id is the listed path, so an image
 listed in two files (a leak between splits) is refused.
 """

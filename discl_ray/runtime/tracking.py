@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from discl_ray.config import to_flat_dict
-from discl_ray.runtime import tracking_uri
+from discl_ray.runtime.cluster import tracking_uri
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig
@@ -78,7 +78,7 @@ def ensure_experiment(uri: str, name: str, artifacts: Optional[str] = None) -> s
 def use_uri(uri: str) -> None:
     """Point this process's MLflow client at ``uri`` without touching ``MLFLOW_TRACKING_URI``.
 
-    ``mlflow.set_tracking_uri`` also exports the env var, which :func:`discl_ray.runtime.tracking_uri` reads
+    ``mlflow.set_tracking_uri`` also exports the env var, which :func:`discl_ray.runtime.cluster.tracking_uri` reads
     as the user's choice: a second experiment in the same process would then log into the first one's store."""
     import os
 
@@ -161,7 +161,7 @@ def _metadata_frame(directory: Path, keep: Optional[tuple[str, ...]] = None):
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    from discl_ray.io import parquet_files
+    from discl_ray.runtime.io import parquet_files
 
     files = parquet_files(directory)
     if not files:
@@ -179,7 +179,7 @@ def dataset_inputs(cfg: "ExperimentConfig") -> list[tuple[Any, str]]:
     digest, so two runs trained on the same data show the same dataset digest in the runs table."""
     import mlflow.data
 
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     paths = RunPaths.from_config(cfg)
     out = []

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from discl_ray.storage import Storage, as_storage, local_or_storage
+from discl_ray.runtime.storage import Storage, as_storage, local_or_storage
 
 
 class ImageLoadError(RuntimeError):
@@ -49,7 +49,7 @@ def encode_image(image: Image.Image | np.ndarray, fmt: str = "png", quality: int
 def load_image(image: Optional[bytes] = None, path: Optional[str] = None, root: Optional[str] = None,
                mode: str = "RGB") -> Image.Image:
     """Decode PNG/JPEG/WebP bytes, or read ``path`` (relative to ``root``; either may be a URI), as PIL."""
-    from discl_ray.storage import is_uri
+    from discl_ray.runtime.storage import is_uri
 
     try:
         if image is not None:
@@ -95,7 +95,7 @@ def write_parquet_part(table: pa.Table, directory: "str | Path | Storage", prefi
 def parquet_files(directory: "str | Path | Storage") -> list:
     """The finished parquet files of a directory (temp/hidden files ignored), sorted by name.
 
-    Paths for a local directory, :class:`~discl_ray.storage.Storage` items for an object store."""
+    Paths for a local directory, :class:`~discl_ray.runtime.storage.Storage` items for an object store."""
     return [local_or_storage(f) for f in as_storage(directory).parquet_files()]
 
 

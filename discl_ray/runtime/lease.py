@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Optional
 
-from discl_ray.storage import Storage, as_storage
+from discl_ray.runtime.storage import Storage, as_storage
 
 log = logging.getLogger(__name__)
 

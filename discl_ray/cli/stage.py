@@ -7,8 +7,8 @@ import logging
 import sys
 from collections.abc import Callable
 
-from discl_ray import logs
 from discl_ray.config import ConfigError, ExperimentConfig, load_config
+from discl_ray.runtime import logs
 
 DEFAULT_CONFIG = "configs/toy/digits_lt.yaml"
 
@@ -53,9 +53,9 @@ def run_stage(argv: list[str] | None, prog: str, description: str,
     except ConfigError as err:
         print(f"discl {prog}: {err}", file=sys.stderr)
         return 2
-    from discl_ray.preflight import PreflightError
-    from discl_ray.runtime import TrackingConfigError
-    from discl_ray.tracking import TrackingUnavailable
+    from discl_ray.cli.preflight import PreflightError
+    from discl_ray.runtime.cluster import TrackingConfigError
+    from discl_ray.runtime.tracking import TrackingUnavailable
 
     logs.setup(args.verbose, cfg.run_root)
     try:
@@ -72,10 +72,10 @@ def run_stage(argv: list[str] | None, prog: str, description: str,
 
 
 def preflight(cfg: ExperimentConfig, prog: str) -> None:
-    """The stage's driver-side input checks (``discl_ray.preflight``), notes printed; call before cluster work.
+    """The stage's driver-side input checks (``discl_ray.cli.preflight``), notes printed; call before cluster work.
 
     A failed check raises ``PreflightError``, which ``run_stage`` turns into one line and exit status 2."""
-    from discl_ray.preflight import check
+    from discl_ray.cli.preflight import check
 
     for note in check(cfg, prog):
         print(f"discl {prog}: note: {note}", file=sys.stderr)

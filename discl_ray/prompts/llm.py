@@ -124,12 +124,12 @@ def _processor(llm):
 def _classes(cfg) -> dict[str, str]:
     """class_name -> display name of the classes to query (all, or those with mined hard images)."""
     from discl_ray import data
-    from discl_ray.prompts import display_names
+    from discl_ray.prompts.templates import display_names
 
     names = data.class_names(data.read_rows(cfg))
     if cfg.prompts.llm.classes == "hard":
-        from discl_ray.io import read_parquet_dir
-        from discl_ray.runtime import RunPaths
+        from discl_ray.runtime.cluster import RunPaths
+        from discl_ray.runtime.io import read_parquet_dir
 
         try:
             hard = set(read_parquet_dir(RunPaths.from_config(cfg).stage("mine"), ["label"])["label"].to_pylist())
@@ -143,7 +143,7 @@ def _classes(cfg) -> dict[str, str]:
 
 def llm_prompt_file(cfg, out: Optional[Path] = None) -> tuple[Path, dict[str, Any]]:
     """Query (or reuse the cache for) every class; write the prompts JSON; returns (path, summary)."""
-    from discl_ray.runtime import RunPaths, init_ray
+    from discl_ray.runtime.cluster import RunPaths, init_ray
 
     llm = cfg.prompts.llm
     check_engine(llm)

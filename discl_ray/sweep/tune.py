@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from discl_ray.config import ExperimentConfig, load_config
-from discl_ray.runtime import RunPaths, tracking_uri
+from discl_ray.runtime.cluster import RunPaths, tracking_uri
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
-    from discl_ray.storage import Storage
+    from discl_ray.runtime.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,8 @@ class SweepResult:
 
 def run_sweep(cfg: ExperimentConfig, name: Optional[str] = None) -> SweepResult:
     """Run (or resume, when ``runs/<exp>/sweep/<name>`` exists) a Tune sweep over ``cfg.sweep.space``."""
-    from discl_ray import tracking
-    from discl_ray.runtime import init_ray
+    from discl_ray.runtime import tracking
+    from discl_ray.runtime.cluster import init_ray
 
     uri = tracking_uri(cfg)
     tracking.check_reachable(uri)  # before any Ray or training work
@@ -212,7 +212,7 @@ def _parent_run(cfg: ExperimentConfig, name: str, path: "Storage") -> Iterator[s
     """The sweep's MLflow parent run, open while Tune runs (reopened when resuming; id kept beside Tune's state)."""
     import mlflow
 
-    from discl_ray import tracking
+    from discl_ray.runtime import tracking
 
     marker = path / "mlflow_parent_run.json"
     if marker.is_file():
@@ -275,7 +275,7 @@ def _summarize(cfg: ExperimentConfig, name: str, path: "Storage", parent_id: Opt
         pass
     df = results.get_dataframe()
     csv = df.to_csv(index=False)
-    (path / "trials.csv").write_text(csv)           # through discl_ray.storage: a folder or a bucket
+    (path / "trials.csv").write_text(csv)           # through discl_ray.runtime.storage: a folder or a bucket
     if parent_id:
         import tempfile
 

@@ -57,8 +57,8 @@ def check_dataset(cfg: "ExperimentConfig") -> None:
 
 
 def check_tracking(cfg: "ExperimentConfig") -> None:
-    from discl_ray.runtime import tracking_uri
-    from discl_ray.tracking import TrackingUnavailable, check_reachable
+    from discl_ray.runtime.cluster import tracking_uri
+    from discl_ray.runtime.tracking import TrackingUnavailable, check_reachable
 
     try:
         check_reachable(tracking_uri(cfg))
@@ -68,8 +68,8 @@ def check_tracking(cfg: "ExperimentConfig") -> None:
 
 def tracking_lost(cfg: "ExperimentConfig") -> Optional[str]:
     """After a failed run: the tracking server's URI and why, when it no longer answers (else None)."""
-    from discl_ray.runtime import tracking_uri
-    from discl_ray.tracking import TrackingUnavailable, check_reachable
+    from discl_ray.runtime.cluster import tracking_uri
+    from discl_ray.runtime.tracking import TrackingUnavailable, check_reachable
 
     if not cfg.tracking.enabled:
         return None
@@ -91,7 +91,7 @@ def _looks_local(model: str) -> bool:
 
 
 def _table(directory, columns=None, stage: str = "", cmd: str = ""):
-    from discl_ray.io import read_parquet_dir
+    from discl_ray.runtime.io import read_parquet_dir
 
     try:
         return read_parquet_dir(directory, columns)
@@ -101,7 +101,7 @@ def _table(directory, columns=None, stage: str = "", cmd: str = ""):
 
 def _hard_table(cfg, notes: list[str]):
     """The hard-sample table, with duplicate ids checked: same label → one spectrum (a note); else an error."""
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     hard = _table(RunPaths.from_config(cfg).stage("mine"), ["image_id", "label"], "mine", "discl mine")
     ids, labels = hard["image_id"].to_pylist(), hard["label"].to_pylist()
@@ -156,7 +156,7 @@ def toy_generator(model: str, cache: Path) -> bool:
 
 # -- per stage ----------------------------------------------------------------------------------------
 def _mine(cfg, notes: list[str]) -> None:
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     m = cfg.mining
     if m.mode != "confidence":
@@ -178,7 +178,7 @@ def _mine(cfg, notes: list[str]) -> None:
 
 
 def _generate(cfg, notes: list[str]) -> None:
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     paths = RunPaths.from_config(cfg)
     gen = cfg.generation
@@ -209,8 +209,8 @@ def _generate(cfg, notes: list[str]) -> None:
 
 
 def _score(cfg, notes: list[str]) -> None:
-    from discl_ray.io import parquet_files
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.io import parquet_files
 
     paths = RunPaths.from_config(cfg)
     if not parquet_files(paths.stage("generate", "spectrum")):
@@ -221,7 +221,7 @@ def _score(cfg, notes: list[str]) -> None:
 
 def _train_inputs(cfg, notes: list[str]) -> None:
     """Files every training config needs: the start checkpoint and the CLIP weights."""
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     tc = cfg.training
     if tc.init_from:           # the baseline run this one starts from must exist (Algorithm 1's pretrained f_θ)
@@ -255,7 +255,7 @@ def _train(cfg, notes: list[str]) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from discl_ray.runtime import RunPaths
+    from discl_ray.runtime.cluster import RunPaths
 
     _train_inputs(cfg, notes)
     tc = cfg.training

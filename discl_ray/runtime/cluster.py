@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from discl_ray.storage import Storage, as_storage, is_uri, local_or_storage
+from discl_ray.runtime.storage import Storage, as_storage, is_uri, local_or_storage
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, RayConfig
@@ -32,7 +32,7 @@ _MAX_RAY_TEMP_LEN = 40
 class RunPaths:
     """Resolved output locations of one experiment.
 
-    ``root`` is a ``Path`` when ``run_root`` is local and a :class:`~discl_ray.storage.Storage` when it is an
+    ``root`` is a ``Path`` when ``run_root`` is local and a :class:`~discl_ray.runtime.storage.Storage` when it is an
     object-store URI; :meth:`stage` follows it (a Path-like result for local roots, so callers that use
     Path methods keep working) and :meth:`store` always gives a ``Storage``. ``str()`` of either is the
     path or URI. ``cache`` (model weights, toy models) is always local: libraries load weights from disk.
@@ -68,7 +68,7 @@ class RunPaths:
         return self.exp.joinpath(name, *parts)
 
     def store(self, name: str, *parts: str) -> Storage:
-        """:meth:`stage` as a :class:`~discl_ray.storage.Storage` (what the stages read and write through)."""
+        """:meth:`stage` as a :class:`~discl_ray.runtime.storage.Storage` (what the stages read and write through)."""
         return as_storage(self.stage(name, *parts))
 
     @property
@@ -131,7 +131,7 @@ _INIT_LOCK = threading.Lock()
 
 
 def _log_to_driver() -> bool:
-    """Ray's own RAY_LOG_TO_DRIVER switch (set quiet by discl_ray.logs; --verbose turns it back on)."""
+    """Ray's own RAY_LOG_TO_DRIVER switch (set quiet by discl_ray.runtime.logs; --verbose turns it back on)."""
     return os.environ.get("RAY_LOG_TO_DRIVER", "1").strip().lower() not in ("0", "false", "no")
 
 

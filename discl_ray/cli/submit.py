@@ -8,7 +8,7 @@ The job's entry point is ``python -m discl_ray.cli STAGE --config … overrides`
 ``working_dir`` is this checkout (minus run outputs, virtualenvs, data and caches), so the cluster runs exactly
 the code on disk here. The config is resolved and validated *before* submitting; a config file that lives
 outside the working dir travels as resolved YAML in an env var (``DISCL_CONFIG_YAML``) and
-``python -m discl_ray.submit STAGE …`` writes it out on the cluster side.
+``python -m discl_ray.cli.submit STAGE …`` writes it out on the cluster side.
 
 Token auth: Ray 2.60 clusters require a bearer token; a client talking to an explicit address only sends it
 when ``RAY_AUTH_MODE=token`` (the token comes from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
@@ -60,7 +60,7 @@ def auth_headers() -> dict[str, str]:
 
 def resolve_config_yaml(config: Optional[str], overrides: Iterable[str] = ()) -> str:
     """The validated, fully resolved config (base chain and overrides applied) as YAML text."""
-    from discl_ray.cli_common import DEFAULT_CONFIG
+    from discl_ray.cli.stage import DEFAULT_CONFIG
     from discl_ray.config import load_config
 
     path = config or DEFAULT_CONFIG
@@ -100,7 +100,7 @@ def entrypoint(stage: str, config: Optional[str], overrides: Iterable[str], work
             cmd = [python, "-m", "discl_ray.cli", *shlex.split(stage), "--config", rel.as_posix()]
         except ValueError:  # outside the uploaded tree: ship the resolved config itself
             env[CONFIG_ENV] = resolve_config_yaml(config, overrides)
-            cmd, overrides = [python, "-m", "discl_ray.submit", *shlex.split(stage)], []
+            cmd, overrides = [python, "-m", "discl_ray.cli.submit", *shlex.split(stage)], []
     return shlex.join(cmd + overrides), env
 
 
@@ -224,7 +224,7 @@ def _run_shipped_config(argv: list[str]) -> int:
 
     text = os.environ.get(CONFIG_ENV)
     if not argv or text is None:
-        print(f"usage: python -m discl_ray.submit STAGE  (with {CONFIG_ENV} set)", file=sys.stderr)
+        print(f"usage: python -m discl_ray.cli.submit STAGE  (with {CONFIG_ENV} set)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "config.yaml")

@@ -6,7 +6,7 @@ per-report lines, Data actors' logs) stays in Ray's session logs (``<run_root>/.
 instead of being copied to the driver. ``--verbose`` brings all of it back to the console.
 
 Each setting acts at the source: log levels of handlers and loggers, the libraries' own verbosity
-switches, and ``RAY_LOG_TO_DRIVER`` (read by :func:`discl_ray.runtime.init_ray`). Logger levels stay at INFO,
+switches, and ``RAY_LOG_TO_DRIVER`` (read by :func:`discl_ray.runtime.cluster.init_ray`). Logger levels stay at INFO,
 so tests that capture records (``caplog``) see everything either way.
 """
 
@@ -79,7 +79,7 @@ def quiet_env(verbose: bool) -> dict[str, str]:
 def log_file(run_root: str | Path) -> Path:
     """``<run_root>/logs/discl.log``; an object-store run root logs on this machine instead (a log file is
     appended line by line, which object stores cannot do): ``$DISCL_CACHE_DIR`` or ``~/.cache/discl-ray``."""
-    from discl_ray.storage import is_uri
+    from discl_ray.runtime.storage import is_uri
 
     if is_uri(str(run_root)):
         base = Path(os.environ.get("DISCL_CACHE_DIR") or Path.home() / ".cache" / "discl-ray").expanduser()

@@ -63,7 +63,7 @@ def mine_confidence(train: pa.Table, cfg: "MiningConfig", true_prob: Sequence[fl
     """Hard rows by low true-class probability (``true_prob`` aligned with ``train``)."""
     labels = train["label"].to_pylist()
     groups = class_groups(labels, cfg.few_max, cfg.many_min)
-    from discl_ray.hard_set import select_hard
+    from discl_ray.mining.hard_set import select_hard
 
     # threshold / lowest_k / target_count / class_quantile; exclude_classes never hard.
     idx = select_hard(labels, true_prob, train["class_name"].to_pylist(), cfg)
@@ -86,7 +86,7 @@ class ConfidenceScorer:
         import torch
 
         from discl_ray.config import ExperimentConfig
-        from discl_ray.runtime import RunPaths, resolve_device
+        from discl_ray.runtime.cluster import RunPaths, resolve_device
 
         torch.set_grad_enabled(False)
         self.cfg = ExperimentConfig.model_validate(cfg)
@@ -96,7 +96,7 @@ class ConfidenceScorer:
         self.texts = texts
         self.trained_run = None
         if m.classifier == "trained_run":     # the baseline trained on this dataset (§3.3), see hard_set.py
-            from discl_ray.hard_set import TrainedRunClassifier
+            from discl_ray.mining.hard_set import TrainedRunClassifier
 
             self.trained_run = TrainedRunClassifier(self.cfg, class_names or [], self.device)
             self.transform = self.trained_run.transform
@@ -118,7 +118,7 @@ class ConfidenceScorer:
             from discl_ray.scoring.clip import load_clip
 
             self.model, self.transform, self.tokenizer = load_clip(self.cfg.scoring, cache, self.device)
-        from discl_ray.runtime import actor_record
+        from discl_ray.runtime.cluster import actor_record
 
         self.actor = actor_record(self.device)
 
@@ -133,7 +133,7 @@ class ConfidenceScorer:
     def _score(self, batch: pa.Table, root) -> pa.Table:
         import torch
 
-        from discl_ray.io import load_image
+        from discl_ray.runtime.io import load_image
 
         x = torch.stack([self.transform(load_image(img, path, root)) for img, path in
                          zip(batch["image"].to_pylist(), batch["path"].to_pylist())]).to(self.device)
@@ -173,7 +173,7 @@ def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table
 
     import ray
 
-    from discl_ray.runtime import actor_gpus, init_ray
+    from discl_ray.runtime.cluster import actor_gpus, init_ray
 
     m = cfg.mining
     texts = None
@@ -187,7 +187,7 @@ def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table
     names = None
     if m.classifier == "trained_run":
         from discl_ray.data import class_names, read_rows
-        from discl_ray.hard_set import check_fits
+        from discl_ray.mining.hard_set import check_fits
 
         by_label = class_names(read_rows(cfg))
         names = [by_label.get(c, str(c)) for c in range(max(by_label) + 1)]

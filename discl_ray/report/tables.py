@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
 
-from discl_ray.report_we import TABLES, _std, add_we_rows
-from discl_ray.tracking import use_uri
+from discl_ray.report.wise import TABLES, _std, add_we_rows
+from discl_ray.runtime.tracking import use_uri
 
 if TYPE_CHECKING:
-    from discl_ray.storage import Storage
+    from discl_ray.runtime.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +232,12 @@ def write_report(tracking_uri: str, experiment: str, out_dir: "str | Path | Stor
     """Write ``<table>.md``, ``<table>.csv`` and plots under ``out_dir``; log them to a ``report`` run.
 
     ``out_dir`` is a local folder or an object-store location (``s3://…``, a :class:`Storage`): the files are
-    drawn in a local temp folder and written there through ``discl_ray.storage``.
+    drawn in a local temp folder and written there through ``discl_ray.runtime.storage``.
     Returns ``{"tables": {name: numeric df}, "files": [paths or URIs], "markdown": str, "run_id": id or None}``.
     """
     import tempfile
 
-    from discl_ray.storage import as_storage
+    from discl_ray.runtime.storage import as_storage
 
     dest = as_storage(out_dir)
     runs = fetch_runs(tracking_uri, experiment, parent_run_id)
@@ -277,7 +277,7 @@ def write_report(tracking_uri: str, experiment: str, out_dir: "str | Path | Stor
 def _log_report(tracking_uri: str, experiment: str, files: list[Path], parent_run_id: Optional[str]) -> str:
     import mlflow
 
-    from discl_ray.tracking import git_commit
+    from discl_ray.runtime.tracking import git_commit
 
     use_uri(tracking_uri)
     mlflow.set_experiment(experiment)

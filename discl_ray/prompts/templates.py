@@ -32,7 +32,7 @@ def resolve_asset(path: str) -> Path:
 
 
 def _read_json(path: str, what: str) -> dict:
-    from discl_ray.storage import as_storage, is_uri
+    from discl_ray.runtime.storage import as_storage, is_uri
 
     p = as_storage(path) if is_uri(path) else resolve_asset(path)   # a local/packaged file or an s3://, gs:// URI
     if not p.is_file():

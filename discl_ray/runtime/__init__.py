@@ -1,0 +1,1 @@
+"""Shared by every stage: Ray, storage, leases, io, logs, tracking."""
