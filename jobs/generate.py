@@ -8,21 +8,15 @@ Reads ``<exp>/mine/`` and ``<exp>/prompts/``; generates only the keys the datase
 from __future__ import annotations
 
 import json
-import sys
 
 from discl_ray.cli.stage import preflight, run_stage
 
 
 def _body(cfg, args) -> int:
     from discl_ray.generation.job import run_generate
-    from discl_ray.runtime.lease import StageBusy
 
     preflight(cfg, "generate")  # missing inputs, models, an unreachable MLflow: before any cluster work
-    try:
-        summary = run_generate(cfg)
-    except (FileNotFoundError, ValueError, StageBusy) as err:  # inputs the preflight cannot judge (e.g. GPUs vs the cluster)
-        print(f"discl generate: {err}", file=sys.stderr)
-        return 2
+    summary = run_generate(cfg)  # a UserError (e.g. GPUs vs the cluster, a busy stage): one line, exit 2
     print(f"generate: generated {summary['generated']}, skipped {summary['skipped']} (already written), "
           f"failed {summary['failed']} of {summary['planned']} keys in {summary['wall_s']:.1f} s "
           f"({summary['outputs_per_s']:.2f} outputs/s)")

@@ -28,11 +28,7 @@ def _body(cfg: ExperimentConfig, args) -> int:
     else:
         prompts = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
         actors: list = []
-        try:
-            probs = mining.true_class_probs(cfg, train, prompts, actors)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"discl mine: {err}", file=sys.stderr)
-            return 2
+        probs = mining.true_class_probs(cfg, train, prompts, actors)
         hard = mining.mine_confidence(train, cfg.mining, probs)
     out = paths.store("mine")
     replace_parquet_dir(hard, out, prefix="hard")

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from discl_ray.errors import UserError
+
 # Stages of the data path. Not: pipeline itself, submit (it targets another cluster), ui (serves forever),
 # quickstart and bench (their own drivers).
 STAGES = ("world", "mine", "prompts", "generate", "score", "train", "sweep", "report")
@@ -37,12 +39,12 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
         if arg in ("--config", "-c"):
             value = next(it, None)
             if value is None:
-                raise ValueError(f"{arg} needs a file")
+                raise UserError(f"{arg} needs a file")
             shared += [arg, value]
         elif arg.startswith("--config=") or arg in ("-v", "--verbose", "--no-upstream"):
             shared.append(arg)
         elif arg.startswith("-"):
-            raise ValueError(f"unknown option {arg!r}")
+            raise UserError(f"unknown option {arg!r}")
         elif "=" in arg:
             shared.append(arg)
         else:
@@ -54,10 +56,10 @@ def _validate(stages: list[str], shared: list[str]):
     """Reject bad stage names and a bad config before the first stage starts (no cluster work yet); returns
     ``(cfg, args)``."""
     if not stages:
-        raise ValueError("name at least one stage")
+        raise UserError("name at least one stage")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r}; choose from: {', '.join(STAGES)}")
+        raise UserError(f"unknown stage {unknown[0]!r}; choose from: {', '.join(STAGES)}")
     from discl_ray.cli.stage import resolve_config, stage_parser
 
     args = stage_parser("pipeline", "").parse_args([a for a in shared if a != "--no-upstream"])
@@ -139,12 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(f"{USAGE}\n\n{__doc__}\nstages: {', '.join(STAGES)}")
         return 0
-    from discl_ray.config import ConfigError
 
     try:
         stages, shared = split_args(argv)
         cfg, args = _validate(stages, shared)
-    except (ValueError, ConfigError) as err:
+    except UserError as err:
         print(f"discl pipeline: {err}\n{USAGE}", file=sys.stderr)
         return 2
     return run(stages, shared, cfg, args)

@@ -6,7 +6,6 @@ them as prompts.prompts_file (see discl_ray/prompts/llm.py)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from discl_ray.cli.stage import preflight, run_stage
 from discl_ray.config import ExperimentConfig
@@ -26,11 +25,7 @@ def _body(cfg: ExperimentConfig, args) -> int:
     if args.llm:
         from discl_ray.prompts.llm import llm_prompt_file
 
-        try:
-            path, info = llm_prompt_file(cfg, cfg.prompts.prompts_file)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"discl prompts: {err}", file=sys.stderr)
-            return 2
+        path, info = llm_prompt_file(cfg, cfg.prompts.prompts_file)
         print(f"LLM prompts: {info['descriptions']} descriptions for {info['classes']} classes "
               f"({'from the cache' if info['cached'] else 'queried'}; {len(info['short'])} classes got fewer than "
               f"asked) -> {path}")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import sys
 
+from discl_ray.errors import UserError
+
 
 def main(argv: list[str] | None = None) -> int:
-    from discl_ray.config import ConfigError
     from discl_ray.experiment import rehearse
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         steps = rehearse.plan(config, overrides, classes, per_class)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except UserError as err:
         print(f"discl rehearse: {err}", file=sys.stderr)
         return 2
     if plan_only:

@@ -30,11 +30,7 @@ def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         return 2
     experiment = args.experiment or cfg.tracking.experiment_name or cfg.experiment
     out = args.out or RunPaths.from_config(cfg).root / experiment / "report"   # a folder or an s3:// URI
-    try:
-        result = write_report(uri, experiment, out, parent_run_id=args.parent, log_to_mlflow=not args.no_log)
-    except ValueError as err:
-        print(f"discl report: {err}", file=sys.stderr)
-        return 2
+    result = write_report(uri, experiment, out, parent_run_id=args.parent, log_to_mlflow=not args.no_log)
     print(result["markdown"])
     print(f"wrote {len(result['files'])} files to {out}"
           + (f"; MLflow report run {result['run_id']}" if result["run_id"] else ""))

@@ -7,22 +7,14 @@ resumes (scored ids are skipped) and re-applies the threshold without new CLIP w
 
 from __future__ import annotations
 
-import sys
-
 from discl_ray.cli.stage import preflight, run_stage
 
 
 def _body(cfg, args) -> int:
-    from discl_ray.runtime.cluster import TrackingConfigError
-    from discl_ray.runtime.lease import StageBusy
-    from discl_ray.scoring.job import ScoreInputError, run_score
+    from discl_ray.scoring.job import run_score
 
     preflight(cfg, "score")  # missing inputs, models, an unreachable MLflow: before any cluster work
-    try:
-        res = run_score(cfg)
-    except (ScoreInputError, TrackingConfigError, StageBusy) as err:
-        print(f"discl score: {err}", file=sys.stderr)
-        return 2
+    res = run_score(cfg)  # ScoreInputError, a busy stage: UserErrors, one line and exit 2
     print(f"scored {res.scored} rows ({res.skipped} already scored, {res.reused} of them reused from the "
           f"spectrum store; {res.errors} errors); "
           f"kept {res.kept}/{res.total} at clip_text_cos >= {cfg.scoring.threshold}")

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from discl_ray.errors import UserError
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="discl submit", description=__doc__,
@@ -36,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_auth:
         os.environ["RAY_AUTH_MODE"] = "disabled"
     from discl_ray.cli.submit import follow, submit_stage
-    from discl_ray.config import ConfigError
 
     # `discl submit pipeline mine prompts generate key=value`: bare words are the pipeline's stages.
     stage_args = [o for o in args.overrides if "=" not in o]
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         job_id = submit_stage(args.stage, args.address, config=args.config, overrides=overrides,
                               stage_args=stage_args, working_dir=args.working_dir, submission_id=args.submission_id,
                               num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    except (ConfigError, ValueError) as err:
+    except UserError as err:
         print(f"discl submit: {err}", file=sys.stderr)
         return 2
     except ConnectionError as err:

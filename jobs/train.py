@@ -15,6 +15,7 @@ import math
 import sys
 
 from discl_ray.cli.stage import preflight, run_stage
+from discl_ray.errors import DisclError
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -41,9 +42,8 @@ def _body(cfg, args) -> int:
         preflight(cfg, "train")  # missing inputs, an empty filtered spectrum, MLflow down: before any Ray work
         metrics = fit(cfg, run_name=args.run_name, storage_path=args.storage_path,
                       mlflow_parent_run_id=args.parent_run_id)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"discl train: {err}", file=sys.stderr)
-        return 2
+    except DisclError:
+        raise  # run_stage prints it as one line
     except Exception as err:  # noqa: BLE001 — a worker's error arrives wrapped by Ray Train
         # The MLflow server going away mid-run fails the workers after MLflow's own retries; say that in one
         # line (the checkpoints are kept: the same command resumes) instead of Ray's nested traceback.

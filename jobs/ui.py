@@ -12,6 +12,7 @@ import sys
 
 from discl_ray.cli.stage import run_stage
 from discl_ray.config import ExperimentConfig
+from discl_ray.errors import UserError
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -81,9 +82,9 @@ def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     uri = tracking_uri(cfg)
     try:
         cmd = ui_command(uri, port=args.port, host=args.host, artifacts=artifact_root(cfg, uri))
-    except ValueError as err:
+    except UserError as err:
         print(f"discl ui: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"discl ui: WARNING binding {args.host}: the MLflow UI has no authentication", file=sys.stderr)
     try:

@@ -18,6 +18,7 @@ import sys
 
 from discl_ray.cli.stage import run_stage
 from discl_ray.config import ExperimentConfig
+from discl_ray.errors import UserError
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -186,7 +187,7 @@ def _train(make):
     """The world's manifest, or None after printing a ValueError (bad settings) as one line."""
     try:
         return make()
-    except ValueError as err:
+    except UserError as err:
         print(f"discl world: {err}", file=sys.stderr)
         return None
 

@@ -51,5 +51,3 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

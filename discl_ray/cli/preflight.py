@@ -17,6 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from discl_ray.errors import UserError
+
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig
 
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 TRACKED = {"generate", "score", "train", "sweep", "report"}
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError):
     """A bad input the user can fix; the message names it and what to do."""
 
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from discl_ray.config import ConfigError, ExperimentConfig, load_config
+from discl_ray.errors import DisclError, ServiceLost
 from discl_ray.runtime import logs
 
 DEFAULT_CONFIG = "configs/toy/digits_lt.yaml"
@@ -52,36 +53,29 @@ def run_stage(argv: list[str] | None, prog: str, description: str,
         cfg = resolve_config(args)
     except ConfigError as err:
         print(f"discl {prog}: {err}", file=sys.stderr)
-        return 2
-    from discl_ray.cli.preflight import PreflightError
-    from discl_ray.runtime.cluster import TrackingConfigError
-    from discl_ray.runtime.tracking import TrackingUnavailable
-
+        return err.exit_code
     logs.setup(args.verbose, cfg.run_root)
     try:
         return int(body(cfg, args) or 0)
-    except (PreflightError, TrackingConfigError) as err:
-        print(f"discl {prog}: {err}", file=sys.stderr)
-        return 2
-    except TrackingUnavailable as err:
+    except ServiceLost as err:
         # The server answered the preflight but went away during the run: the stage's outputs are written
         # (parquet, checkpoints); rerunning resumes them and only logs again.
         print(f"discl {prog}: {err}; the outputs written so far are kept: rerun once the server is back",
               file=sys.stderr)
-        return 1
+        return err.exit_code
+    except DisclError as err:
+        # A user error (exit 2: bad config, missing input, busy stage). Only the project's own errors are one
+        # line: anything else (a bug inside numpy or pyarrow) keeps its traceback.
+        print(f"discl {prog}: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 def preflight(cfg: ExperimentConfig, prog: str) -> None:
     """The stage's driver-side input checks (``discl_ray.cli.preflight``), notes printed; call before cluster work.
 
-    A failed check raises ``PreflightError``, which ``run_stage`` turns into one line and exit status 2."""
+    A failed check raises ``PreflightError`` (a ``UserError``), which ``run_stage`` turns into one line and exit
+    status 2."""
     from discl_ray.cli.preflight import check
 
     for note in check(cfg, prog):
         print(f"discl {prog}: note: {note}", file=sys.stderr)
-
-
-def not_yet(stage: str, issue: str) -> int:
-    """Exit non-zero for a stage that has not landed (never pretend to succeed)."""
-    print(f"discl {stage}: not implemented yet ({issue}); nothing was run.", file=sys.stderr)
-    return 3

@@ -27,6 +27,8 @@ from typing import Optional, TextIO
 
 import yaml
 
+from discl_ray.errors import UserError
+
 # Never uploaded with the working dir: outputs, environments, datasets, caches, VCS. Top-level folders are
 # anchored with '/' (gitignore syntax): a bare "data/" would also drop the discl_ray/data package.
 EXCLUDES = ["/runs/", "/.venv/", "/venv/", "/data/", "/.git/", "/mlruns/", "/mlartifacts/", "/.ray/", "/build/",
@@ -77,17 +79,17 @@ def entrypoint(stage: str, config: Optional[str], overrides: Iterable[str], work
 
     if stage not in COMMANDS or stage in ("submit", "ui"):
         valid = [c for c in COMMANDS if c not in ("submit", "ui")]
-        raise ValueError(f"stage {stage!r} cannot be submitted; choose from: {', '.join(valid)}")
+        raise UserError(f"stage {stage!r} cannot be submitted; choose from: {', '.join(valid)}")
     stage_args = list(stage_args)
     if stage == "pipeline":
         from jobs.pipeline import STAGES
 
         bad = [s for s in stage_args if s not in STAGES]
         if bad or not stage_args:
-            raise ValueError(f"pipeline needs stage names in order; {'unknown ' + repr(bad[0]) if bad else 'none given'}"
+            raise UserError(f"pipeline needs stage names in order; {'unknown ' + repr(bad[0]) if bad else 'none given'}"
                              f"; choose from: {', '.join(STAGES)}")
     elif stage_args:
-        raise ValueError(f"{stage} takes key=value overrides only; got {stage_args[0]!r}")
+        raise UserError(f"{stage} takes key=value overrides only; got {stage_args[0]!r}")
     stage = shlex.join([stage, *stage_args])
     overrides = list(overrides)
     env: dict[str, str] = {}
@@ -137,15 +139,15 @@ def check_forwardable(uri: Optional[str], setting: str, address: Optional[str] =
     host = (parsed.hostname or "").lower()
     if parsed.scheme in ("http", "https"):
         if is_loopback_host(host) and not is_loopback_address(address):
-            raise ValueError(f"{setting}={uri} is a loopback address: on the cluster it names the job's own node. "
+            raise UserError(f"{setting}={uri} is a loopback address: on the cluster it names the job's own node. "
                              "Use the tracking server's cluster-reachable address (e.g. the infra's MLflow service)")
         return
     if parsed.scheme in ("", "file", "sqlite"):
         if is_loopback_address(address):
-            raise ValueError(f"{setting}={uri} is a store only one process can write safely; the job's stages run "
+            raise UserError(f"{setting}={uri} is a store only one process can write safely; the job's stages run "
                              "in several processes: start an MLflow server (mlflow server --host 127.0.0.1 …) and "
                              "use its http:// address")
-        raise ValueError(f"{setting}={uri} is a store on this machine, not reachable from the cluster; use an "
+        raise UserError(f"{setting}={uri} is a store on this machine, not reachable from the cluster; use an "
                          "http(s) MLflow server")
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
+from discl_ray.errors import UserError
+
 LOOKS = ("clean", "blueprint", "paper")
 
 
@@ -110,7 +112,7 @@ def apply_look(images: np.ndarray, look: str, seed: int, keys=None) -> np.ndarra
     if look == "clean":
         return images
     if look not in _LOOK_FNS:
-        raise ValueError(f"unknown toy look {look!r}; choose from: {', '.join(LOOKS)}")
+        raise UserError(f"unknown toy look {look!r}; choose from: {', '.join(LOOKS)}")
     fn = _LOOK_FNS[look]
     keys = range(len(images)) if keys is None else keys
     return np.stack([fn(im, np.random.default_rng([seed, int(k)])) for k, im in zip(keys, images)])

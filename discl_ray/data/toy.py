@@ -18,13 +18,14 @@ import pyarrow as pa
 from PIL import Image, ImageFilter
 
 from discl_ray.data.looks import apply_look
+from discl_ray.errors import UserError
 from discl_ray.runtime.io import png_bytes
-from discl_ray.toyworld import DIGIT_NAMES
 
 if TYPE_CHECKING:
     from discl_ray.config import DatasetConfig
 
 NUM_CLASSES = 10
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 @lru_cache(maxsize=4)
@@ -122,7 +123,7 @@ def load_digits_lt(cfg: "DatasetConfig") -> pa.Table:
         idx = rng.permutation(task[y[task] == c])
         need = t.test_per_class + t.val_per_class + counts[c]
         if len(idx) < need:
-            raise ValueError(f"digits_lt: class {c} has {len(idx)} task images but test_per_class + val_per_class + "
+            raise UserError(f"digits_lt: class {c} has {len(idx)} task images but test_per_class + val_per_class + "
                              f"n_c = {need}; lower dataset.toy.n_max or the per-class split sizes")
         parts["test"].append(idx[: t.test_per_class])
         parts["val"].append(idx[t.test_per_class: t.test_per_class + t.val_per_class])
@@ -159,7 +160,7 @@ def corrupt(image: np.ndarray, style: str, severity: float, rng: np.random.Gener
         pil = Image.fromarray(image).resize((small, small), Image.BILINEAR).resize((size, size), Image.NEAREST)
         out = np.asarray(pil, dtype=np.float32)
     else:
-        raise ValueError(f"unknown corruption style {style!r}")
+        raise UserError(f"unknown corruption style {style!r}")
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from discl_ray.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SUFFIX = "_rehearsal"
@@ -148,12 +150,12 @@ def plan(config: str, overrides: list[str], classes: int = DEFAULT_CLASSES,
         if cfg.experiment in seen:
             return
         if depth > 5:
-            raise ValueError(f"{path}: upstream experiments nest too deep (a cycle?)")
+            raise UserError(f"{path}: upstream experiments nest too deep (a cycle?)")
         seen.add(cfg.experiment)
         rename = {}
         for up in upstream_of(cfg, path):
             if up.config is None:
-                raise ValueError(f"{up.setting}={up.experiment}: no config beside {path} defines experiment "
+                raise UserError(f"{up.setting}={up.experiment}: no config beside {path} defines experiment "
                                  f"{up.name!r}, so the rehearsal cannot train it")
             visit(str(up.config), upstream_overrides(user), f"upstream ({up.setting})", depth + 1)
             rename[up.name] = up.name + SUFFIX

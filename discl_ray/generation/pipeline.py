@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from discl_ray.errors import MissingInput, UserError
 from discl_ray.runtime.storage import is_uri, local_copy
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def resolve_model(model: str, cache: Optional[Path] = None) -> str:
         path = generator_dir(cache, variant)
         if not (path / "model_index.json").is_file():
             how = "discl world" if variant == "clean" else f"discl world --variant {variant}"
-            raise FileNotFoundError(f"toy generator not found at {path}; build the toy world first ({how})")
+            raise MissingInput(f"toy generator not found at {path}; build the toy world first ({how})")
         return str(path)
     return model
 
@@ -56,7 +57,7 @@ def resolve_model(model: str, cache: Optional[Path] = None) -> str:
 def fetch_model_dir(uri: str, cache: Optional[Path]) -> Path:
     """A checkpoint folder on object storage, copied to ``<cache>/models/`` once per node."""
     if cache is None:
-        raise ValueError(f"model {uri} is on object storage: a local cache_dir is needed to load it")
+        raise UserError(f"model {uri} is on object storage: a local cache_dir is needed to load it")
     log.info("using a node-local copy of %s", uri)
     return local_copy(uri, cache)
 
@@ -79,7 +80,7 @@ def fix_aesthetics_flag(pipe: Any) -> None:
     elif expected == 6 * per_id + proj:
         wanted = False
     else:
-        raise ValueError(f"SDXL UNet projection_class_embeddings_input_dim={expected} fits neither 5 nor 6 time ids "
+        raise UserError(f"SDXL UNet projection_class_embeddings_input_dim={expected} fits neither 5 nor 6 time ids "
                          f"× {per_id} + text projection {proj}")
     if bool(pipe.config.requires_aesthetics_score) != wanted:
         log.info("setting requires_aesthetics_score=%s to match the UNet", wanted)
@@ -91,7 +92,7 @@ def make_scheduler(pipe: Any, scheduler: str) -> Any:
     import diffusers
 
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        raise UserError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
     cls = getattr(diffusers, SCHEDULERS[scheduler])
     return cls.from_config(pipe.scheduler.config)
 
@@ -108,9 +109,9 @@ def load_img2img(model: str, device: str = "cpu", dtype: str = "float32", schedu
     from discl_ray.runtime.cluster import resolve_device
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: valid: {', '.join(DTYPES)}")
+        raise UserError(f"dtype {dtype!r}: valid: {', '.join(DTYPES)}")
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler {scheduler!r}: valid: {', '.join(SCHEDULERS)}")
+        raise UserError(f"scheduler {scheduler!r}: valid: {', '.join(SCHEDULERS)}")
     device = resolve_device(device)
     if device == "cpu" and dtype in ("float16", "bfloat16"):
         log.info("CPU run: using float32 instead of %s", dtype)

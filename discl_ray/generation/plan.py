@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 import pyarrow as pa
 
+from discl_ray.errors import MissingInput, UserError
 from discl_ray.generation.engine import output_key
 from discl_ray.runtime.io import ImageLoadError, load_image, parquet_files, png_bytes, read_parquet_dir, stable_seed
 
@@ -154,7 +155,7 @@ def check_existing(directory: str | Path, gen: "GenerationConfig") -> None:
     want = (gen.model, gen.steps, float(gen.guidance_scale))
     other = sorted(f for f in found if f != want)
     if other:
-        raise ValueError(f"{directory} already holds outputs made with (generation.model, steps, guidance_scale) = "
+        raise UserError(f"{directory} already holds outputs made with (generation.model, steps, guidance_scale) = "
                          f"{other}, not {want}; use another experiment name or remove that directory")
     _check_noise(directory, gen)
 
@@ -174,7 +175,7 @@ def _check_noise(directory, gen: "GenerationConfig") -> None:
         if r["noise_seed"] is None:
             r["noise_seed"] = noise_seed(r["source_image_id"], r["lam"], r["seed"], shared=False)
         if r["noise_seed"] != noise_seed(r["source_image_id"], r["lam"], r["seed"], shared=gen.shared_noise):
-            raise ValueError(f"{directory} already holds outputs made with generation.shared_noise="
+            raise UserError(f"{directory} already holds outputs made with generation.shared_noise="
                              f"{not gen.shared_noise}; use another experiment name or remove that directory")
 
 
@@ -252,6 +253,6 @@ def read_inputs(cfg: "ExperimentConfig") -> tuple[pa.Table, pa.Table, pa.Table]:
         try:
             tables.append(read_parquet_dir(paths.store(stage)))
         except FileNotFoundError:
-            raise FileNotFoundError(f"no {stage} table at {paths.store(stage)}; run `{cmd}` first") from None
+            raise MissingInput(f"no {stage} table at {paths.store(stage)}; run `{cmd}` first") from None
     hard, prompts = tables
     return hard, read_rows(cfg, splits=("train",)), prompts

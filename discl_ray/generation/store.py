@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from discl_ray.errors import MissingInput
 from discl_ray.runtime.storage import Storage, as_storage
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ def read_manifest(generate_dir: "str | Storage") -> tuple[dict, pa.Table]:
     gdir = as_storage(generate_dir)
     meta = gdir.join(MANIFEST_META)
     if not meta.is_file():
-        raise FileNotFoundError(f"no spectrum manifest in {gdir}; run `discl generate` first")
+        raise MissingInput(f"no spectrum manifest in {gdir}; run `discl generate` first")
     f = gdir.join(MANIFEST)
     return json.loads(meta.read_text()), pq.read_table(f.path, filesystem=f.fs)
 

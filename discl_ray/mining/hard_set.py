@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from discl_ray.errors import UserError
+
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, MiningConfig
 
@@ -70,7 +72,7 @@ class TrainedRunClassifier:
         try:
             net.load_state_dict(load_model_state(str(path)))
         except RuntimeError as err:
-            raise ValueError(f"mining.classifier_from={m.classifier_from}: its checkpoint does not fit "
+            raise UserError(f"mining.classifier_from={m.classifier_from}: its checkpoint does not fit "
                              f"training.backbone={tc.backbone} of this config ({str(err).splitlines()[0]})") from None
         self.net = net.to(device).eval()
         self.device = device
@@ -111,6 +113,6 @@ def check_fits(cfg: "ExperimentConfig", class_names: Sequence[str]) -> None:
     have = {k: tuple(v.shape) for k, v in load_model_state(str(path)).items()}
     bad = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have) if want[k] != have[k])
     if bad:
-        raise ValueError(f"mining.classifier_from={m.classifier_from}: its checkpoint does not fit "
+        raise UserError(f"mining.classifier_from={m.classifier_from}: its checkpoint does not fit "
                          f"training.backbone={tc.backbone} of this config ({len(bad)} mismatched tensors, "
                          f"e.g. {bad[0]})")

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from discl_ray.data.loaders.groups import class_groups
+from discl_ray.errors import MissingInput, UserError
 from discl_ray.toyworld import CLASSIFIERS
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def select_low_confidence(labels: Sequence[int], true_prob: Sequence[float], thr
     """Indices of hard images: prob < threshold, or the k lowest per class (ties broken by index)."""
     labels, true_prob = np.asarray(labels), np.asarray(true_prob, dtype=np.float64)
     if (threshold is None) == (lowest_k is None):
-        raise ValueError("give exactly one of threshold or lowest_k")
+        raise UserError("give exactly one of threshold or lowest_k")
     if threshold is not None:
         return np.flatnonzero(true_prob < threshold)
     picked = []
@@ -110,7 +111,7 @@ class ConfidenceScorer:
             if not Path(file).is_file():
                 hint = (" (run `discl world" + ("" if toy == "clean" else f" --variant {toy}") + "` to train the toy "
                         "judge)") if toy else ""
-                raise FileNotFoundError(f"mining classifier not found: {file}{hint}")
+                raise MissingInput(f"mining classifier not found: {file}{hint}")
             self.model = torch.jit.load(str(file), map_location=self.device).eval()
             size = self.cfg.dataset.image_size
             self.transform = lambda im: pil_to_tensor(im.resize((size, size))).float() / 255.0
@@ -179,11 +180,11 @@ def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table
     texts = None
     if m.classifier == "open_clip_zero_shot":
         if prompts is None:
-            raise ValueError("open_clip_zero_shot mining needs the prompts table (run `discl prompts` first)")
+            raise UserError("open_clip_zero_shot mining needs the prompts table (run `discl prompts` first)")
         by_label = dict(zip(prompts["label"].to_pylist(), prompts["clip_prompt"].to_pylist()))
         texts = [by_label.get(c, f"a photo of class {c}") for c in range(max(by_label) + 1)]
     elif m.classifier == "torchscript" and not Path(m.classifier_path).is_file():
-        raise FileNotFoundError(f"mining classifier not found: {m.classifier_path}")
+        raise MissingInput(f"mining classifier not found: {m.classifier_path}")
     names = None
     if m.classifier == "trained_run":
         from discl_ray.data import class_names, read_rows

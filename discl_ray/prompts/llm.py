@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+from discl_ray.errors import MissingInput, UserError
+
 log = logging.getLogger(__name__)
 
 DATASET_NAMES = {"imagenet_lt": "ImageNet-LT", "cifar100_lt": "CIFAR-100-LT", "inat2018": "iNaturalist 2018",
@@ -34,7 +36,7 @@ DATASET_NAMES = {"imagenet_lt": "ImageNet-LT", "cifar100_lt": "CIFAR-100-LT", "i
 _BULLET = re.compile(r"^\s*(?:\(?\d+[.):]|[-*•])\s*")
 
 
-class LLMUnavailable(ValueError):
+class LLMUnavailable(UserError):
     """No endpoint or engine is configured, or the endpoint does not answer."""
 
 
@@ -134,7 +136,7 @@ def _classes(cfg) -> dict[str, str]:
         try:
             hard = set(read_parquet_dir(RunPaths.from_config(cfg).stage("mine"), ["label"])["label"].to_pylist())
         except FileNotFoundError:
-            raise FileNotFoundError("prompts.llm.classes=hard needs the hard-sample table (run discl mine first)") \
+            raise MissingInput("prompts.llm.classes=hard needs the hard-sample table (run discl mine first)") \
                 from None
         names = {k: v for k, v in names.items() if k in hard}
     ordered = [names[k] for k in sorted(names)]

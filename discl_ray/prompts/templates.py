@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from discl_ray.errors import MissingInput, UserError
+
 if TYPE_CHECKING:
     from discl_ray.config import PromptsConfig
 
@@ -36,13 +38,13 @@ def _read_json(path: str, what: str) -> dict:
 
     p = as_storage(path) if is_uri(path) else resolve_asset(path)   # a local/packaged file or an s3://, gs:// URI
     if not p.is_file():
-        raise FileNotFoundError(f"prompts.{what}: file not found: {p}")
+        raise MissingInput(f"prompts.{what}: file not found: {p}")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"prompts.{what}: {p} is not valid JSON ({err})") from None
+        raise UserError(f"prompts.{what}: {p} is not valid JSON ({err})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"prompts.{what}: {p} must hold a JSON object keyed by class name")
+        raise UserError(f"prompts.{what}: {p} must hold a JSON object keyed by class name")
     return data
 
 
@@ -61,10 +63,10 @@ def build_prompts(classes: dict[int, str], cfg: "PromptsConfig") -> pa.Table:
         display = str(names.get(cls, cls))
         extra = lists.get(cls, lists.get(display, []))
         if not isinstance(extra, list) or not all(isinstance(s, str) for s in extra):
-            raise ValueError(f"prompts.prompts_file: entry for {cls!r} must be a list of strings")
+            raise UserError(f"prompts.prompts_file: entry for {cls!r} must be a list of strings")
         gen = ([cfg.template.format(name=display)] if cfg.include_template else []) + [s.strip() for s in extra]
         if not gen:
-            raise ValueError(f"prompts: class {cls!r} has no generation prompt (not in prompts_file and "
+            raise UserError(f"prompts: class {cls!r} has no generation prompt (not in prompts_file and "
                              "include_template=false)")
         rows["label"].append(int(label))
         rows["class_name"].append(cls)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
 
+from discl_ray.errors import UserError
 from discl_ray.report.wise import TABLES, _std, add_we_rows
 from discl_ray.runtime.tracking import use_uri
 
@@ -45,7 +46,7 @@ def fetch_runs(tracking_uri: str, experiment: str, parent_run_id: Optional[str] 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ValueError(f"MLflow experiment {experiment!r} not found at {tracking_uri}; existing: {names}")
+        raise UserError(f"MLflow experiment {experiment!r} not found at {tracking_uri}; existing: {names}")
     filt = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
     use_uri(tracking_uri)
     return mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=filt, output_format="pandas",
@@ -243,7 +244,7 @@ def write_report(tracking_uri: str, experiment: str, out_dir: "str | Path | Stor
     runs = fetch_runs(tracking_uri, experiment, parent_run_id)
     tables = {t: df for t in TABLES if not (df := aggregate(runs, t)).empty}
     if not tables:
-        raise ValueError(f"experiment {experiment!r} has no finished training runs (no final_test_* metrics)")
+        raise UserError(f"experiment {experiment!r} has no finished training runs (no final_test_* metrics)")
     with tempfile.TemporaryDirectory(prefix="discl-report-") as tmp:
         out = Path(dest.path) if dest.is_local else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)

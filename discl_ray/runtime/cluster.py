@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from discl_ray.errors import UserError
 from discl_ray.runtime.storage import Storage, as_storage, is_uri, local_or_storage
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class RunPaths:
         root = local_or_storage(cfg.run_root)
         if cfg.cache_dir:
             if is_uri(cfg.cache_dir):
-                raise ValueError(f"cache_dir must be a local (or mounted) path, not {cfg.cache_dir}")
+                raise UserError(f"cache_dir must be a local (or mounted) path, not {cfg.cache_dir}")
             cache = Path(cfg.cache_dir).resolve()
         elif isinstance(root, Path):
             cache = root / "_cache"
@@ -76,7 +77,7 @@ class RunPaths:
         return self.stage("dataset")
 
 
-class TrackingConfigError(ValueError):
+class TrackingConfigError(UserError):
     """The tracking settings cannot work where the stage runs (message names the setting)."""
 
 

@@ -15,10 +15,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
+from discl_ray.errors import UserError
 from discl_ray.runtime.storage import Storage, as_storage, local_or_storage
 
 
-class ImageLoadError(RuntimeError):
+class ImageLoadError(UserError, RuntimeError):
     """A source image is missing or cannot be decoded."""
 
 
@@ -39,7 +40,7 @@ def encode_image(image: Image.Image | np.ndarray, fmt: str = "png", quality: int
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if fmt not in IMAGE_FORMATS:
-        raise ValueError(f"unknown image format {fmt!r}; valid: {', '.join(IMAGE_FORMATS)}")
+        raise UserError(f"unknown image format {fmt!r}; valid: {', '.join(IMAGE_FORMATS)}")
     kwargs = {"lossless": True} if fmt == "webp" else {"quality": quality} if fmt == "jpeg" else {}
     buf = io.BytesIO()
     image.save(buf, format=IMAGE_FORMATS[fmt], **kwargs)
@@ -115,7 +116,7 @@ def replace_parquet_dir(table: pa.Table, directory: "str | Path | Storage", pref
     return path
 
 
-class MergeFileError(ValueError):
+class MergeFileError(UserError):
     """A results file that new results were to be merged into cannot be used; the message is one line."""
 
 

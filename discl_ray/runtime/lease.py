@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Optional
 
+from discl_ray.errors import UserError
 from discl_ray.runtime.storage import Storage, as_storage
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ TTL_S = 60.0
 LEASE = "_lease.json"
 
 
-class StageBusy(RuntimeError):
+class StageBusy(UserError, RuntimeError):
     """Another live run holds the lease of this stage directory."""
 
 

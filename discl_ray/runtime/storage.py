@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from discl_ray.errors import MissingInput, UserError
+
 SCHEMES = ("s3://", "gs://", "gcs://")
 
 
@@ -78,7 +80,7 @@ class Storage:
             rest = rest.strip("/")
             bucket = rest.split("/", 1)[0]
             if not bucket:
-                raise ValueError(f"storage URI {text!r} names no bucket")
+                raise UserError(f"storage URI {text!r} names no bucket")
             fs = _filesystem(scheme, bucket, _env_key())
             return cls(fs, rest, f"{scheme}://{rest}")
         path = str(Path(text).expanduser().resolve())
@@ -203,7 +205,7 @@ class Storage:
         kind = self.info().type
         if kind == pafs.FileType.NotFound:
             if not missing_ok:
-                raise FileNotFoundError(self.uri)
+                raise MissingInput(self.uri)
         elif kind == pafs.FileType.Directory:
             self.fs.delete_dir(self.path)
         else:
@@ -216,7 +218,7 @@ class Storage:
         """Every finished parquet file of this directory as one table (none → FileNotFoundError)."""
         files = self.parquet_files()
         if not files:
-            raise FileNotFoundError(f"no parquet files in {self.uri}")
+            raise MissingInput(f"no parquet files in {self.uri}")
         cols = list(columns) if columns is not None else None
         return pa.concat_tables([pq.read_table(f.path, columns=cols, filesystem=self.fs) for f in files],
                                 promote_options="default")

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from discl_ray.config import to_flat_dict
+from discl_ray.errors import ServiceLost, UserError
 from discl_ray.runtime.cluster import tracking_uri
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(ServiceLost):
     """The MLflow tracking server named by the URI cannot be reached."""
 
 
@@ -113,7 +114,7 @@ def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1", artifacts: O
     ``kubectl port-forward``, never by binding a public interface.
     """
     if uri.startswith(("http://", "https://")):
-        raise ValueError(f"tracking URI {uri} is already a server; open it in a browser instead of 'discl ui'")
+        raise UserError(f"tracking URI {uri} is already a server; open it in a browser instead of 'discl ui'")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
            "--port", str(port), "--workers", str(workers)]
     if artifacts:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from discl_ray.errors import MissingInput, UserError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -50,7 +52,7 @@ def resolve_clip_source(scoring_cfg: "ScoringConfig", cache_dir: Path) -> tuple[
         for what, path in (("architecture", config_path), ("weights", pretrained)):
             if not Path(path).is_file():
                 how = "discl world" if variant == "clean" else f"discl world --variant {variant}"
-                raise FileNotFoundError(f"toy CLIP {what} not found at {path}; train the toy world first "
+                raise MissingInput(f"toy CLIP {what} not found at {path}; train the toy world first "
                                         f"({how}) or set scoring.model_config_path / scoring.pretrained")
     from discl_ray.runtime.storage import is_uri, local_copy
 
@@ -79,11 +81,11 @@ def register_model_config(path: str | Path, model: str) -> None:
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"scoring.model_config_path: {path} does not exist")
+        raise MissingInput(f"scoring.model_config_path: {path} does not exist")
     open_clip.add_model_config(path)
     if model not in open_clip.list_models():
         registered = sorted(p.stem for p in ([path] if path.is_file() else path.glob("*.json")))
-        raise ValueError(f"scoring.model {model!r} is not defined by scoring.model_config_path {path} "
+        raise UserError(f"scoring.model {model!r} is not defined by scoring.model_config_path {path} "
                          f"(the JSON file stem names the architecture; that path registers: {registered})")
 
 
@@ -99,7 +101,7 @@ def load_clip(scoring_cfg: "ScoringConfig", cache_dir: Path, device: str = "cpu"
     if config_path:
         register_model_config(config_path, scoring_cfg.model)
     elif scoring_cfg.model not in open_clip.list_models():
-        raise ValueError(f"scoring.model {scoring_cfg.model!r} is not an open_clip architecture; set "
+        raise UserError(f"scoring.model {scoring_cfg.model!r} is not an open_clip architecture; set "
                          f"scoring.model_config_path to its JSON or choose one of: "
                          f"{', '.join(open_clip.list_models()[:20])}, …")
     precision = _PRECISION[scoring_cfg.dtype] if str(device).startswith("cuda") else "fp32"

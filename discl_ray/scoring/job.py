@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from discl_ray.errors import UserError
 from discl_ray.runtime.cluster import RunPaths
 from discl_ray.runtime.io import parquet_files, read_parquet_dir, replace_parquet_dir
 from discl_ray.runtime.storage import local_or_storage
@@ -44,7 +45,7 @@ ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("reason", pa.string())])
 _MARKER = "_score_model.json"
 
 
-class ScoreInputError(ValueError):
+class ScoreInputError(UserError):
     """A missing or inconsistent input of the scoring stage (message says which and what to run)."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from discl_ray.config import ExperimentConfig, load_config
+from discl_ray.errors import UserError
 from discl_ray.runtime.cluster import RunPaths, tracking_uri
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def to_tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
         elif kind == "randint":
             out[key] = tune.randint(*vals)
         else:  # SweepConfig validates kinds; keep the message in case the schema grows
-            raise ValueError(f"sweep.space.{key}: unknown kind {kind!r}")
+            raise UserError(f"sweep.space.{key}: unknown kind {kind!r}")
     return out
 
 

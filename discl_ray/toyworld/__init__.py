@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from discl_ray.data.toy import DIGIT_NAMES  # noqa: F401  (the world's class names, defined with its data)
+from discl_ray.errors import UserError
+
 TOY_GENERATOR = "toy"          # generation.model value selecting the cached toy generator
 TOY_CLIP = "toy-clip"          # scoring.model value selecting the cached toy CLIP
 TOY_GAP_GENERATOR = "toy-gap"  # … the gap world's generator
 TOY_GAP_CLIP = "toy-gap-clip"  # … the gap world's CLIP
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 VARIANTS = ("clean", "gap")
 
 # Model names → the world variant whose cached model they load.
@@ -26,7 +28,7 @@ CLASSIFIERS = {"toy": "clean", "toy-gap": "gap"}      # mining.classifier values
 
 def _check(variant: str) -> str:
     if variant not in VARIANTS:
-        raise ValueError(f"unknown toy world variant {variant!r}; choose from: {', '.join(VARIANTS)}")
+        raise UserError(f"unknown toy world variant {variant!r}; choose from: {', '.join(VARIANTS)}")
     return variant
 
 

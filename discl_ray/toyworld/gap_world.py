@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from discl_ray import toyworld
+from discl_ray.errors import MissingInput
 from discl_ray.toyworld import gap, gates
 
 log = logging.getLogger(__name__)
@@ -396,7 +397,7 @@ def install(cache_dir: Path, asset_dir: Path = ASSET_DIR):
 
     man = read_shipped_manifest(asset_dir)
     if man is None:
-        raise FileNotFoundError(f"no shipped gap world under {asset_dir}")
+        raise MissingInput(f"no shipped gap world under {asset_dir}")
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(Path(asset_dir) / WEIGHTS)).items()}
     # (int8 UNet deltas stay int8: ``apply_delta`` scales them)
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from discl_ray import toyworld
+from discl_ray.errors import MissingInput
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld"
 WEIGHTS = "weights.safetensors"
@@ -152,7 +153,7 @@ def install(cache_dir: Path, asset_dir: Path = ASSET_DIR):
 
     man = read_manifest(asset_dir)
     if man is None:
-        raise FileNotFoundError(f"no shipped toy world under {asset_dir}")
+        raise MissingInput(f"no shipped toy world under {asset_dir}")
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(Path(asset_dir) / WEIGHTS)).items()}
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     s = man["settings"]

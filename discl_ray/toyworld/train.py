@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from discl_ray import toyworld
+from discl_ray.errors import UserError
 from discl_ray.toyworld import gates, ship
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def train_world(cache_dir: Path, seed: int = 0, image_size: int = 32, budget_s: 
     from discl_ray.toyworld import generator as gen_mod
 
     if image_size % (4 * gen_mod.VAE_FACTOR):
-        raise ValueError(f"image_size must be a multiple of {4 * gen_mod.VAE_FACTOR} for the toy generator "
+        raise UserError(f"image_size must be a multiple of {4 * gen_mod.VAE_FACTOR} for the toy generator "
                          f"(latents {gen_mod.VAE_FACTOR}× smaller, one UNet downsampling); got {image_size}")
     cache_dir = Path(cache_dir)
     plan = WorldPlan.for_budget(budget_s)

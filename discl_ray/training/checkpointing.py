@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from discl_ray.errors import MissingInput
+
 STATE_FILE = "state.pt"
 
 
@@ -91,7 +93,7 @@ def load_model_state(path: str) -> dict[str, torch.Tensor]:
             state = torch.load(io.BytesIO(state_file.read_bytes()), map_location="cpu", weights_only=False)
             return state.get("best_model") or state["model"]
         if not src.is_file():
-            raise FileNotFoundError(f"training.init_checkpoint: {path} is neither a model.pt nor a checkpoint dir")
+            raise MissingInput(f"training.init_checkpoint: {path} is neither a model.pt nor a checkpoint dir")
         return torch.load(io.BytesIO(src.read_bytes()), map_location="cpu", weights_only=True)
     p = Path(path)
     if p.is_dir():
@@ -100,5 +102,5 @@ def load_model_state(path: str) -> dict[str, torch.Tensor]:
             return state.get("best_model") or state["model"]
         p = p / "model.pt"
     if not p.is_file():
-        raise FileNotFoundError(f"training.init_checkpoint: {path} is neither a model.pt nor a checkpoint dir")
+        raise MissingInput(f"training.init_checkpoint: {path} is neither a model.pt nor a checkpoint dir")
     return torch.load(p, map_location="cpu", weights_only=True)

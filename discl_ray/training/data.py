@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from discl_ray.errors import MissingInput, UserError
 from discl_ray.training.composition import authors_undersample, limit_per_source, uses_real_hard
 from discl_ray.training.schedules import REAL_ONLY
 
@@ -89,9 +90,9 @@ def read_table(uri: str, columns: list[str], filter=None) -> pa.Table:
     try:
         files = stage_files(d)
     except (FileNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"no parquet files in {uri} ({err})") from None
+        raise MissingInput(f"no parquet files in {uri} ({err})") from None
     if not files:
-        raise FileNotFoundError(f"no parquet files in {uri}")
+        raise MissingInput(f"no parquet files in {uri}")
     dataset = stage_dataset(d, files)
     return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names], filter=filter)
 
@@ -174,11 +175,11 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
                           filter=lam_filter(lams))
         scores = read_table(score_dir, ["image_id", "clip_text_cos"])
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"training.strategy={tc.strategy} needs the spectrum and its scores: {err} "
+        raise MissingInput(f"training.strategy={tc.strategy} needs the spectrum and its scores: {err} "
                                 "(run discl generate and discl score first)") from None
     threshold = tc.threshold if tc.threshold is not None else cfg.scoring.threshold
     if spec.num_rows == 0 or scores.num_rows == 0:
-        raise ValueError(f"training.strategy={tc.strategy}: the spectrum ({spec.num_rows} rows) or its scores "
+        raise UserError(f"training.strategy={tc.strategy}: the spectrum ({spec.num_rows} rows) or its scores "
                          f"({scores.num_rows} rows) are empty; nothing synthetic to train on")
     joined = spec.join(scores, "image_id", join_type="inner")
     lam_col = pc.round(joined["lam"], 6)
@@ -203,7 +204,7 @@ def preflight(cfg) -> None:
                    ("scores", paths.stage("score", "scores"), "discl score")]
     missing = [f"{what} ({where}; run {cmd} first)" for what, where, cmd in needed if not parquet_files(where)]
     if missing:
-        raise FileNotFoundError(f"training.strategy={cfg.training.strategy} needs: " + "; ".join(missing))
+        raise MissingInput(f"training.strategy={cfg.training.strategy} needs: " + "; ".join(missing))
 
 
 def load_pool(cfg, image_size: Optional[int] = None) -> Pool:
@@ -221,7 +222,7 @@ def load_pool(cfg, image_size: Optional[int] = None) -> Pool:
         hard_ids = set(read_table(str(paths.stage("mine")), ["image_id"])["image_id"].to_pylist())
     except FileNotFoundError:
         if cfg.training.strategy != "none":
-            raise FileNotFoundError(f"training.strategy={cfg.training.strategy} needs the hard-sample table "
+            raise MissingInput(f"training.strategy={cfg.training.strategy} needs the hard-sample table "
                                     f"{paths.stage('mine')} (run discl mine first)") from None
         hard_ids = set()
     syn = _synthetic_rows(cfg, paths, hard_ids)
@@ -367,7 +368,7 @@ def guidance_val_sources(cfg, pool: Pool, rng: np.random.Generator) -> set:
         covered = at if covered is None else covered & at
     covered = covered or set()
     if len(covered) < 2:
-        raise ValueError(f"adaptive strategy needs at least 2 hard sources with synthetic rows at every λ < 1 of "
+        raise UserError(f"adaptive strategy needs at least 2 hard sources with synthetic rows at every λ < 1 of "
                          f"training.lams (got {len(covered)}); lower training.threshold or generate more")
     hard_real = pool.where(pool.hard & (pool.split == "train"))
     label_of = dict(zip(pool.source[hard_real].tolist(), pool.labels[hard_real].tolist()))
@@ -380,7 +381,7 @@ def guidance_val_sources(cfg, pool: Pool, rng: np.random.Generator) -> set:
     if not any(allowed.values()):
         fillable = [c for c, srcs in per_class.items() if n_hard[c] >= 2 and srcs]
         if not fillable:
-            raise ValueError("adaptive strategy: no class has 2 or more hard images with synthetic rows, so a "
+            raise UserError("adaptive strategy: no class has 2 or more hard images with synthetic rows, so a "
                              "guidance-validation set would take a class's only hard image; mine more hard "
                              "samples or use a non-adaptive training.strategy")
         top = max(fillable, key=lambda c: (n_hard[c], -c))

@@ -25,6 +25,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from discl_ray.errors import MissingInput, UserError
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"     # checkpointing.STATE_FILE (not imported: that module imports torch at once)
@@ -33,7 +35,7 @@ STATE_FILE = "state.pt"     # checkpointing.STATE_FILE (not imported: that modul
 def split_ref(ref: str) -> tuple[str, Optional[str]]:
     exp, _, run = ref.strip().strip("/").partition("/")
     if not exp or "/" in run:
-        raise ValueError(f"training.init_from: expected '<experiment>[/<run name>]', got {ref!r}")
+        raise UserError(f"training.init_from: expected '<experiment>[/<run name>]', got {ref!r}")
     return exp, run or None
 
 
@@ -92,7 +94,7 @@ def _from_run_dir(cfg, exp: str, run: Optional[str]) -> Optional[str]:
     runs = [base.join(run)] if run else _children(base)
     done = {r.name: found for r in runs if (found := _finished(r)) is not None}
     if len(done) > 1:
-        raise ValueError(f"training.init_from: experiment {exp!r} has {len(done)} finished runs; name one: "
+        raise UserError(f"training.init_from: experiment {exp!r} has {len(done)} finished runs; name one: "
                          + ", ".join(f"{exp}/{name}" for name in sorted(done)))
     if not done:
         return None
@@ -122,7 +124,7 @@ def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[str]:
     runs = client.search_runs([found.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"])
     names = sorted({r.data.tags.get("run_name", r.info.run_id) for r in runs})
     if not run and len(names) > 1:
-        raise ValueError(f"training.init_from: experiment {exp!r} has {len(names)} finished runs in MLflow; name "
+        raise UserError(f"training.init_from: experiment {exp!r} has {len(names)} finished runs in MLflow; name "
                          "one: " + ", ".join(f"{exp}/{n}" for n in names))
     for r in runs:
         dest = RunPaths.from_config(cfg).store("init_from", exp, r.info.run_id, "model.pt")
@@ -147,7 +149,7 @@ def resolve_checkpoint(cfg, ref: str) -> str:
     found = _from_run_dir(cfg, exp, run) or (_from_mlflow(cfg, exp, run) if cfg.tracking.enabled else None)
     if found is None:
         what = f"run {run!r} of experiment {exp!r}" if run else f"a finished training run of experiment {exp!r}"
-        raise FileNotFoundError(f"training.init_from: {what} not found under {_train_storage(cfg, exp)} or in "
+        raise MissingInput(f"training.init_from: {what} not found under {_train_storage(cfg, exp)} or in "
                                 f"MLflow; train it first (e.g. discl train --config <its baseline config>, "
                                 f"experiment={exp})")
     return found

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from discl_ray.errors import UserError
+
 LOSSES = ("ce", "balanced_softmax", "flyp")
 
 
@@ -53,16 +55,16 @@ def classification_loss(name: str, logits: torch.Tensor, labels: torch.Tensor,
         return F.cross_entropy(logits, labels)
     if name == "balanced_softmax":
         if log_prior is None:
-            raise ValueError("loss=balanced_softmax needs the log class prior of the training set")
+            raise UserError("loss=balanced_softmax needs the log class prior of the training set")
         return balanced_softmax_loss(logits, labels, log_prior)
-    raise ValueError(f"unknown classification loss {name!r}; valid: ce, balanced_softmax")
+    raise UserError(f"unknown classification loss {name!r}; valid: ce, balanced_softmax")
 
 
 def wise_interpolate(zero_shot: Mapping[str, torch.Tensor], fine_tuned: Mapping[str, torch.Tensor],
                      alpha: float) -> dict[str, torch.Tensor]:
     """WiSE-FT weights: (1 − α)·zero-shot + α·fine-tuned; integer buffers come from the fine-tuned side."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"WiSE-FT alpha must lie in [0, 1]; got {alpha}")
+        raise UserError(f"WiSE-FT alpha must lie in [0, 1]; got {alpha}")
     if set(zero_shot) != set(fine_tuned):
         diff = sorted(set(zero_shot) ^ set(fine_tuned))[:5]
         raise ValueError(f"WiSE-FT: state dicts differ in keys, e.g. {diff}")

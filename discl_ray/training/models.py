@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from discl_ray.errors import UserError
+
 BACKBONES = ("resnet10", "small_cnn", "clip")
 
 
@@ -102,7 +104,7 @@ class LinearHeadClip(nn.Module):
 
     def forward(self, x: torch.Tensor, flyp_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if flyp_labels is not None:
-            raise ValueError("training.head=linear trains with cross-entropy; FLYP needs the text tower")
+            raise UserError("training.head=linear trains with cross-entropy; FLYP needs the text tower")
         if self.image_size and tuple(x.shape[-2:]) != tuple(self.image_size):
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
         return self.head(F.normalize(self.visual(x), dim=-1))
@@ -121,7 +123,7 @@ def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[
         return SmallCNN(num_classes)
     if backbone == "clip":
         if cfg is None or prompts is None:
-            raise ValueError("backbone=clip needs the experiment config and one prompt per class")
+            raise UserError("backbone=clip needs the experiment config and one prompt per class")
         # Contract with the scoring stage: load_clip(scoring_cfg, cache_dir, device) -> (model, preprocess, tok).
         from discl_ray.runtime.cluster import RunPaths
         from discl_ray.scoring.clip import load_clip
@@ -133,7 +135,7 @@ def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[
         if cfg.training.head == "linear":      # LP-FT: image tower + linear head from the zero-shot weights
             return LinearHeadClip.from_zero_shot(clf)
         return clf
-    raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
+    raise UserError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

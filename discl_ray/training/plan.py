@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from discl_ray.errors import MissingInput
 from discl_ray.runtime.io import read_parquet_dir, stable_seed
 from discl_ray.training import data as D
 from discl_ray.training.composition import limit_per_source
@@ -53,7 +54,7 @@ def _hard_ids(cfg, paths, train: pa.Table) -> set:
         from discl_ray.mining.select import mine_frequency
 
         return set(mine_frequency(train, cfg.mining)["image_id"].to_pylist())
-    raise FileNotFoundError(f"mining.mode=confidence: the plan needs the hard-sample table {paths.stage('mine')} "
+    raise MissingInput(f"mining.mode=confidence: the plan needs the hard-sample table {paths.stage('mine')} "
                             "(run discl mine first)")
 
 

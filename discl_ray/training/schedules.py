@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from discl_ray.errors import UserError
 from discl_ray.runtime.io import stable_seed
 
 REAL_ONLY = -1.0
@@ -62,7 +63,7 @@ def scheduled_lam(strategy: str, epoch: int, *, epochs: int, curriculum_epochs: 
 
     Epochs ``>= curriculum_epochs`` are real-only (Algorithm 1 lines 7-9)."""
     if strategy not in NON_ADAPTIVE:
-        raise ValueError(f"strategy {strategy!r} has no fixed schedule; valid: {', '.join(NON_ADAPTIVE)}")
+        raise UserError(f"strategy {strategy!r} has no fixed schedule; valid: {', '.join(NON_ADAPTIVE)}")
     if not 0 <= epoch < epochs:
         raise ValueError(f"epoch {epoch} is outside [0, {epochs})")
     levels = sorted(float(v) for v in lams)
@@ -78,7 +79,7 @@ def scheduled_lam(strategy: str, epoch: int, *, epochs: int, curriculum_epochs: 
         return random.Random(stable_seed("random-lam", seed, epoch)).choice(levels)
     if strategy == "fixed":
         if fixed_lam is None:
-            raise ValueError("strategy=fixed needs fixed_lam")
+            raise UserError("strategy=fixed needs fixed_lam")
         return float(fixed_lam)
     if strategy == "text_only":
         return 0.0
@@ -123,5 +124,5 @@ def pick_adaptive(gains: Mapping[float, float]) -> float:
     """argmax_λ gain (Algorithm 2 line 6); ties go to the lowest λ, NaN gains (empty V_λ) never win."""
     finite = {float(k): v for k, v in gains.items() if v is not None and math.isfinite(v)}
     if not finite:
-        raise ValueError(f"no λ has a finite gain (empty guidance-validation sets?): {dict(gains)}")
+        raise UserError(f"no λ has a finite gain (empty guidance-validation sets?): {dict(gains)}")
     return max(sorted(finite), key=lambda k: finite[k])

@@ -15,6 +15,7 @@ import logging
 import re
 from typing import Any, Optional
 
+from discl_ray.errors import UserError
 from discl_ray.training.schedules import (
     REAL_ONLY,
     lam_key,
@@ -35,11 +36,11 @@ class LambdaSelector:
         from discl_ray.config.training import STRATEGIES
 
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+            raise UserError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
         if not lams:
-            raise ValueError("lams: the λ set must not be empty")
+            raise UserError("lams: the λ set must not be empty")
         if not 0 <= curriculum_epochs <= epochs:
-            raise ValueError(f"curriculum_epochs ({curriculum_epochs}) must lie in [0, epochs={epochs}]")
+            raise UserError(f"curriculum_epochs ({curriculum_epochs}) must lie in [0, epochs={epochs}]")
         self.strategy = strategy
         self.lams = sorted(float(v) for v in lams)
         self.epochs = epochs

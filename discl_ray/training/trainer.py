@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any, Optional
 
+from discl_ray.errors import UserError
 from discl_ray.runtime.io import stable_seed
 from discl_ray.training.selector import get_selector
 
@@ -51,7 +52,7 @@ def default_storage(cfg) -> str:
 def check_run_name(run_name: str) -> str:
     """Ray Train's controller writes the run name into ASCII-only places and fails mid-start otherwise."""
     if not run_name.isascii() or "/" in run_name:
-        raise ValueError(f"run name {run_name!r}: use ASCII characters and no '/' (e.g. 'lam0' for 'λ=0')")
+        raise UserError(f"run name {run_name!r}: use ASCII characters and no '/' (e.g. 'lam0' for 'λ=0')")
     return run_name
 
 
@@ -76,7 +77,7 @@ def check_data_cpus(cfg, cluster_cpus: float, *, joined: bool = False) -> bool:
         log.warning("%s up now; going on: an autoscaler adds nodes for the run's demand (on a fixed-size cluster "
                     "the stream would wait: lower cpus_per_worker or raise training.image_cache_mb)", need)
         return True
-    raise ValueError(f"{need}: lower cpus_per_worker (fractions are fine) or raise training.image_cache_mb")
+    raise UserError(f"{need}: lower cpus_per_worker (fractions are fine) or raise training.image_cache_mb")
 
 
 def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[list] = None,

@@ -27,6 +27,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from discl_ray.errors import UserError
+
 KINDS = ("toy", "resnet", "clip")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -141,7 +143,7 @@ def build_pipeline(cfg, clip_model=None) -> InputPipeline:
         return InputPipeline("resnet", size, resize, IMAGENET_MEAN, IMAGENET_STD, tc.color_jitter,
                              tuple(tc.crop_scale))
     if clip_model is None:
-        raise ValueError("training.input_pipeline=clip needs the open_clip model (training.backbone=clip)")
+        raise UserError("training.input_pipeline=clip needs the open_clip model (training.backbone=clip)")
     from open_clip import get_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import pyarrow as pa
 
+from discl_ray.errors import UserError
 from discl_ray.runtime.io import ImageLoadError, load_image, png_bytes
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 VALID_SPLITS = ("train", "val", "test", "val_ood", "test_ood")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset root is missing or malformed; the message names the file and what was expected."""
 
 

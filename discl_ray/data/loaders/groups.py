@@ -12,6 +12,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Optional
 
+from discl_ray.errors import UserError
+
 GROUPS = ("many", "medium", "few")
 
 
@@ -24,7 +26,7 @@ def class_groups(train_labels: Iterable[int], few_max: int = 20, many_min: int =
     only labels seen in ``train_labels`` appear.
     """
     if few_max < 1 or many_min <= few_max:
-        raise ValueError(f"class_groups: need 1 <= few_max < many_min (got few_max={few_max}, many_min={many_min})")
+        raise UserError(f"class_groups: need 1 <= few_max < many_min (got few_max={few_max}, many_min={many_min})")
     counts = Counter(int(y) for y in train_labels)
     labels = set(counts) | {int(c) for c in (classes or ())}
     out: dict[int, str] = {}
