@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def test_concurrent_init_ray_starts_one_cluster(tmp_path):
     # In a fresh process (the suite's own Ray must not be up): three threads call init_ray at once, as the
@@ -85,3 +87,12 @@ def test_object_store_run_root_and_tracking_rules(tmp_path, monkeypatch):
                                "tracking": {"tracking_uri": "http://mlflow.example:5000"}})
     assert tracking_uri(served) == "http://mlflow.example:5000"
     assert tracking_uri(load_config(data={"run_root": str(tmp_path / "r")})).startswith("sqlite:///")
+
+
+@pytest.mark.parametrize("address, loopback", [
+    ("127.0.0.1:6379", True), ("localhost:6379", True), ("[::1]:6379", True), ("10.0.0.5:6379", False),
+    ("ray://127.0.0.1:10001", False), ("auto", False)])
+def test_a_loopback_gcs_address_is_recognised(address, loopback):
+    from discl_ray.runtime.cluster import _is_loopback_gcs
+
+    assert _is_loopback_gcs(address) is loopback

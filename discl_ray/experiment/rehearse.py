@@ -179,6 +179,16 @@ def _cluster_nodes() -> dict[str, dict]:
             for n in ray.nodes() if n.get("Alive")}
 
 
+def _driver_ip() -> Optional[str]:
+    """The address this driver registered at (127.0.0.1 beside a workstation head)."""
+    try:
+        import ray
+
+        return ray._private.worker.global_worker.node_ip_address
+    except Exception:  # noqa: BLE001 — bookkeeping
+        return None
+
+
 def _actors_since(t0_ms: int) -> list[dict]:
     """Actors started since ``t0_ms`` (Ray's state API; empty when the dashboard is not running)."""
     try:
@@ -193,8 +203,38 @@ def _actors_since(t0_ms: int) -> list[dict]:
         a = a if isinstance(a, dict) else a.__dict__
         if (a.get("start_time") or 0) >= t0_ms:
             out.append({"class_name": a.get("class_name"), "node_id": a.get("node_id"),
-                        "resources": a.get("required_resources") or {}})
+                        "resources": a.get("required_resources") or {}, "actor_id": a.get("actor_id")})
     return out
+
+
+def _recorded_actors(stage_store, written: dict[str, int]) -> list[dict]:
+    """Where the stage's own actors say they ran: the generator, scorer and mining actors in the stage's
+    ``summary.json`` (``actors``), the Train workers in ``<run>/workers/rank-<r>.json``. Ray's state API needs
+    the dashboard's state endpoint, which a job's driver cannot always reach; these records travel with the
+    outputs (an object store included)."""
+    from discl_ray.runtime.storage import as_storage
+
+    found: list[dict] = []
+    for uri in written:
+        name = uri.rsplit("/", 1)[-1]
+        try:
+            if name == "summary.json":
+                recs = json.loads(as_storage(uri).read_text()).get("actors") or []
+            elif name.startswith("rank-") and name.endswith(".json") and "/workers/" in uri:
+                recs = [json.loads(as_storage(uri).read_text())]
+            else:
+                continue
+        except Exception as err:  # noqa: BLE001 — bookkeeping
+            log.debug("cannot read %s: %s", uri, err)
+            continue
+        for a in recs:
+            if isinstance(a, str):
+                a = json.loads(a)
+            if isinstance(a, dict) and a.get("node_id"):
+                found.append({"class_name": "TrainWorker" if name.startswith("rank-") else "StageActor",
+                              "node_id": a["node_id"], "resources": a.get("resources") or {},
+                              "actor_id": a.get("actor_id")})
+    return found
 
 
 def _objects(store) -> dict[str, int]:
@@ -254,6 +294,8 @@ def _record(step: Step, cfg, ok: bool, rc: int, seconds: float, t0_ms: int, befo
     after = _objects(stage_store)
     written = {k: v for k, v in after.items() if before.get(k) != v}
     actors = _actors_since(t0_ms) if step.stage not in ("prompts", "report") else []
+    actors += _recorded_actors(stage_store, written)
+    actors = list({a.get("actor_id") or id(a): a for a in actors}.values())   # one entry per actor
     used = sorted({a["node_id"] for a in actors if a.get("node_id")})
     gpus = sum(float(a["resources"].get("GPU", 0)) for a in actors)
     return {"name": f"{step.experiment}:{step.stage}", "stage": step.stage, "experiment": step.experiment,
@@ -350,7 +392,7 @@ def run(config: str, overrides: list[str], classes: int = DEFAULT_CLASSES, per_c
         failed = rc != 0
     ok = all(r["ok"] for r in records)
     summary = {"config": config, "overrides": list(overrides), "classes": classes, "per_class": per_class,
-               "ok": ok, "seconds": round(time.monotonic() - t_all, 2), "cluster": nodes, "gpu_probe": gpu,
+               "ok": ok, "seconds": round(time.monotonic() - t_all, 2), "cluster": nodes, "driver_ip": _driver_ip(), "gpu_probe": gpu,
                "stages": records}
     target = as_storage(paths.exp).join("rehearsal.json")
     target.write_text(json.dumps(summary, indent=1, default=str))

@@ -75,6 +75,7 @@ class Worker:
         torch.set_num_threads(max(1, int(config.get("torch_threads") or 1)))
         self.device = dx.worker_device()
         self.precision = dx.Precision(self.tc.precision, self.device)
+        _record_placement(config.get("workers_dir"), self.rank, str(self.device))
         pool = D.load_pool(self.cfg)
         torch.manual_seed(self.tc.seed)
         prompts = caption_prompts(self.cfg, pool.class_names)   # common names through prompts.name_map
@@ -490,6 +491,22 @@ def _log_final(cfg, final: dict, sel_history: list, cm: np.ndarray, class_names:
         if cfg.tracking.log_checkpoint:
             ckpt.save_model_file(net, tmp / "model" / "model.pt")
             mlflow.log_artifacts(str(tmp / "model"), artifact_path="checkpoint")
+
+
+def _record_placement(workers_dir: Optional[str], rank: int, device: str) -> None:
+    """``<run>/workers/rank-<r>.json``: the node, assigned resources and device of this rank (the generator and
+    scorer actors record theirs in their stage summaries); read by ``discl rehearse`` and by people asking where a
+    run trained. Bookkeeping: a failure is logged, never raised."""
+    if not workers_dir:
+        return
+    try:
+        from discl_ray.runtime.cluster import actor_info
+        from discl_ray.runtime.storage import as_storage
+
+        info = dict(actor_info(device), rank=rank)
+        (as_storage(workers_dir) / f"rank-{rank}.json").write_text(json.dumps(info, sort_keys=True))
+    except Exception as err:  # noqa: BLE001
+        log.warning("rank %d: placement not recorded in %s: %s", rank, workers_dir, err)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

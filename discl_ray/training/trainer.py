@@ -115,6 +115,8 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
         "cfg": cfg.model_dump(mode="json"), "run_name": run_name, "parent_run_id": mlflow_parent_run_id,
         "namespace": ray.get_runtime_context().namespace, "fault": fault, "trace": trace,
         "torch_threads": torch_threads or max(1, int(tc.cpus_per_worker)),
+        # where each rank records the node, resources and device it runs on (discl rehearse's "where it ran")
+        "workers_dir": str(where / run_name / "workers"),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
