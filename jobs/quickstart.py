@@ -7,8 +7,8 @@ a user runs by hand (printed with it). The two trainings of a task run at the sa
 started once for the whole quickstart (``--sequential`` trains one arm after the other).
 
 The console shows one line per step (its command, time and result), the gates and the result tables; each
-stage's full output goes to ``<run-root>/logs/quickstart.log`` and Ray's worker logs stay in Ray's session
-folder. ``--verbose`` prints everything as the stages run.
+stage's full output goes to ``<run-root>/logs/quickstart.log`` (what Ray's C++ core in this process prints
+too) and Ray's worker logs stay in Ray's session folder. ``--verbose`` prints everything as the stages run.
 """
 
 from __future__ import annotations
@@ -162,7 +162,10 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
     console.line(f"  stage output: {stage_log}" + ("" if verbose else "  (--verbose prints it here)"))
 
     sink = contextlib.nullcontext() if verbose else open(stage_log, "a", encoding="utf-8")  # noqa: SIM115
-    with sink as fh, (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(fh)):
+    # Stage output to the log: Python's stdout, and what native code writes to descriptor 2 (Ray's C++ core logs
+    # there, outside Python's logging); Python's stderr (warnings, errors) stays on the console.
+    with sink as fh, (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(fh)), \
+            logs.native_stderr_to(fh):
         def step(title: str, command: str, argv: list[str], tolerate: tuple[int, ...] = (), exp: str = "",
                  meanwhile=None) -> None:
             if fh is not None:

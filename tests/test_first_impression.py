@@ -1,9 +1,10 @@
 """What a newcomer sees: result cells with one seed, a bench's --json file that cannot be merged into, and no
-error-level line from Ray's core in a healthy `discl generate` (issue 33)."""
+error-level line from Ray's core on the console of `discl quickstart` (issue 33)."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,48 @@ def test_bench_json_helper_reads_what_an_earlier_piece_wrote(tmp_path):
     (tmp_path / "bad.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(MergeFileError, match="cannot read"):
         read_json_to_merge(tmp_path / "bad.json")
+
+
+# -- no error-level line from Ray's C++ core on the console ----------------------------------------------------------
+# Ray's core worker prints this once per process, at error level, on descriptor 2, for the first actor created with
+# arguments in the object store and restarts on: every Ray Data actor pool (generate, score, mine) is one.
+RAY_CORE_ERROR = re.compile(r"\[[^\]\n]* E \d+ \d+\] \w+\.cc:\d+:")
+
+_POOL_SCRIPT = r"""
+import sys
+
+import ray
+
+from discl_ray.runtime import logs
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+
+
+class Same:
+    def __call__(self, batch):
+        return batch
+
+
+with open(sys.argv[2], "a", encoding="utf-8") as log, logs.native_stderr_to(log):
+    print("a warning for the person at the console", file=sys.stderr)
+    rows = ray.data.range(4).map_batches(Same, batch_size=2, num_cpus=0.25,
+                                         compute=ray.data.ActorPoolStrategy(size=1)).take_all()
+print("rows", len(rows))
+"""
+
+
+def test_ray_core_error_line_goes_to_the_log_not_the_console(tmp_path, ray_local):
+    """A fresh driver (the line is once per process) runs a Ray Data actor pool inside logs.native_stderr_to, as
+    `discl quickstart` runs its stages: the console (its stderr) has no line from Ray's C++ core, Python's
+    stderr still reaches it, and the line is in the log file (so this run did print it)."""
+    log = tmp_path / "quickstart.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, ray_local.get_runtime_context().gcs_address, str(log)],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert res.returncode == 0 and "rows 4" in res.stdout, res.stderr[-3000:]
+    assert not RAY_CORE_ERROR.search(res.stderr + res.stdout), res.stderr[-3000:]
+    assert "a warning for the person at the console" in res.stderr
+    logged = log.read_text()
+    assert RAY_CORE_ERROR.search(logged) and "constructor arguments in the object store" in logged, (
+        "Ray's core no longer prints its note on actor-pool restarts: logs.native_stderr_to's reason is gone")

@@ -12,11 +12,14 @@ so tests that capture records (``caplog``) see everything either way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 LOG_NAME = "discl.log"
 CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -178,3 +181,51 @@ def _configure_hf(verbose: bool) -> None:
         if hf is not None:
             hf.set_verbosity(level)
             hf.enable_progress_bar() if verbose else hf.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def native_stderr_to(log: TextIO | None) -> Iterator[None]:
+    """While the block runs, what native code writes to this process's file descriptor 2 goes to ``log``;
+    Python's ``sys.stderr`` (this module's console handler, Ray's, tracebacks) keeps writing to the console.
+
+    Ray's C++ core worker in the driver writes its own log lines to descriptor 2, outside Python's logging:
+    nothing above can set their level. The one a healthy run prints is an error-level note, once per
+    process, that an actor "has constructor arguments in the object store and max_restarts > 0": every Ray
+    Data actor pool (generate, score, mine) gets its transform by reference and restarts its actors, as it
+    should. Ray offers no switch for that sink short of ``RAY_BACKEND_LOG_LEVEL=fatal``, which would also
+    empty Ray's own driver log file; so a command that keeps a log of its stages' output (``discl
+    quickstart``) sends the descriptor there, where the line sits with the rest of the stage's output (Ray
+    also keeps it in ``python-core-driver-*.log``). ``log=None`` (``--verbose``): nothing changes."""
+    if log is None:
+        yield
+        return
+    for stream in (sys.stdout, sys.stderr, log):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            stream.flush()
+    saved = os.dup(2)
+    before, console = sys.stderr, None
+    try:
+        if _writes_to_fd2(before):
+            # A new file object on a copy of the console's descriptor: Python-level writes stay on the console.
+            console = open(os.dup(saved), "w", buffering=1, encoding=getattr(before, "encoding", None) or "utf-8",
+                           errors="backslashreplace")
+            sys.stderr = console
+        os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr, log):
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                stream.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if console is not None:
+            if sys.stderr is console:
+                sys.stderr = before
+            console.close()
+
+
+def _writes_to_fd2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):      # pytest's capture, a StringIO: not the descriptor
+        return False
