@@ -4,6 +4,8 @@ console output, and what it leaves in MLflow (read back through the client from 
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import mlflow
 import pyarrow.parquet as pq
@@ -22,11 +24,18 @@ def smoke_run(tmp_path_factory):
     out, err = io.StringIO(), io.StringIO()
     capture.setattr(sys, "stdout", out)
     capture.setattr(sys, "stderr", err)
-    try:
-        rc = quickstart.main(["--profile", "smoke", "--run-root", str(root)])
-    finally:
-        capture.undo()
-    return root, rc, out.getvalue(), err.getvalue()
+    # What native code writes to descriptor 2 (Ray's C++ core) reaches the console too: capture it as well.
+    native = root.parent / "fd2.txt"
+    with open(native, "w") as fd2:
+        saved = os.dup(2)
+        os.dup2(fd2.fileno(), 2)
+        try:
+            rc = quickstart.main(["--profile", "smoke", "--run-root", str(root)])
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.undo()
+    return root, rc, out.getvalue(), err.getvalue() + native.read_text()
 
 
 def test_quickstart_smoke_profile_runs_every_stage(smoke_run):
@@ -56,6 +65,8 @@ def test_quickstart_console_is_short_and_says_what_happened(smoke_run):
     assert "| strategy |" in out or "| training.strategy |" in out or "| n |" in out
     # Ray's per-report lines and worker logs are not on the console, but in the log files
     assert "Reporting training result" not in out + err
+    # no line from Ray's C++ core at error level (issue 33; "[date time E pid tid] file.cc:line:"): the stage log has it
+    assert not re.search(r"\[[^\]\n]* E \d+ \d+\] \w+\.cc:\d+:", out + err), err[-3000:]
     assert "(RayTrainWorker" not in out + err
     log = (root / "logs" / "quickstart.log").read_text()
     assert "discl train" in log and "final_test_acc" in log
