@@ -31,13 +31,37 @@ from discl_ray.training.transforms import InputPipeline
 
 log = logging.getLogger(__name__)
 
+CHUNK_ROWS = 256          # wanted rows per read task of the stream (fewer, longer tasks; bounded memory)
+
 
 def _decode_one(pipe: InputPipeline, data, path, root) -> Optional[np.ndarray]:
+    """Decode + ``base`` one image (both paths run this, so cache and stream give the same pixels). Embedded
+    JPEG bytes are decoded at a reduced DCT scale (PIL ``draft``) that still covers the base size, so a 224²
+    JPEG for a 32² model is not decoded in full first; other images are decoded in full."""
     try:
-        return pipe.base(load_image(data, path, root=root))
+        if data is not None:
+            img = _decode_bytes(data, pipe.resize)
+        else:
+            img = load_image(data, path, root=root)
+        return pipe.base(img)
     except ImageLoadError as err:
         log.warning("skipping undecodable image: %s", err)
         return None
+
+
+def _decode_bytes(data: bytes, side: int):
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG":
+            img.draft("RGB", (side, side))      # a scale ≥ side in both dimensions (the base resize follows)
+        img.load()
+        return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageLoadError(f"cannot decode image ({type(err).__name__}: {err})") from None
 
 
 class CachedImages:
@@ -99,7 +123,10 @@ class StreamedImages:
         self.bytes_read = 0                      # bytes the read tasks took from storage (/proc rchar)
         self.unit = np.full(len(pool.image_id), -1, dtype=np.int64)
         self.units: list[tuple[str, str, int]] = []     # (table name, file URI, row group)
+        self.meta: dict = {}                             # file URI -> its parquet footer (read once, here)
+        self._readers: Optional[list] = None
         self._index_units()
+        self._reader_pool()           # started (and waited for) with the run, not inside an epoch
 
     def _index_units(self) -> None:
         """Map every pool row to its (file, row group): reads the ``image_id`` column only (no image bytes);
@@ -117,6 +144,7 @@ class StreamedImages:
             for f in lam_files(self.uris[name], lams):
                 with f.fs.open_input_file(f.path) as fh:
                     pf = pq.ParquetFile(fh)
+                    self.meta[str(f)] = pf.metadata
                     for rg in range(pf.num_row_groups):
                         rows = [self.row_of.get(i) for i in pf.read_row_group(rg, columns=["image_id"])
                                 .column(0).to_pylist()]
@@ -151,37 +179,74 @@ class StreamedImages:
         mine = flat[rank * per_rank:(rank + 1) * per_rank]
         return buffer_shuffle(mine, self.tc.shuffle_buffer, rng)
 
-    def _dataset(self, rows: np.ndarray, train: bool, seed: int):
-        import ray.data
-
-        # Units in order of first use; the rows wanted from each.
+    def _chunks(self, rows: np.ndarray) -> list[list[tuple]]:
+        """Read tasks of ``rows``: the units in order of first use, cut into runs of at least
+        ``CHUNK_ROWS`` wanted rows (a file opened once per run, few tasks per epoch); each unit with the ids
+        wanted from it."""
         units = self.unit[rows]
         _, first = np.unique(units, return_index=True)
-        items = []
+        chunks: list[list[tuple]] = []
+        cur: list[tuple] = []
+        n = 0
         for u in units[np.sort(first)]:
             name, uri, rg = self.units[u]
             ids = self.pool.image_id[rows[units == u]].tolist()
-            items.append({"table": name, "uri": uri, "rg": int(rg), "ids": "\n".join(ids)})
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        return ds.map_batches(_read_units, fn_kwargs=dict(pipe=self.pipe, train=train, seed=seed,
-                                                          root=self.cfg.dataset.root),
-                              batch_format="numpy", batch_size=1, num_cpus=self.tc.data_cpus)
+            cur.append((name, uri, int(rg), ids))
+            n += len(ids)
+            if n >= CHUNK_ROWS:
+                chunks.append(cur)
+                cur, n = [], 0
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    def _reader_pool(self) -> list:
+        """The rank's reader actors, started once per run (not per epoch): each holds the pipeline and the
+        parquet footers read at indexing, so a read task reads only its row groups' column chunks."""
+        if self._readers is None:
+            import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            n = max(1, int(round(self.tc.data_cpus)))
+            # num_cpus=0: the actors live as long as the run; a CPU reservation held that long would take
+            # the CPUs training.data_cpus leaves free for every rank's reads (trainer.check_data_cpus).
+            actor = ray.remote(num_cpus=0, scheduling_strategy=here)(UnitReader)
+            meta = ray.put(self.meta)
+            self._readers = [actor.remote(self.pipe, self.cfg.dataset.root, meta) for _ in range(n)]
+            ray.get([r.ready.remote() for r in self._readers])
+        return self._readers
+
+    def _read_chunks(self, rows: np.ndarray, train: bool, seed: int) -> Iterator[dict]:
+        """Chunk results in order; at most ``prefetch_batches + 1`` chunks per reader in flight (bounded
+        memory; reads overlap training)."""
+        import ray
+
+        readers = self._reader_pool()
+        chunks = self._chunks(rows)
+        depth = len(readers) * (self.tc.prefetch_batches + 1)
+        pending: list = []
+        for k, chunk in enumerate(chunks):
+            pending.append(readers[k % len(readers)].read.remote(chunk, train, seed))
+            if len(pending) >= depth:
+                yield ray.get(pending.pop(0))
+        while pending:
+            yield ray.get(pending.pop(0))
 
     def stream(self, rows: np.ndarray, batch: int, train: bool, seed: int) -> Iterator[tuple]:
         """(uint8 images, pool rows) of ``rows`` in exactly that order (rows of no unit and undecodable images
-        are dropped and counted); the worker holds the rows read but not yet due (≤ the shuffle buffer)."""
+        are dropped and counted); the worker holds the rows read but not yet due (≤ the shuffle buffer plus
+        the chunks in flight)."""
         rows = np.asarray(rows, dtype=np.int64)
         rows = rows[self.unit[rows] >= 0]
         if len(rows) == 0:
             return
-        ds = self._dataset(rows, train, seed)
         ready: dict[int, Optional[torch.Tensor]] = {}
         k = 0
         out_x: list[torch.Tensor] = []
         out_r: list[int] = []
-        for blk in ds.iter_batches(batch_size=None, prefetch_batches=self.tc.prefetch_batches,
-                                   batch_format="numpy"):
-            self.bytes_read += int(blk["bytes_read"].sum())
+        for blk in self._read_chunks(rows, train, seed):
+            self.bytes_read += int(blk["bytes_read"])
             for iid, px, ok in zip(blk["image_id"], blk["pixels"], blk["ok"]):
                 r = self.row_of[str(iid)]
                 ready[r] = torch.from_numpy(px.copy()) if ok else None
@@ -254,29 +319,51 @@ def _rchar() -> int:
     return 0
 
 
-def _read_units(batch: dict, pipe: InputPipeline, train: bool, seed: int, root) -> dict:
-    """Ray Data map over storage units: read one parquet row group's ids and images (or paths), keep the
-    wanted rows, decode + base + augment them to uint8 (B, 3, S, S); ``bytes_read`` counts the task's reads."""
+class UnitReader:
+    """A reader actor (one or more per rank, started once per run): reads chunks of storage units."""
+
+    def __init__(self, pipe: InputPipeline, root, meta: dict):
+        self.pipe, self.root, self.meta = pipe, root, meta
+
+    def ready(self) -> bool:
+        self.pipe.augment(np.zeros((self.pipe.resize, self.pipe.resize, 3), np.uint8), False)  # build transforms
+        return True
+
+    def read(self, chunk: list, train: bool, seed: int) -> dict:
+        return read_units(chunk, self.pipe, train, seed, self.root, self.meta)
+
+
+def read_units(chunk: list, pipe: InputPipeline, train: bool, seed: int, root, meta: dict) -> dict:
+    """Read a chunk of storage units ((table, file URI, row group, wanted ids), …): each file opened once
+    with its footer as read at indexing (``meta``; no footer read per epoch), only its row groups' ``image_id,
+    image[, path]`` column chunks read; the wanted rows decoded + ``base`` + ``augment`` ed to uint8
+    (B, 3, S, S). ``bytes_read`` counts what the task read from storage (/proc rchar)."""
     import pyarrow.parquet as pq
 
     from discl_ray.runtime.storage import as_storage
 
-    ids_out, px_out, ok_out, read_out = [], [], [], []
-    for name, uri, rg, wanted in zip(batch["table"], batch["uri"], batch["rg"], batch["ids"]):
-        start = len(read_out)
+    ids_out, px_out, ok_out = [], [], []
+    n_read = 0
+    by_file: dict = {}
+    for name, uri, rg, wanted in chunk:
+        by_file.setdefault(str(uri), []).append((str(name), int(rg), set(wanted)))
+    tables: dict = {}
+    for uri, parts in by_file.items():
         before = _rchar()
-        want = set(str(wanted).split("\n"))
-        f = as_storage(str(uri))
+        f = as_storage(uri)
         with f.fs.open_input_file(f.path) as fh:
-            pf = pq.ParquetFile(fh)
+            pf = pq.ParquetFile(fh, metadata=meta.get(uri))
             cols = [c for c in ("image_id", "image", "path") if c in pf.schema_arrow.names]
-            t = pf.read_row_group(int(rg), columns=cols)
-        n_read = _rchar() - before
+            for name, rg, want in parts:
+                tables[(uri, rg)] = (name, want, pf.read_row_group(rg, columns=cols), cols)
+        n_read += _rchar() - before
+    for name, uri, rg, _ in chunk:
+        name, want, t, cols = tables[(str(uri), int(rg))]
         ids = t.column("image_id").to_pylist()
         keep = [k for k, i in enumerate(ids) if i in want]
         data = t.column("image").take(keep).to_pylist() if "image" in cols else [None] * len(keep)
         paths = t.column("path").take(keep).to_pylist() if "path" in cols else [None] * len(keep)
-        real_root = root if str(name) == "real" else None
+        real_root = root if name == "real" else None
         for k, b, p in zip(keep, data, paths):
             before = _rchar()
             arr = _decode_one(pipe, b, p, real_root)
@@ -285,13 +372,10 @@ def _read_units(batch: dict, pipe: InputPipeline, train: bool, seed: int, root) 
             ok_out.append(arr is not None)
             px_out.append(pipe.augment(arr, train, stable_seed(seed, str(ids[k]))) if arr is not None
                           else np.zeros((3, pipe.size, pipe.size), np.uint8))
-            read_out.append(0)
-        if len(read_out) > start:
-            read_out[start] = n_read
     n = len(ids_out)
-    return {"image_id": np.asarray(ids_out, dtype=object),
+    return {"image_id": ids_out,
             "pixels": np.stack(px_out) if n else np.zeros((0, 3, pipe.size, pipe.size), np.uint8),
-            "ok": np.asarray(ok_out, dtype=bool), "bytes_read": np.asarray(read_out, dtype=np.int64)}
+            "ok": ok_out, "bytes_read": n_read}
 
 
 def fixed_batches(stream: Iterator[tuple], sizes: list[int]) -> Iterator[tuple]:
