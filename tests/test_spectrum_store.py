@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -73,7 +75,7 @@ def _generate_cmd(cfg, path: Path, address: str) -> list[str]:
     data = cfg.model_dump(mode="json")
     data["ray"] = {"address": address}
     path.write_text(yaml.safe_dump(data))
-    return [sys.executable, "-m", "discl_ray.cli", "generate", "--config", str(path)]
+    return [sys.executable, "-m", "discl_ray.cli", "generate", "-v", "--config", str(path)]  # -v: INFO on stderr
 
 
 def test_two_generate_runs_on_one_store_started_together(model, tmp_path, ray_local):
@@ -86,27 +88,49 @@ def test_two_generate_runs_on_one_store_started_together(model, tmp_path, ray_lo
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("MLFLOW_TRACKING_URI", None)
     address = ray_local.get_runtime_context().gcs_address
-    procs = [subprocess.Popen(_generate_cmd(c, tmp_path / f"{c.experiment}.yaml", address), env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in (a, b)]
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    store = st.store_root(a)
+    # The test holds the store's writer lock while both drivers start, and lets go only once both are
+    # blocked on it: they then race for the lock at the same instant (not one after the other).
+    logs: list[list[str]] = [[], []]
+    waiting = [threading.Event(), threading.Event()]
+
+    def pump(proc, buf, event):
+        for line in proc.stderr:
+            buf.append(line)
+            if "waiting for another run writing the spectrum store" in line:
+                event.set()
+
+    with st.writer_lock(store, "test"):
+        procs = [subprocess.Popen(_generate_cmd(c, tmp_path / f"{c.experiment}.yaml", address), env=env,
+                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for c in (a, b)]
+        pumps = [threading.Thread(target=pump, args=(p, buf, ev), daemon=True)
+                 for p, buf, ev in zip(procs, logs, waiting)]
+        for t in pumps:
+            t.start()
+        for p, ev, buf in zip(procs, waiting, logs):
+            assert ev.wait(240), "".join(buf)[-3000:]                               # both wait for the lock
+    for p, t, buf in zip(procs, pumps, logs):
+        assert p.wait(timeout=300) == 0, "".join(buf)[-3000:]
+        t.join(10)
     sums = [json.loads((RunPaths.from_config(c).stage("generate", "summary.json")).read_text()) for c in (a, b)]
     assert sorted(s["generated"] for s in sums) == [0, 4] and sorted(s["reused"] for s in sums) == [0, 4]
     assert sums[0]["store_digest"] == sums[1]["store_digest"] and sums[0]["store"] == sums[1]["store"]
 
-    store = st.store_root(a)
     parts = st._image_parts(store)
     assert {p.parent.name for p in parts} == {"lam=0.0", "lam=0.5"}
     rows = pa.concat_tables([pq.read_table(p.path) for p in parts])
     assert rows.num_rows == pc.count_distinct(rows["key"]).as_py() == 4          # every key exactly once
 
     single = _experiment(tmp_path / "single", model)                             # one run alone
-    run_generate(single)
+    assert run_generate(single)["generated"] == 4
     want = read_parquet_dir(RunPaths.from_config(single).stage("generate", "spectrum"))
-    same = dict(zip(want["key"].to_pylist(), want["image"].to_pylist()))
-    assert set(same) == set(rows["key"].to_pylist())
-    assert all(same[k] == v for k, v in zip(rows["key"].to_pylist(), rows["image"].to_pylist()))
+    assert rows.sort_by("key").equals(want.sort_by("key"))                       # every column, every row
+    single_store = st.store_root(single)
+    files = {posixpath.relpath(p.path, store.path): Path(p.path).read_bytes() for p in parts}
+    alone = {posixpath.relpath(p.path, single_store.path): Path(p.path).read_bytes()
+             for p in st._image_parts(single_store)}
+    assert files == alone                                                        # same part files, same bytes
     for c in (a, b):
         view = read_parquet_dir(RunPaths.from_config(c).stage("generate", "spectrum"))
         assert sorted(view["image_id"].to_pylist()) == sorted(want["image_id"].to_pylist())
@@ -116,6 +140,18 @@ def test_two_generate_runs_on_one_store_started_together(model, tmp_path, ray_lo
         assert lam5 and all("/lam=0.5/" in u for u in lam5)
         got = pa.concat_tables([pq.read_table(u) for u in lam5])
         assert set(got["lam"].to_pylist()) == {0.5}
+
+    # A sweep over thresholds, λ sets and losses once the spectrum exists: nothing is generated (no Ray work).
+    for i, change in enumerate([{"scoring": {"threshold": 0.9}}, {"training": {"loss": "balanced_softmax"}},
+                                {"training": {"lams": [0.5, 1.0]}, "generation": {"lams": [0.5]}},
+                                {"generation": {"lams": [0.0]}, "scoring": {"threshold": 0.1}}]):
+        trial = _twin(a, f"sweep-{i}")
+        data = trial.model_dump(mode="json")
+        for section, values in change.items():
+            data[section].update(values)
+        s = run_generate(load_config(data=data))
+        n = 2 if "lams" in change.get("generation", {}) else 4
+        assert (s["generated"], s["reused"], s["planned"]) == (0, n, n), change
 
 
 def _clip_cfg(root: Path, cfg, clip_json: Path, weights: Path, name: str):
