@@ -122,11 +122,17 @@ def actor_name(run_name: str) -> str:
 
 
 def get_selector(run_name: str, training_cfg, namespace: Optional[str] = None):
-    """The run's selector actor, created on first use (``get_if_exists``), CPU-free (num_cpus=0)."""
+    """The run's selector actor, created on first use (``get_if_exists``), CPU-free (num_cpus=0).
+
+    It lives on the driver's node, beside Ray Train's controller (which Ray pins there too): placed anywhere,
+    it could land on a worker node and die with it, and every restart of the worker group would then fail at
+    the lost selector (tests/test_node_loss.py). The driver's node going away ends the run anyway."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(LambdaSelector)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return actor_cls.options(name=actor_name(run_name), get_if_exists=True, namespace=namespace,
-                             lifetime=None).remote(
+                             lifetime=None, scheduling_strategy=here).remote(
         training_cfg.strategy, list(training_cfg.lams), training_cfg.epochs, training_cfg.curriculum_epochs,
         training_cfg.fixed_lam, training_cfg.seed)
