@@ -202,3 +202,35 @@ def test_scores_are_reused_across_experiments_and_gc_drops_unused_keys(model, tm
     done = st.gc_store(RunPaths.from_config(a).root, store)
     assert done["images_dropped"] == 4 and len(st.store_index(store)) == 4
     assert run_generate(b)["generated"] == 0                                    # what is used survives
+
+
+def test_mlflow_runs_name_the_spectrum_store_and_its_digest(tmp_path, monkeypatch):
+    """generate, score and a curriculum's train run log an input `<dataset>-spectrum-store` whose source is the
+    store and whose digest is the manifest's store digest; a baseline's train run does not."""
+    from mlflow import MlflowClient
+
+    from discl_ray.runtime import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(REPO / "configs" / "toy" / "digits_lt.yaml",
+                      [f"run_root={tmp_path / 'runs'}", "experiment=named"])
+    store = st.store_root(cfg)
+    manifest = pa.table({"image_id": ["a", "b"], "key": ["k1", "k2"], "source_image_id": ["s", "s"],
+                         "lam": [0.0, 0.5], "seed": [0, 0], "part": ["images/lam=0.0/p", "images/lam=0.5/p"]})
+    meta = st.write_manifest(RunPaths.from_config(cfg).store("generate"), store, manifest, "settings")
+    baseline = cfg.model_copy(update={"training": cfg.training.model_copy(update={"strategy": "none"})})
+    ids = {}
+    for stage, c in (("generate", cfg), ("score", cfg), ("train", cfg), ("baseline", baseline)):
+        with tracking.run(c, "train" if stage == "baseline" else stage) as active:
+            ids[stage] = active.info.run_id
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    for stage, run_id in ids.items():
+        inputs = {d.dataset.name: d for d in client.get_run(run_id).inputs.dataset_inputs}
+        if stage == "baseline":
+            assert "digits_lt-spectrum-store" not in inputs
+            continue
+        got = inputs["digits_lt-spectrum-store"]
+        tags = {t.key: t.value for t in got.tags}
+        assert got.dataset.digest == meta["store_digest"] == st.keys_digest(["k1", "k2"]), stage
+        assert str(store) in got.dataset.source and tags["spectrum_store_digest"] == meta["store_digest"]
+        assert tags["mlflow.data.context"] == "spectrum" and tags["spectrum_store"] == str(store)
