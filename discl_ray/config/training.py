@@ -117,8 +117,9 @@ class TrainingConfig(StrictModel):
                                                        "set fits this many MiB (small datasets, e.g. the toy "
                                                        "world); else stream from parquet through Ray Data. "
                                                        "0 = always stream.")
-    data_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data read/decode task of the image stream; "
-                                                     "the cluster must keep them free beside the Train workers.")
+    data_cpus: float = Field(0.25, gt=0, description="Image stream: decode CPUs per rank (ceil = reader actors "
+                                                     "per rank, started once per run); the cluster must keep "
+                                                     "them free beside the Train workers.")
     prefetch_batches: int = Field(2, ge=0, description="Batches the image stream decodes ahead of training.")
     shuffle_buffer: int = Field(1024, ge=0, description="Streamed training rows: seeded local shuffle buffer "
                                                         "(rows of uint8 images held by the worker; 0 = off).")

@@ -1,4 +1,4 @@
-"""Images for the rows a rank trains or evaluates on: a bounded in-memory cache, or a Ray Data stream.
+"""Images for the rows a rank trains or evaluates on: a bounded in-memory cache, or a stream read by Ray actors.
 
 The epoch's rows are chosen from metadata only (``data.py``); this module turns a list of pool rows into
 batches of uint8 images (3, size, size) plus their rows. Two implementations of one interface:
@@ -6,13 +6,15 @@ batches of uint8 images (3, size, size) plus their rows. Two implementations of 
 - :class:`CachedImages` — every row the run can touch is decoded once into memory. Used only when that
   fits ``training.image_cache_mb`` (estimated before decoding): small datasets such as the toy world keep
   the speed of indexing a tensor. Undecodable images are dropped from the pool at load, as before.
-- :class:`StreamedImages` — per call, a Ray Data pipeline over storage units (parquet row groups) in the
-  epoch's seeded unit order: each CPU ``map_batches`` task (``training.data_cpus``) reads one row group's
-  ``image_id, image[, path]``, keeps the wanted rows and decodes + ``base`` + ``augment`` s them; the worker
-  re-emits them in the planned order (seeded unit order + a shuffle buffer simulated on metadata, so real
-  and synthetic rows interleave and the same seed gives the same batches). Each unit is read once per
+- :class:`StreamedImages` — per call, a stream over storage units (parquet row groups) in the epoch's
+  seeded unit order, read by the rank's reader actors (``ceil(training.data_cpus)`` processes started once
+  per run, holding the pipeline and the parquet footers read when the rows were indexed): each read task
+  takes a chunk of ≥ 256 wanted rows' units, opens each file once, reads only its row groups' ``image_id,
+  image[, path]`` column chunks, keeps the wanted rows and decodes + ``base`` + ``augment`` s them; the
+  worker re-emits them in the planned order (seeded unit order + a shuffle buffer simulated on metadata, so
+  real and synthetic rows interleave and the same seed gives the same batches). Each unit is read once per
   epoch, and only units holding the epoch's rows (one λ of a λ-partitioned spectrum). The worker holds the
-  buffer and a few blocks, never the dataset. An undecodable image is dropped from its
+  buffer and the chunks in flight, never the dataset. An undecodable image is dropped from its
   batch and counted; :func:`fixed_batches` then pads the batch with rows of the same epoch so that every
   rank takes the same number of steps of the same size (DDP and the FLYP all-gather need that).
 """
@@ -20,6 +22,7 @@ batches of uint8 images (3, size, size) plus their rows. Two implementations of 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from typing import Optional
 
@@ -107,7 +110,7 @@ class CachedImages:
 
 
 class StreamedImages:
-    """Ray Data stream of the requested rows (see module docstring); the pool holds no image.
+    """Stream of the requested rows read by reader actors (see module docstring); the pool holds no image.
 
     Rows are read by storage unit (a parquet row group): :meth:`plan` orders an epoch's rows unit by unit in
     a seeded unit order (real and synthetic units interleaved) and mixes them with a seeded buffer of
@@ -208,7 +211,7 @@ class StreamedImages:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-            n = max(1, int(round(self.tc.data_cpus)))
+            n = max(1, math.ceil(self.tc.data_cpus - 1e-9))     # decode processes per rank
             # num_cpus=0: the actors live as long as the run; a CPU reservation held that long would take
             # the CPUs training.data_cpus leaves free for every rank's reads (trainer.check_data_cpus).
             actor = ray.remote(num_cpus=0, scheduling_strategy=here)(UnitReader)
@@ -420,7 +423,7 @@ def build_images(pool, pipe: InputPipeline, cfg, uris: dict, tables_loader) -> t
         log.info("image cache: %d rows, ~%.0f MiB decoded", len(pool.image_id), est / 2**20)
         cache = CachedImages(pool, pipe, cfg, tables_loader())
         return cache, cache.keep
-    log.info("streaming images through Ray Data (%d rows, ~%.0f MiB decoded > cache cap %d MiB)",
+    log.info("streaming images through reader actors (%d rows, ~%.0f MiB decoded > cache cap %d MiB)",
              len(pool.image_id), est / 2**20, cfg.training.image_cache_mb)
     return StreamedImages(pool, pipe, cfg, uris), None
 
