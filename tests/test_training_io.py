@@ -127,6 +127,14 @@ def test_stream_plan_matches_cache_rows_and_mixing(ray_local, run_root):
     streamed.bytes_read = 0
     list(streamed.batches(s[0], sizes, True, 5))
     assert streamed.bytes_read > 0
+    # ... and only their column chunks: the footers were read once, at indexing (not once per unit).
+    chunks = 0
+    for u in set(streamed.unit[s[0]].tolist()):
+        _, uri, rg = streamed.units[u]
+        md = streamed.meta[uri].row_group(rg)
+        chunks += sum(md.column(c).total_compressed_size for c in range(md.num_columns)
+                      if md.column(c).path_in_schema in ("image_id", "image", "path"))
+    assert streamed.bytes_read <= 1.05 * chunks + 4096, (streamed.bytes_read, chunks)
     held = streamed.held(val)
     assert sorted(held.x) == sorted(ev) and all(bool((held.x[k] == ev[k]).all()) for k in ev)
 
