@@ -23,6 +23,10 @@ from gen_fixtures import tiny_sd_dir, write_experiment
 
 from discl_ray.runtime.io import parquet_files, read_parquet_dir
 
+# 100-150 s each on 2 cores (a multi-node cluster, a node removed and re-added): over the default suite's
+# budget beside the rest, so they run in `make test-slow` (docs/reliability.md).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                           "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}

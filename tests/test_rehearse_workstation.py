@@ -180,7 +180,6 @@ def _check(ws, proc, exp: str, metric: str, tracking: bool) -> dict:
     assert summary["actors"] and {a["node_id"] for a in summary["actors"]} == set(gpu_node), summary["actors"]
     assert all(a["resources"].get("GPU", 0) > 0 for a in summary["actors"])
     assert report["gpu_probe"]["cuda"] is False       # a GPU resource without CUDA: said, not hidden
-    assert report["driver_ip"] == "127.0.0.1"          # the job's driver joined the head on loopback
     # the rehearsal's per-stage record says the same, for the Train workers too (their rank-<r>.json)
     for stage in ("generate", "train"):
         assert by_stage[stage]["gpu_nodes"] == gpu_node and by_stage[stage]["gpus_held"] > 0, by_stage[stage]

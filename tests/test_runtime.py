@@ -63,7 +63,6 @@ def test_storage_local_semantics(tmp_path):
 
 def test_object_store_run_root_and_tracking_rules(tmp_path, monkeypatch):
     """run_root=s3://… gives Storage stage paths and a local cache; on a cluster tracking must be http(s)."""
-    import pytest
 
     from discl_ray.config import load_config
     from discl_ray.runtime.cluster import RunPaths, TrackingConfigError, tracking_uri
@@ -88,11 +87,3 @@ def test_object_store_run_root_and_tracking_rules(tmp_path, monkeypatch):
     assert tracking_uri(served) == "http://mlflow.example:5000"
     assert tracking_uri(load_config(data={"run_root": str(tmp_path / "r")})).startswith("sqlite:///")
 
-
-@pytest.mark.parametrize("address, loopback", [
-    ("127.0.0.1:6379", True), ("localhost:6379", True), ("[::1]:6379", True), ("10.0.0.5:6379", False),
-    ("ray://127.0.0.1:10001", False), ("auto", False)])
-def test_a_loopback_gcs_address_is_recognised(address, loopback):
-    from discl_ray.runtime.cluster import _is_loopback_gcs
-
-    assert _is_loopback_gcs(address) is loopback

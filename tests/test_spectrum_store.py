@@ -108,7 +108,7 @@ def test_two_generate_runs_on_one_store_started_together(model, tmp_path, ray_lo
                  for p, buf, ev in zip(procs, logs, waiting)]
         for t in pumps:
             t.start()
-        for p, ev, buf in zip(procs, waiting, logs):
+        for _p, ev, buf in zip(procs, waiting, logs):
             assert ev.wait(240), "".join(buf)[-3000:]                               # both wait for the lock
     for p, t, buf in zip(procs, pumps, logs):
         assert p.wait(timeout=300) == 0, "".join(buf)[-3000:]

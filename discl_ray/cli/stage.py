@@ -34,7 +34,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
 
         here = Path(DEFAULT_CONFIG)
         if not here.is_file():
-            here = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
+            here = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
         path = str(here)
     return load_config(path, args.overrides)
 

@@ -29,7 +29,7 @@ def resolve_asset(path: str) -> Path:
     p = Path(path)
     if p.is_absolute() or p.exists():
         return p
-    packaged = Path(__file__).resolve().parent.parent / p
+    packaged = Path(__file__).resolve().parents[2] / p
     return packaged if packaged.exists() else p
 
 

@@ -250,14 +250,6 @@ def init_local_ray(**kwargs) -> None:
     ray.init(address="local", **kwargs)
 
 
-def _is_loopback_gcs(address: str) -> bool:
-    """``127.0.0.1:6379``/``localhost:6379`` (a GCS address on this machine); not ``ray://`` or ``auto``."""
-    if "://" in address or address in ("auto", "local"):
-        return False
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1")
-
-
 def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     import ray
 
@@ -268,11 +260,6 @@ def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
     address = cluster_address(cfg)
     runtime_env = kwargs.pop("runtime_env", None) or driver_runtime_env(joined=bool(address))
     if address:
-        if _is_loopback_gcs(address):
-            # A workstation head (`ray start --head --node-ip-address=127.0.0.1`): this driver (a `discl submit`
-            # job's, or one run beside the head) registers at 127.0.0.1 too, not at the machine's network
-            # address that Ray would otherwise detect for it.
-            kwargs.setdefault("_node_ip_address", "127.0.0.1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=_log_to_driver(), **kwargs)
         return
     pin_loopback()
