@@ -205,7 +205,7 @@ def test_scores_are_reused_across_experiments_and_gc_drops_unused_keys(model, tm
 
 
 def test_mlflow_runs_name_the_spectrum_store_and_its_digest(tmp_path, monkeypatch):
-    """generate, score and a curriculum's train run log an input `<dataset>-spectrum-store` whose source is the
+    """generate, score and a curriculum's train run log (``log_store_input``, called in each stage's run) an input `<dataset>-spectrum-store` whose source is the
     store and whose digest is the manifest's store digest; a baseline's train run does not."""
     from mlflow import MlflowClient
 
@@ -221,7 +221,9 @@ def test_mlflow_runs_name_the_spectrum_store_and_its_digest(tmp_path, monkeypatc
     baseline = cfg.model_copy(update={"training": cfg.training.model_copy(update={"strategy": "none"})})
     ids = {}
     for stage, c in (("generate", cfg), ("score", cfg), ("train", cfg), ("baseline", baseline)):
-        with tracking.run(c, "train" if stage == "baseline" else stage) as active:
+        name = "train" if stage == "baseline" else stage
+        with tracking.run(c, name) as active:      # as the stages do: log_store_input inside their run
+            assert st.log_store_input(c, name) is (stage != "baseline")
             ids[stage] = active.info.run_id
     client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
     for stage, run_id in ids.items():

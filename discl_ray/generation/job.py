@@ -220,9 +220,11 @@ def log_to_mlflow(cfg: "ExperimentConfig", summary: dict, grid_path) -> None:
     import mlflow
     from PIL import Image
 
+    from discl_ray.generation.store import log_store_input
     from discl_ray.runtime import tracking
 
     with tracking.run(cfg, "generate"):
+        log_store_input(cfg, "generate")
         mlflow.log_metrics({k: float(summary[k]) for k in ("planned", "generated", "reused", "skipped", "failed",
                                                            "wall_s", "outputs_per_s")})
         mlflow.log_params({"spectrum_store": summary["store"], "spectrum_store_digest": summary["store_digest"]})

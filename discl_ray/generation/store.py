@@ -40,7 +40,7 @@ import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -423,3 +423,44 @@ def gc_store(run_root: "str | Storage", store: "str | Storage", dry_run: bool = 
             f.delete()
     return {"store": str(store), "experiments": exps, "images_kept": kept, "images_dropped": dropped,
             "image_parts_dropped": files, "scores_dropped": s_dropped, "dry_run": dry_run}
+
+
+def store_input(cfg: "ExperimentConfig") -> Optional[tuple[Any, dict[str, str]]]:
+    """``(mlflow Dataset, tags)`` naming the spectrum store the experiment uses, from its manifest
+    (this module's format): source = the store, digest = the store digest (a digest of the keys the
+    experiment uses), so runs on the same spectrum show the same digest. None without a manifest."""
+    import mlflow.data
+
+    from discl_ray.runtime.cluster import RunPaths
+
+    try:
+        meta, manifest = read_manifest(RunPaths.from_config(cfg).store("generate"))
+    except FileNotFoundError:
+        return None
+    frame = manifest.select(["image_id", "key", "source_image_id", "lam", "seed"]).to_pandas()
+    ds = mlflow.data.from_pandas(frame, source=meta["store"], name=f"{cfg.dataset.name}-spectrum-store",
+                                 digest=meta["store_digest"])
+    return ds, {"spectrum_store": meta["store"], "spectrum_store_digest": meta["store_digest"],
+                "settings_digest": meta["settings_digest"]}
+
+
+def log_store_input(cfg: "ExperimentConfig", stage: str) -> bool:
+    """Log :func:`store_input` to the active MLflow run of a generate, score, train or sweep stage (a
+    baseline's train run reads no spectrum: nothing)."""
+    import logging
+
+    import mlflow
+
+    from discl_ray.runtime.tracking import DATASET_STAGES
+
+    if stage in DATASET_STAGES and cfg.training.strategy == "none":
+        return False
+    try:
+        found = store_input(cfg)
+        if found is None:
+            return False
+        mlflow.log_input(found[0], context="spectrum", tags=found[1])
+        return True
+    except Exception as err:  # noqa: BLE001 - bookkeeping never stops the stage it describes
+        logging.getLogger(__name__).warning("could not log the spectrum store input to MLflow: %s", err)
+        return False

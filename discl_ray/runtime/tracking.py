@@ -54,7 +54,6 @@ EXPERIMENT_KIND = "custom_model_development"
 # Stages whose runs show the datasets they trained on (the runs table's "Dataset" column).
 DATASET_STAGES = ("train", "sweep")
 # Stages whose runs name the spectrum store they read or wrote (an input ``<dataset>-spectrum-store``).
-STORE_STAGES = ("generate", "score", "train", "sweep")
 
 
 def ensure_experiment(uri: str, name: str, artifacts: Optional[str] = None) -> str:
@@ -203,45 +202,6 @@ def dataset_inputs(cfg: "ExperimentConfig") -> list[tuple[Any, str]]:
     return out
 
 
-def store_input(cfg: "ExperimentConfig") -> Optional[tuple[Any, dict[str, str]]]:
-    """``(mlflow Dataset, tags)`` naming the spectrum store the experiment uses, from its manifest
-    (``discl_ray.generation.store``): source = the store, digest = the store digest (a digest of the keys the
-    experiment uses), so runs on the same spectrum show the same digest. None without a manifest."""
-    import mlflow.data
-
-    from discl_ray.generation.store import read_manifest
-    from discl_ray.runtime.cluster import RunPaths
-
-    try:
-        meta, manifest = read_manifest(RunPaths.from_config(cfg).store("generate"))
-    except FileNotFoundError:
-        return None
-    frame = manifest.select(["image_id", "key", "source_image_id", "lam", "seed"]).to_pandas()
-    ds = mlflow.data.from_pandas(frame, source=meta["store"], name=f"{cfg.dataset.name}-spectrum-store",
-                                 digest=meta["store_digest"])
-    return ds, {"spectrum_store": meta["store"], "spectrum_store_digest": meta["store_digest"],
-                "settings_digest": meta["settings_digest"]}
-
-
-def log_store_input(cfg: "ExperimentConfig", stage: str) -> bool:
-    """Log :func:`store_input` to the active run (a baseline's train run reads no spectrum: nothing)."""
-    import logging
-
-    import mlflow
-
-    if stage in DATASET_STAGES and cfg.training.strategy == "none":
-        return False
-    try:
-        found = store_input(cfg)
-        if found is None:
-            return False
-        mlflow.log_input(found[0], context="spectrum", tags=found[1])
-        return True
-    except Exception as err:  # noqa: BLE001 - bookkeeping never stops the stage it describes
-        logging.getLogger(__name__).warning("could not log the spectrum store input to MLflow: %s", err)
-        return False
-
-
 def log_dataset_inputs(cfg: "ExperimentConfig") -> int:
     """Log :func:`dataset_inputs` to the active run; returns how many were logged (0 on any failure:
     bookkeeping never stops a training)."""
@@ -275,6 +235,4 @@ def run(cfg: "ExperimentConfig", stage: str, run_name: Optional[str] = None,
             mlflow.log_params(flat_params(cfg))
         if stage in DATASET_STAGES:
             log_dataset_inputs(cfg)
-        if stage in STORE_STAGES:
-            log_store_input(cfg, stage)
         yield active

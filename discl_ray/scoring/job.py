@@ -410,7 +410,10 @@ def _log_mlflow(cfg: "ExperimentConfig", summary: dict, artifacts: list[Path]) -
         metrics[f"kept_frac_lam_{lam}"] = group["kept_frac"]
         if group["clip_text_cos"]["mean"] is not None:
             metrics[f"clip_text_cos_mean_lam_{lam}"] = group["clip_text_cos"]["mean"]
+    from discl_ray.generation.store import log_store_input
+
     with tracking.run(cfg, "score", run_name=f"score-{cfg.experiment}", tags={"clip_model": summary["clip_model"]}):
+        log_store_input(cfg, "score")
         mlflow.log_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="score")

@@ -225,6 +225,9 @@ def _parent_run(cfg: ExperimentConfig, name: str, path: "Storage") -> Iterator[s
     space = cfg.sweep.space
     tags = {"sweep.name": name, "sweep.space": json.dumps(space)[:5000]}
     with tracking.run(cfg, "sweep", run_name=name, tags=tags) as run:
+        from discl_ray.generation.store import log_store_input
+
+        log_store_input(cfg, "sweep")
         mlflow.log_dict(space, "sweep_space.json")
         mlflow.log_param("sweep.num_trials", grid_size(space, cfg.sweep.num_samples))
         marker.write_text(json.dumps({"run_id": run.info.run_id}))

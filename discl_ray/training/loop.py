@@ -402,6 +402,9 @@ class Worker:
             with tracking.run(self.cfg, "train", run_name=self.run_name,
                               parent_run_id=self.opts.get("parent_run_id"),
                               tags={"run_name": self.run_name}) as active:
+                from discl_ray.generation.store import log_store_input
+
+                log_store_input(self.cfg, "train")
                 yield active
 
 
