@@ -5,11 +5,14 @@ from __future__ import annotations
 import statistics
 
 import mlflow  # a hard dependency: a broken install must fail here, not turn into a skip
+import mlflow.data
+import pandas as pd
 import pytest
 
 from discl_ray.report.tables import build_tables, format_table, to_markdown
 
 STRATS = {"diverse_to_specific": [0.0, 0.5, 1.0], "easy_to_hard": [1.0, 0.5, 0.0]}
+STORE, STORE_DIGEST = "/x/_spectra/digits_lt", "0123abcd4567ef89"
 
 
 def _log_runs(uri: str, experiment: str) -> dict:
@@ -42,6 +45,11 @@ def _log_runs(uri: str, experiment: str) -> dict:
                         mlflow.log_metrics({"epoch": epoch, "lam": lam, "train_loss": 1.0 / (epoch + 1),
                                             "val_acc": 0.1 * epoch}, step=epoch)
                     mlflow.log_metrics(finals)
+                    if strategy == "diverse_to_specific" and loss == "ce":   # as discl train logs it
+                        ds = mlflow.data.from_pandas(pd.DataFrame({"key": ["k1", "k2"]}), source=STORE,
+                                                     name="digits_lt-spectrum-store", digest=STORE_DIGEST)
+                        mlflow.log_input(ds, context="spectrum", tags={"spectrum_store": STORE,
+                                                                       "spectrum_store_digest": STORE_DIGEST})
     for seed in range(2):
         with mlflow.start_run(tags={"stage": "train"}):
             mlflow.log_params({"training.strategy": "adaptive", "training.seed": seed, "training.loss": "flyp"})
@@ -93,6 +101,9 @@ def test_cli_writes_files_and_logs_report_run(store, tmp_path, capsys, monkeypat
     assert main(["--config", str(cfg), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "## long-tail" in printed and "## low-quality" in printed
+    # The report names the spectrum store the curriculum runs read, with its digest (issue 27).
+    assert f"Spectrum store: `{STORE}` (digest `{STORE_DIGEST}`, read by 3 runs)" in printed
+    assert STORE_DIGEST in (out / "report.md").read_text()
     for name in ["long_tail.md", "long_tail.csv", "long_tail_groups.png", "low_quality.csv",
                  "lam_per_epoch.png", "report.md"]:
         assert (out / name).stat().st_size > 0, name

@@ -92,6 +92,31 @@ def aggregate(runs: pd.DataFrame, table: str) -> pd.DataFrame:
     return add_we_rows(done, table, pd.DataFrame(rows))   # WiSE-FT runs: a "+ WE" row each
 
 
+def spectrum_stores(tracking_uri: str, runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """The spectrum stores the training runs read: ``[{"store", "digest", "runs"}]``, one per distinct
+    (store, digest), from each run's MLflow input of context ``spectrum`` (logged by ``discl train`` for a
+    curriculum run; a baseline reads no spectrum and has none)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found: dict[tuple[str, str], int] = {}
+    for run_id in runs["run_id"]:
+        for given in client.get_run(run_id).inputs.dataset_inputs or []:
+            tags = {t.key: t.value for t in given.tags or []}
+            store = tags.get("spectrum_store")
+            if tags.get("mlflow.data.context") != "spectrum" or not store:
+                continue
+            key = (store, tags.get("spectrum_store_digest") or given.dataset.digest)
+            found[key] = found.get(key, 0) + 1
+    return [{"store": s, "digest": d, "runs": n} for (s, d), n in sorted(found.items())]
+
+
+def store_lines(stores: list[dict[str, Any]]) -> str:
+    """The report's line(s) naming the spectrum store (Markdown), or "" when no run read one."""
+    return "".join(f"\nSpectrum store: `{s['store']}` (digest `{s['digest']}`, read by {s['runs']} "
+                   f"run{'s' if s['runs'] != 1 else ''})\n" for s in stores)
+
+
 def build_tables(tracking_uri: str, experiment: str, parent_run_id: Optional[str] = None) -> dict[str, pd.DataFrame]:
     """``{"long_tail": df, "low_quality": df}`` for the tables that have finished runs (numeric cells)."""
     runs = fetch_runs(tracking_uri, experiment, parent_run_id)
@@ -234,7 +259,9 @@ def write_report(tracking_uri: str, experiment: str, out_dir: "str | Path | Stor
 
     ``out_dir`` is a local folder or an object-store location (``s3://…``, a :class:`Storage`): the files are
     drawn in a local temp folder and written there through ``discl_ray.runtime.storage``.
-    Returns ``{"tables": {name: numeric df}, "files": [paths or URIs], "markdown": str, "run_id": id or None}``.
+    The Markdown names the spectrum store(s) the trained runs read, with their digests (:func:`spectrum_stores`).
+    Returns ``{"tables": {name: numeric df}, "files": [paths or URIs], "markdown": str, "run_id": id or None,
+    "stores": [{"store", "digest", "runs"}]}``.
     """
     import tempfile
 
@@ -250,6 +277,9 @@ def write_report(tracking_uri: str, experiment: str, out_dir: "str | Path | Stor
         out.mkdir(parents=True, exist_ok=True)
         files: list[Path] = []
         parts = [f"# {experiment}: results (mean ± std over seeds, %)\n"]
+        trained = runs.dropna(subset=[f"metrics.{m}" for t in tables for _, m in TABLES[t]], how="all")
+        stores = spectrum_stores(tracking_uri, trained)
+        parts.append(store_lines(stores))
         for name, df in tables.items():
             shown = format_table(df, name)
             md = to_markdown(shown)
@@ -257,7 +287,6 @@ def write_report(tracking_uri: str, experiment: str, out_dir: "str | Path | Stor
             (out / f"{name}.md").write_text(md)
             df.to_csv(out / f"{name}.csv", index=False)
             files += [out / f"{name}.md", out / f"{name}.csv", plot_groups(df, name, out / f"{name}_groups.png")]
-        trained = runs.dropna(subset=[f"metrics.{m}" for t in tables for _, m in TABLES[t]], how="all")
         lam_plot = plot_lams(lam_histories(tracking_uri, trained), out / "lam_per_epoch.png")
         if lam_plot:
             files.append(lam_plot)
@@ -272,7 +301,7 @@ def write_report(tracking_uri: str, experiment: str, out_dir: "str | Path | Stor
                 target.write_bytes(f.read_bytes())
                 uploaded.append(target)
             files = uploaded
-    return {"tables": tables, "files": files, "markdown": markdown, "run_id": run_id}
+    return {"tables": tables, "files": files, "markdown": markdown, "run_id": run_id, "stores": stores}
 
 
 def _log_report(tracking_uri: str, experiment: str, files: list[Path], parent_run_id: Optional[str]) -> str:
