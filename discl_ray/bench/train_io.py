@@ -1,8 +1,10 @@
 """`discl bench train-io`: what a streamed curriculum epoch reads, how it mixes, and how fast it runs.
 
 Writes an experiment of realistic shape (scaled to the machine; ``--sources``, ``--real``): real rows stored
-CLASS BY CLASS (embedded 224² JPEG, row groups of ``--row-group`` rows), a spectrum of sources × 5 λ × 2 seeds
-of 224² JPEG hive-partitioned by λ (``lam=<value>/part-*.parquet``), scores with ~85 % of the rows kept.
+CLASS BY CLASS (embedded 224² JPEG), a spectrum of sources × 5 λ × 2 seeds of 224² JPEG hive-partitioned by λ
+(``lam=<value>/part-*.parquet``), scores with ~85 % of the rows kept. Image tables are written as the project
+writes them (``runtime.storage.parquet_write_options``: row groups of ~``--row-group-bytes``, no image
+statistics).
 Then, for one curriculum epoch at λ with ``--world`` ranks (each rank's stream run in turn on this node's
 Ray Data, as a Train worker would run it; the rank's rows from ``StreamedImages.plan``, as in
 ``training/loop.py``):
@@ -36,16 +38,17 @@ LAMS = (0.1, 0.3, 0.5, 0.7, 0.9)
 CLASSES = 10
 
 
-def write_experiment(cfg, n_real: int, n_sources: int, row_group: int, seed: int = 0) -> dict:
+def write_experiment(cfg, n_real: int, n_sources: int, row_group_bytes: int, seed: int = 0) -> dict:
     import pyarrow.parquet as pq
 
     from discl_ray.bench.train_memory import _jpeg
     from discl_ray.data import CANONICAL_SCHEMA
     from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.storage import parquet_write_options
 
     paths = RunPaths.from_config(cfg)
     done = paths.exp / "_bench_io.json"
-    key = {"n_real": n_real, "n_sources": n_sources, "row_group": row_group}
+    key = {"n_real": n_real, "n_sources": n_sources, "row_group_bytes": row_group_bytes}
     if done.is_file() and json.loads(done.read_text()).get("key") == key:
         return json.loads(done.read_text())
     rng = np.random.default_rng(seed)
@@ -63,7 +66,7 @@ def write_experiment(cfg, n_real: int, n_sources: int, row_group: int, seed: int
     table = pa.table({"image_id": all_ids, "image": imgs, "path": [None] * n, "label": all_labels,
                       "class_name": [f"class{c}" for c in all_labels],
                       "split": ["train"] * n_real + ["val"] * 200, "domain": [""] * n}).cast(CANONICAL_SCHEMA)
-    pq.write_table(table, paths.dataset / "rows-00000.parquet", row_group_size=row_group)
+    pq.write_table(table, paths.dataset / "rows-00000.parquet", **parquet_write_options(table, row_group_bytes))
     (paths.dataset / "_dataset_config.json").write_text(json.dumps(cfg.dataset.model_dump(mode="json"), indent=1,
                                                                    sort_keys=True))
     hard_pos = np.sort(rng.choice(n_real, n_sources, replace=False))
@@ -91,7 +94,8 @@ def write_experiment(cfg, n_real: int, n_sources: int, row_group: int, seed: int
                     scores[k].append(v)
         d = spec_dir / f"lam={lam}"
         d.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(spec), d / "part-0.parquet", row_group_size=row_group)
+        spec = pa.table(spec)
+        pq.write_table(spec, d / "part-0.parquet", **parquet_write_options(spec, row_group_bytes))
     pq.write_table(pa.table(scores), score_dir / "part-0.parquet")
     info = {"key": key, "sizes": size}
     done.write_text(json.dumps(info))
@@ -118,8 +122,9 @@ def _train_pass(images, model, opt, pool, pipe, rows: np.ndarray, batch: int, se
     return time.perf_counter() - t0, n
 
 
-def run(root: Path, n_real: int, n_sources: int, row_group: int, world: int, lam: float,
+def run(root: Path, n_real: int, n_sources: int, row_group_bytes: int, world: int, lam: float,
         overrides: list[str]) -> dict:
+    import pyarrow.parquet as pq
     import torch
 
     from discl_ray.config import load_config
@@ -137,9 +142,17 @@ def run(root: Path, n_real: int, n_sources: int, row_group: int, world: int, lam
         "training.random_real_size=1000", "training.guidance_val_size=100", "tracking.enabled=false",
         "training.data_cpus=2", *overrides])
     t0 = time.perf_counter()
-    info = write_experiment(cfg, n_real, n_sources, row_group)
+    info = write_experiment(cfg, n_real, n_sources, row_group_bytes)
     write_s = time.perf_counter() - t0
     sizes = info["sizes"]
+    layout = {}
+    for name, uri in D.stage_uris(cfg).items():      # the image tables' row groups and footers
+        for f in D.lam_files(uri, None):
+            with f.fs.open_input_file(f.path) as fh:
+                md = pq.ParquetFile(fh).metadata
+            layout[f.path.rsplit("/", 2)[-2] if name == "syn" else name] = {
+                "row_groups": md.num_row_groups, "rows_per_group": md.row_group(0).num_rows,
+                "footer_bytes": md.serialized_size}
     pool = D.load_pool(cfg)
     pipe = build_pipeline(cfg)
     v = D.choose_guidance_val(cfg, pool, np.random.default_rng(stable_seed("V", cfg.training.seed)))
@@ -160,7 +173,8 @@ def run(root: Path, n_real: int, n_sources: int, row_group: int, world: int, lam
 
     # Streamed epoch: each rank's plan, then its stream (the ranks one after the other on this node).
     net, opt = model()
-    out: dict = {"epoch_rows": int(len(idx)), "lam": lam, "world": world, "index_s": index_s, "write_s": write_s}
+    out: dict = {"epoch_rows": int(len(idx)), "lam": lam, "world": world, "index_s": index_s, "write_s": write_s,
+                 "layout": layout}
     read, used, s_time, s_n, s_ranks = 0, 0, 0.0, 0, []
     for r in range(world):
         rows = streamed.plan(idx, np.random.default_rng(7), r, world)
@@ -188,6 +202,7 @@ def run(root: Path, n_real: int, n_sources: int, row_group: int, world: int, lam
         p_used += nbytes(rows)
     out.update(read_amplification_adaptive=(read + p_read) / (used + p_used), probe_bytes_read=p_read,
                probe_bytes_used=p_used, v_bytes_read=v_read, v_bytes_used=v_used,
+               d_bytes_read=p_read - v_read, d_bytes_used=p_used - v_used,
                # a later curriculum epoch: V is already held (decoded once per run), only D is read
                read_amplification_adaptive_later=(read + p_read - v_read) / (used + p_used - v_used))
     # Cache path: the same epoch through decoded images (the loop's seeded permutation per rank).
@@ -225,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="discl bench train-io", description=__doc__.splitlines()[0])
     p.add_argument("--real", type=int, default=4000, help="real training rows (stored class by class)")
     p.add_argument("--sources", type=int, default=400, help="hard sources (× 5 λ × 2 seeds spectrum rows)")
-    p.add_argument("--row-group", type=int, default=128, help="rows per parquet row group of every table")
+    p.add_argument("--row-group-bytes", type=int, default=None,
+                   help="target bytes per row group of the image tables (default: the project's writers')")
     p.add_argument("--world", type=int, default=2, help="ranks the epoch is split over")
     p.add_argument("--lam", type=float, default=0.5, help="the curriculum epoch's λ")
     p.add_argument("--run-root", default=None, help="where the parquet goes (reused when the shape matches)")
@@ -245,9 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
-    out = run(root, args.real, args.sources, args.row_group, args.world, args.lam, args.overrides)
+    from discl_ray.runtime.storage import IMAGE_ROW_GROUP_BYTES
+
+    group_bytes = args.row_group_bytes or IMAGE_ROW_GROUP_BYTES
+    out = run(root, args.real, args.sources, group_bytes, args.world, args.lam, args.overrides)
     out["workload"] = {"real_rows": args.real, "sources": args.sources, "lams": list(LAMS), "seeds": 2,
-                       "image": "224x224 JPEG", "row_group": args.row_group, "world": args.world}
+                       "image": "224x224 JPEG", "row_group_bytes": group_bytes, "world": args.world}
     out["load_avg_1m"] = os.getloadavg()[0]
     ok = True
     for key, (op, target) in TARGETS.items():
@@ -256,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:<34} {out[key]:8.3f}  (target {op} {target}: {'met' if met else 'NOT met'})")
     print(f"read_amplification_adaptive in a later curriculum epoch (V held): "
           f"{out['read_amplification_adaptive_later']:.3f}")
+    print("V: {:.2f} MB read for {:.2f} MB; D: {:.2f} MB read for {:.2f} MB; layout: {}".format(
+        out["v_bytes_read"] / 1e6, out["v_bytes_used"] / 1e6, out["d_bytes_read"] / 1e6, out["d_bytes_used"] / 1e6,
+        ", ".join(f"{k} {v['row_groups']}×{v['rows_per_group']} rows (footer {v['footer_bytes'] / 1024:.1f} KiB)"
+                  for k, v in out["layout"].items())))
     print(f"stream {out['stream_samples_per_s']:.0f} samples/s, cache {out['cache_samples_per_s']:.0f} samples/s; "
           f"epoch rows {out['epoch_rows']}; same epoch rows: {out['same_epoch_rows']}")
     if args.json:

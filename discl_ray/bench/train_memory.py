@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+LAYOUT = 2      # the tables' layout (2: the writers' row groups, one spectrum part per λ); a change rewrites them
+
 PIECES = ("fixed-n", "fixed-10n", "adaptive-n", "adaptive-10n")
 CLASSES = 10
 SIZE = 224
@@ -47,16 +49,23 @@ def _jpeg(rng: np.random.Generator, label: int) -> bytes:
 
 def write_experiment(cfg, n_train: int, n_eval: int = 200, seed: int = 0, part_rows: int = 2000) -> dict:
     """Canonical rows (train / val / test), 2 % of training rows as hard, 2 spectrum rows per hard source."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from discl_ray.data import CANONICAL_SCHEMA
     from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.storage import parquet_write_options
 
     paths = RunPaths.from_config(cfg)
     marker = paths.dataset / "_dataset_config.json"
     done = paths.exp / "_bench_rows.json"
-    if done.is_file() and json.loads(done.read_text()).get("n_train") == n_train and marker.is_file():
+    if (done.is_file() and json.loads(done.read_text()).get("n_train") == n_train and marker.is_file()
+            and json.loads(done.read_text()).get("layout") == LAYOUT):
         return json.loads(done.read_text())
+    import shutil
+
+    for d in (paths.dataset, paths.stage("generate", "spectrum")):    # no file of another layout left behind
+        shutil.rmtree(d, ignore_errors=True)
     rng = np.random.default_rng(seed)
     rows = [("train", n_train), ("val", n_eval), ("test", n_eval)]
     paths.dataset.mkdir(parents=True, exist_ok=True)
@@ -71,7 +80,7 @@ def write_experiment(cfg, n_train: int, n_eval: int = 200, seed: int = 0, part_r
             table = pa.table({"image_id": ids, "image": imgs, "path": [None] * k, "label": labels,
                               "class_name": [f"class{c}" for c in labels], "split": [split] * k,
                               "domain": [""] * k}).cast(CANONICAL_SCHEMA)
-            pq.write_table(table, paths.dataset / f"rows-{part:05d}.parquet", row_group_size=256)
+            pq.write_table(table, paths.dataset / f"rows-{part:05d}.parquet", **parquet_write_options(table))
             part += 1
             if split == "train":
                 # 2 % hard, at least 2 sources (the adaptive strategy holds some out to form V).
@@ -95,13 +104,18 @@ def write_experiment(cfg, n_train: int, n_eval: int = 200, seed: int = 0, part_r
             spec["image"].append(_jpeg(rng, c))
     for d in (paths.stage("generate", "spectrum"), paths.stage("score", "scores")):
         d.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(spec), paths.stage("generate", "spectrum") / "part-0.parquet", row_group_size=256)
+    spec_t = pa.table(spec)
+    for lam in (0.5, 0.9):       # one part per λ, as the spectrum store writes it, in the writers' row groups
+        part = spec_t.filter(pc.equal(spec_t["lam"], lam))
+        d = paths.stage("generate", "spectrum") / f"lam={lam}"
+        d.mkdir(parents=True, exist_ok=True)
+        pq.write_table(part, d / "part-0.parquet", **parquet_write_options(part))
     n_syn = len(spec["image_id"])
     pq.write_table(pa.table({"image_id": spec["image_id"], "source_image_id": spec["source_image_id"],
                              "label": spec["label"], "lam": spec["lam"], "seed": spec["seed"],
                              "clip_text_cos": rng.uniform(0.3, 0.9, n_syn).tolist()}),
                    paths.stage("score", "scores") / "part-0.parquet")
-    info = {"n_train": n_train, "n_eval": n_eval, "n_hard": len(hard), "n_spectrum": n_syn,
+    info = {"layout": LAYOUT, "n_train": n_train, "n_eval": n_eval, "n_hard": len(hard), "n_spectrum": n_syn,
             "mean_jpeg_bytes": image_bytes / sum(n for _, n in rows)}
     done.write_text(json.dumps(info))
     return info

@@ -234,16 +234,16 @@ class Storage:
 IMAGE_ROW_GROUP_BYTES = 1 << 20   # ~1 MiB row groups in image tables (the unit a sparse read takes)
 
 
-def parquet_write_options(table: pa.Table) -> dict:
+def parquet_write_options(table: pa.Table, group_bytes: int = IMAGE_ROW_GROUP_BYTES) -> dict:
     """``pq.write_table`` options of a table. A table with an ``image`` column (the prepared dataset rows, the
-    spectrum store's λ parts) is written in row groups of about ``IMAGE_ROW_GROUP_BYTES`` (from its mean
+    spectrum store's λ parts) is written in row groups of about ``group_bytes`` (from its mean
     row size), because training reads image tables by row group: a row group is what a sparse read (the
     adaptive probe's V and D) costs, and what a read task holds. No min/max statistics of ``image``: nobody
     filters on image bytes, and they made the footer ~6 KB per row group. Other tables: pyarrow's defaults."""
     if "image" not in table.column_names or table.num_rows == 0:
         return {}
     per_row = max(1.0, table.nbytes / table.num_rows)
-    return {"row_group_size": max(1, int(IMAGE_ROW_GROUP_BYTES // per_row)),
+    return {"row_group_size": max(1, int(group_bytes // per_row)),
             "write_statistics": [c for c in table.column_names if c != "image"]}
 
 
