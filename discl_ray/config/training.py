@@ -61,11 +61,21 @@ class TrainingConfig(StrictModel):
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer; paper: Adam.")
     lr: float = Field(1e-3, gt=0, description="Learning rate; paper: 1e-3 (ResNet-10).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
-    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule; paper: cosine.")
+    lr_schedule: Literal["cosine", "constant", "cosine_steps"] = Field(
+        "cosine", description="Learning-rate schedule; paper: cosine. cosine: per epoch (times the warm-up); "
+                              "cosine_steps: FLYP's cosine_lr, per optimizer step over the run's steps after a "
+                              "linear warm-up of warmup_steps (strategy none: the step total is known up front).")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up over the first N optimizer steps "
                                                    "(probe steps included), on top of lr_schedule; paper: 500 for "
                                                    "iWildCam CLIP fine-tuning, 0 for ResNet-10.")
     batch_size: int = Field(128, ge=1, description="Global batch size; paper: 128 (ResNet-10), 256 (ViT-B/16).")
+    flyp_templates: list[str] = Field(
+        default_factory=list, description="loss=flyp: FLYP's captions, one (image, caption) pair per template per "
+                                          "training image ({name} = the class's display name), drawn as FLYP's "
+                                          "loader draws them (⌈N/B⌉ steps per epoch from one reshuffled pass "
+                                          "over the pairs); FLYP's iWildCam data: ['a photo of {name}.', "
+                                          "'{name} in the wild.']. Empty: one caption per class, "
+                                          "prompts.clip_template.")
     steps_per_epoch: Optional[int] = Field(None, ge=1, description="Cap on steps per epoch (None = one pass).")
     use_real_hard: bool = Field(True, description="Long-tail: include real hard images D_h at every stage (Alg. 1).")
     keep_tail_ratio: bool = Field(True, description="Long-tail: undersample non-tail rows so tail:non-tail stays constant.")
@@ -167,6 +177,15 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"training.fixed_lam ({self.fixed_lam}) must be one of training.lams {self.lams}")
         if self.loss == "flyp" and self.backbone != "clip":
             raise ValueError("training.loss=flyp needs training.backbone=clip")
+        if self.flyp_templates and (self.loss != "flyp" or self.strategy == "adaptive"):
+            raise ValueError("training.flyp_templates (FLYP's captions) need training.loss=flyp and a strategy "
+                             "other than adaptive (its probe trains one caption per class)")
+        if any("{name}" not in t for t in self.flyp_templates):
+            raise ValueError(f"every training.flyp_templates entry needs {{name}}; got {self.flyp_templates}")
+        if self.lr_schedule == "cosine_steps" and self.strategy != "none":
+            raise ValueError("training.lr_schedule=cosine_steps needs training.strategy=none (the per-step cosine "
+                             "needs the run's step total before it starts; a curriculum epoch's size depends "
+                             "on its λ)")
         if self.crop_scale[0] <= 0 or self.crop_scale[0] > self.crop_scale[1] or self.crop_scale[1] > 1:
             raise ValueError(f"training.crop_scale must satisfy 0 < min <= max <= 1; got {list(self.crop_scale)}")
         if self.input_pipeline == "clip" and self.backbone != "clip":

@@ -25,3 +25,13 @@ def caption_prompts(cfg, class_names: Sequence[str]) -> list[str]:
     from discl_ray.prompts.templates import display_names
 
     return [cfg.prompts.clip_template.format(name=n) for n in display_names(class_names, cfg.prompts)]
+
+
+def flyp_captions(cfg, class_names: Sequence[str]) -> list[str] | None:
+    """FLYP's own captions (``training.flyp_templates``, K per class, template-major; ``training/flyp.py``) with
+    the display names, or None when the run trains on one caption per class."""
+    from discl_ray.prompts.templates import display_names
+    from discl_ray.training.flyp import caption_texts
+
+    templates = cfg.training.flyp_templates
+    return caption_texts(templates, display_names(class_names, cfg.prompts)) if templates else None

@@ -245,6 +245,9 @@ class StreamedImages:
         if len(rows) == 0:
             return
         ready: dict[int, Optional[torch.Tensor]] = {}
+        # a row may be due more than once (FLYP's captions pair an image with each of its captions): it is
+        # read once and held until its last occurrence
+        due = dict(zip(*(a.tolist() for a in np.unique(rows, return_counts=True))))
         k = 0
         out_x: list[torch.Tensor] = []
         out_r: list[int] = []
@@ -256,7 +259,8 @@ class StreamedImages:
                 if not ok:
                     self.bad.add(str(iid))
             while k < len(rows) and int(rows[k]) in ready:
-                x = ready.pop(int(rows[k]))
+                due[int(rows[k])] -= 1
+                x = ready[int(rows[k])] if due[int(rows[k])] else ready.pop(int(rows[k]))
                 if x is not None:
                     out_x.append(x)
                     out_r.append(int(rows[k]))

@@ -28,12 +28,13 @@ from discl_ray.training import checkpointing as ckpt
 from discl_ray.training import data as D
 from discl_ray.training import distributed as dx
 from discl_ray.training import lpft
-from discl_ray.training.clip_backbone import caption_prompts
+from discl_ray.training import flyp
+from discl_ray.training.clip_backbone import caption_prompts, flyp_captions
 from discl_ray.training.images import open_images
 from discl_ray.training.losses import classification_loss, flyp_loss, log_class_prior
 from discl_ray.training.metrics import confusion, lt_metrics, macro_f1, true_class_prob
 from discl_ray.training.models import build_model, unwrap
-from discl_ray.training.schedules import adaptive_gains, lam_key, learning_rate
+from discl_ray.training.schedules import REAL_ONLY, adaptive_gains, lam_key, learning_rate
 from discl_ray.training.transforms import build_pipeline
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class Worker:
         torch.manual_seed(self.tc.seed)
         prompts = caption_prompts(self.cfg, pool.class_names)   # common names through prompts.name_map
         net = build_model(self.tc.backbone, pool.num_classes, cfg=self.cfg, prompts=prompts,
-                          device=self.device)
+                          device=self.device, captions=flyp_captions(self.cfg, pool.class_names))
         if self.tc.init_checkpoint:
             net.load_state_dict(ckpt.load_model_state(self.tc.init_checkpoint))
         self.pipe = build_pipeline(self.cfg, getattr(net, "clip", None))
@@ -98,6 +99,14 @@ class Worker:
         self.opt = _optimizer(self.tc, self.model.parameters())
         self.batch = max(1, self.tc.batch_size // self.world)
         self.global_step = 0          # optimizer steps so far (the warm-up's clock; saved in checkpoints)
+        self.step_lrs: list[float] = []   # this epoch's per-step LRs (the trace)
+        # FLYP's per-step cosine (lr_schedule=cosine_steps, strategy none) runs over the run's step total,
+        # known before it starts: every epoch is the real training set (its step count is metadata only).
+        self.total_steps = 0
+        if self.tc.lr_schedule == "cosine_steps":
+            self.total_steps = sum(
+                self.epoch_steps(len(D.epoch_indices(self.cfg, self.pool, REAL_ONLY, self._rng("epoch-set", e))),
+                                 self.tc.steps_per_epoch, e) for e in range(self.tc.epochs))
         self._epoch = 0
         self._start = 0
 
@@ -106,9 +115,13 @@ class Worker:
         return np.random.default_rng(stable_seed(self.tc.seed, *parts))
 
     def _set_lr(self, epoch: int) -> float:
-        """LR for the next optimizer step (cosine over epochs, linear warm-up over the first steps)."""
-        lr = learning_rate(self.tc.lr, self.tc.lr_schedule, epoch, self.tc.epochs, self.global_step,
-                           self.tc.warmup_steps)
+        """LR for the next optimizer step (cosine over epochs, linear warm-up over the first steps; or FLYP's
+        per-step cosine, a function of the global step)."""
+        if self.tc.lr_schedule == "cosine_steps":
+            lr = flyp.flyp_lr(self.tc.lr, self.tc.warmup_steps, self.total_steps, self.global_step)
+        else:
+            lr = learning_rate(self.tc.lr, self.tc.lr_schedule, epoch, self.tc.epochs, self.global_step,
+                               self.tc.warmup_steps)
         lr = lpft.epoch_lr(self.tc, epoch, lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -118,8 +131,54 @@ class Worker:
     def _before_step(self) -> None:
         """Between backward and the optimizer step: LP-FT drops encoder grads while probing; LR warm-up."""
         lpft.drop_encoder_grads(self.model, self.tc, self._epoch)
-        if self.tc.warmup_steps:
+        if self.tc.warmup_steps or self.tc.lr_schedule == "cosine_steps":
             self._set_lr(self._epoch)
+        self.step_lrs.append(self.opt.param_groups[0]["lr"])
+
+    def epoch_steps(self, n_rows: int, max_steps: Optional[int], epoch: int) -> int:
+        """Optimizer steps of ``epoch``'s pass over ``n_rows`` rows (the same on every rank): FLYP's ⌈N / B⌉
+        with its captions (less a global batch shorter than the world), else ⌈(N // world) / per-rank batch⌉;
+        at most ``max_steps``."""
+        if self.tc.flyp_templates:
+            return len(self._pair_sizes(self._pair_batches(n_rows, epoch)))
+        steps = math.ceil((n_rows // self.world) / self.batch)
+        return min(steps, max_steps) if max_steps else steps
+
+    def _pair_batches(self, n_rows: int, epoch: int) -> list[np.ndarray]:
+        """``epoch``'s global batches of pairs with at least one row per rank (FLYP's loader, ``flyp.py``)."""
+        batches = flyp.epoch_pair_batches(n_rows, len(self.tc.flyp_templates), self.tc.batch_size, epoch,
+                                          self.tc.seed, self.tc.steps_per_epoch)
+        return [g for g in batches if len(g) >= self.world]
+
+    def _pair_sizes(self, batches: list[np.ndarray]) -> list[int]:
+        return [len(g) // self.world for g in batches]    # a rank's share of each global batch (lock-step DDP)
+
+    def flyp_plan(self, idx: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(rows, caption ids, batch sizes) of this rank's epoch with FLYP's captions (``flyp.py``): the epoch's
+        global batches of (image, caption) pairs from FLYP's persistent reshuffled loader. The cache takes its
+        share of every global batch in FLYP's order; a stream reads the epoch's pairs in its unit order
+        (``images.StreamedImages.plan``, every rank planned alike) and gives each occurrence of an image the
+        next of its captions in that order, so the epoch's (image, caption) pairs are FLYP's either way."""
+        n, n_cls = len(idx), self.pool.num_classes
+        batches = self._pair_batches(n, self._epoch)
+        sizes = self._pair_sizes(batches)
+        if not hasattr(self.images, "plan"):
+            pairs = np.concatenate([g[self.rank * s:(self.rank + 1) * s] for g, s in zip(batches, sizes)])
+            rows = idx[pairs % n]
+            return rows, flyp.caption_ids(pairs, n, self.pool.labels[rows], n_cls), sizes
+        pairs = np.concatenate(batches)
+        rows_all = idx[pairs % n]
+        queue: dict[int, list[int]] = {}
+        for r, c in zip(rows_all.tolist(), flyp.caption_ids(pairs, n, self.pool.labels[rows_all], n_cls).tolist()):
+            queue.setdefault(r, []).append(c)
+        mine, caps = None, None
+        for rank in range(self.world):
+            planned = self.images.plan(rows_all, copy.deepcopy(rng), rank, self.world)[:sum(sizes)]
+            got = np.array([queue[r].pop(0) for r in planned.tolist()], dtype=np.int64)
+            if rank == self.rank:
+                mine, caps = planned, got
+        return mine, caps, sizes
+
     def _loss(self, x: torch.Tensor, y: torch.Tensor, prior) -> torch.Tensor:
         with self.precision.autocast():
             if self.tc.loss == "flyp":
@@ -131,24 +190,32 @@ class Worker:
     def train_on(self, idx: np.ndarray, rng: np.random.Generator, max_steps: Optional[int],
                  trace: bool = False) -> tuple[float, int]:
         """One pass over ``idx`` (shuffled, this rank's slice); returns (mean loss over ranks, samples seen)."""
-        if hasattr(self.images, "plan"):
-            # Streamed: the same epoch rows as the cache path, ordered unit by unit in a seeded unit order and
-            # mixed by a seeded buffer (images.StreamedImages.plan), so each storage unit is read once.
-            mine = self.images.plan(idx, rng, self.rank, self.world)
+        captions: Optional[dict[int, list[int]]] = None
+        if self.tc.flyp_templates:
+            # FLYP's captions: (image, caption) pairs drawn as FLYP's loader draws them (flyp_plan).
+            rows, caps, sizes = self.flyp_plan(idx, rng)
+            captions = {}
+            for r, c in zip(rows.tolist(), caps.tolist()):
+                captions.setdefault(r, []).append(c)
         else:
-            mine = D.shard(rng.permutation(idx), self.rank, self.world)
+            if hasattr(self.images, "plan"):
+                # Streamed: the same epoch rows as the cache path, ordered unit by unit in a seeded unit order
+                # and mixed by a seeded buffer (images.StreamedImages.plan), so each storage unit is read once.
+                mine = self.images.plan(idx, rng, self.rank, self.world)
+            else:
+                mine = D.shard(rng.permutation(idx), self.rank, self.world)
+            steps = self.epoch_steps(len(idx), max_steps, self._epoch)
+            # Planned batch sizes are a function of metadata only: identical on every rank (lock-step DDP).
+            sizes = [min(self.batch, len(mine) - k * self.batch) for k in range(steps)]
+            rows = mine[:sum(sizes)]
+        steps = len(sizes)
         counts = self.pool.class_counts(idx)
         prior = log_class_prior(counts).to(self.device) if self.tc.loss == "balanced_softmax" else None
         self.model.train()
-        steps = math.ceil(len(mine) / self.batch)
-        if max_steps:
-            steps = min(steps, max_steps)
-        # Planned batch sizes are a function of metadata only: identical on every rank (lock-step DDP).
-        sizes = [min(self.batch, len(mine) - k * self.batch) for k in range(steps)]
-        rows = mine[:sum(sizes)]
+        self.step_lrs = []
         fault = self.opts.get("fault")
         seed = stable_seed(self.tc.seed, "augment", self._epoch, self.global_step)
-        total, n_batches, seen, read = 0.0, 0, 0, []
+        total, n_batches, seen, read, read_caps = 0.0, 0, 0, [], []
         for step, (x, sel) in enumerate(self.images.batches(rows, sizes, True, seed)):
             if fault and self._should_fail(fault, step, steps):
                 # A real worker death (tests of FailureConfig restarts); the pause lets the controller
@@ -157,6 +224,11 @@ class Worker:
                 os._exit(17)
             x = self.pipe.normalise(x.to(self.device, non_blocking=True))
             y = torch.as_tensor(self.pool.labels[sel], device=self.device)
+            if captions is not None:
+                # each occurrence of an image takes its next planned caption (a padded repeat, its last)
+                cap = [captions[r].pop(0) if len(captions[r]) > 1 else captions[r][0] for r in sel.tolist()]
+                read_caps.extend(cap)
+                y = torch.as_tensor(cap, device=self.device)
             loss = self._loss(x, y, prior)
             self.opt.zero_grad(set_to_none=True)
             self.precision.step(loss, self.opt, self._before_step)
@@ -168,7 +240,9 @@ class Worker:
                 read.extend(self.pool.image_id[sel].tolist())
         if trace and self.opts.get("trace"):
             out = Path(self.opts["trace"]) / f"a{self._start}-e{self._epoch}-r{self.rank}.json"
-            out.write_text(json.dumps({"read": read, "planned": self.pool.image_id[rows].tolist()}))
+            out.write_text(json.dumps({"read": read, "planned": self.pool.image_id[rows].tolist(),
+                                       "captions": read_caps, "lr": self.step_lrs,
+                                       "first_step": self.global_step - n_batches}))
         return dx.allreduce_mean(total / max(n_batches, 1), self.device), seen * self.world
 
     def _should_fail(self, fault: dict, step: int, steps: int) -> bool:

@@ -50,10 +50,14 @@ class ClipClassifier(nn.Module):
     Both towers stay trainable (FLYP fine-tunes the text tower too), so the head is recomputed from the
     current text tower at every forward."""
 
-    def __init__(self, clip_model: nn.Module, class_tokens: torch.Tensor):
+    def __init__(self, clip_model: nn.Module, class_tokens: torch.Tensor,
+                 caption_tokens: Optional[torch.Tensor] = None):
         super().__init__()
         self.clip = clip_model
         self.register_buffer("class_tokens", class_tokens, persistent=False)
+        # FLYP's own captions (training.flyp_templates, K per class; flyp.py): the FLYP loss contrasts with
+        # these, the class head stays the class prompts. Not in the state dict: checkpoints keep one format.
+        self.register_buffer("caption_tokens", caption_tokens, persistent=False)
         size = getattr(getattr(clip_model, "visual", None), "image_size", None)
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else ((size, size) if size else None)
 
@@ -66,10 +70,12 @@ class ClipClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, flyp_labels: Optional[torch.Tensor] = None):
         img = self.clip.encode_image(self._images(x))
-        txt = self.clip.encode_text(self.class_tokens)
+        captions = self.caption_tokens if flyp_labels is not None and self.caption_tokens is not None else None
+        txt = self.clip.encode_text(self.class_tokens if captions is None else captions)
         scale = self.clip.logit_scale.exp()
         if flyp_labels is not None:
-            # FLYP: caption i is the class prompt of image i (one prompt per class, so encode once, index).
+            # FLYP: caption i is image i's caption (its class prompt, or with flyp_templates its caption index
+            # into caption_tokens): each distinct caption encoded once, then indexed.
             return img, txt[flyp_labels], scale
         return scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
 
@@ -115,7 +121,7 @@ def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
 
 
 def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[Sequence[str]] = None,
-                device: str = "cpu") -> nn.Module:
+                device: str = "cpu", captions: Optional[Sequence[str]] = None) -> nn.Module:
     """The classifier for ``training.backbone``; ``clip`` loads the experiment's open_clip model."""
     if backbone == "resnet10":
         return resnet10(num_classes)
@@ -131,7 +137,8 @@ def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[
 
         # training.clip (paper: ViT-B/16, ViT-L/14), not the filter model; float32 master weights.
         model, _preprocess, tokenizer = load_clip(trainer_clip_config(cfg), RunPaths.from_config(cfg).cache, device)
-        clf = ClipClassifier(model.float(), tokenizer(list(prompts)))
+        clf = ClipClassifier(model.float(), tokenizer(list(prompts)),
+                             tokenizer(list(captions)) if captions else None)
         if cfg.training.head == "linear":      # LP-FT: image tower + linear head from the zero-shot weights
             return LinearHeadClip.from_zero_shot(clf)
         return clf
