@@ -139,6 +139,7 @@ class StreamedImages:
         from discl_ray.training.data import lam_files
 
         syn = self.pool.split == "syn"
+        mixed: list[str] = []                        # spectrum files whose row groups mix λ levels
         for name in ("real", "syn"):
             mask = syn if name == "syn" else ~syn
             if not mask.any():
@@ -156,6 +157,12 @@ class StreamedImages:
                         if len(rows):
                             self.unit[rows] = len(self.units)
                             self.units.append((name, str(f), rg))
+                            if name == "syn" and len(set(np.round(self.pool.lam[rows], 6).tolist())) > 1:
+                                mixed.append(str(f))
+        if mixed:
+            log.warning("%d spectrum file(s) mix λ levels (written before the spectrum store, e.g. %s): every "
+                        "streamed epoch reads all their λ levels' images; run `discl generate` for this experiment "
+                        "again (it regenerates them into the store, one part per λ)", len(set(mixed)), mixed[0])
         missing = int((self.unit < 0).sum())
         if missing:
             log.warning("%d pool rows have no stored image (dropped when streamed)", missing)
@@ -353,19 +360,19 @@ def read_units(chunk: list, pipe: InputPipeline, train: bool, seed: int, root, m
     n_read = 0
     by_file: dict = {}
     for name, uri, rg, wanted in chunk:
-        by_file.setdefault(str(uri), []).append((str(name), int(rg), set(wanted)))
-    tables: dict = {}
-    for uri, parts in by_file.items():
+        by_file.setdefault(str(uri), (str(name), [], set()))
+        by_file[str(uri)][1].append(int(rg))
+        by_file[str(uri)][2].update(wanted)
+    for uri, (name, rgs, want) in by_file.items():
         before = _rchar()
         f = as_storage(uri)
         with f.fs.open_input_file(f.path) as fh:
             pf = pq.ParquetFile(fh, metadata=meta.get(uri))
             cols = [c for c in ("image_id", "image", "path") if c in pf.schema_arrow.names]
-            for name, rg, want in parts:
-                tables[(uri, rg)] = (name, want, pf.read_row_group(rg, columns=cols), cols)
+            # One call for the file's row groups: pre-buffering coalesces adjacent column chunks into few
+            # large reads (one request per run of row groups on an object store, not one per row group).
+            t = pf.read_row_groups(sorted(rgs), columns=cols)
         n_read += _rchar() - before
-    for name, uri, rg, _ in chunk:
-        name, want, t, cols = tables[(str(uri), int(rg))]
         ids = t.column("image_id").to_pylist()
         keep = [k for k, i in enumerate(ids) if i in want]
         data = t.column("image").take(keep).to_pylist() if "image" in cols else [None] * len(keep)
