@@ -2,7 +2,7 @@
 
 Writes a synthetic experiment of 224×224 JPEG images as parquet (canonical rows, hard samples, spectrum
 and scores, exactly the tables the upstream stages write), then trains one epoch through the real trainer
-(``build_trainer``: 2 Ray Train workers, the image cache off so every image comes through the Ray Data
+(``build_trainer``: 2 Ray Train workers, the image cache off so every image comes through the reader actors'
 stream) at N and at 10·N rows, for a fixed-λ schedule and for the adaptive strategy (whose probe streams
 V and D too). Each run reports ``worker_peak_rss_mb``: the largest VmHWM over the Train workers, reset
 when the worker starts. Streaming keeps that flat in N; a worker that held the dataset would not.
