@@ -3,8 +3,10 @@
 world (the models shipped with the package; `discl world --force` retrains them) → digits-LT: prompts → mine
 → generate → score → train CE baseline and DisCL diverse→specific → digits-LQ: prompts → mine → generate →
 score → train the FLYP fine-tuning baseline and DisCL adaptive → report. Every step is the same stage command
-a user runs by hand (printed with it). The two trainings of a task run at the same time on one Ray session,
-started once for the whole quickstart (``--sequential`` trains one arm after the other).
+a user runs by hand (printed with it). All stages share one Ray session, started once for the whole quickstart;
+once the world is there, the two tasks run side by side (each task's steps in order, its two trainings at the
+same time), so one task's one-core steps (spectrum, CLIP filter, mining) fill the core the other leaves idle.
+``--sequential`` runs one task, and one training, after the other.
 
 The console shows one line per step (its command, time and result), the gates and the result tables; each
 stage's full output goes to ``<run-root>/logs/quickstart.log`` (what Ray's C++ core in this process prints
@@ -67,9 +69,11 @@ class Console:
             print(text, file=self.out, flush=True)
 
     def step(self, title: str, took: float, rc: int, result: str = "") -> None:
-        self.done += 1
         mark = "ok" if rc == 0 else f"exit {rc}"
-        self.line(f"[{self.done:2d}/{self.total}] {title:<38} {took:6.1f} s  {mark}{'  ' + result if result else ''}")
+        with self.lock:
+            self.done += 1
+            print(f"[{self.done:2d}/{self.total}] {title:<38} {took:6.1f} s  {mark}{'  ' + result if result else ''}",
+                  file=self.out, flush=True)
 
 
 def _run_stage(command: str, argv: list[str]) -> tuple[int, float]:
@@ -135,6 +139,41 @@ def _world_lines(cache: Path) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _mlflow_runs_one_at_a_time():
+    """While the two tasks' stages run in threads of this process, open their MLflow runs one at a time.
+
+    MLflow's active experiment is process-wide (``mlflow.set_experiment``, then ``start_run`` reads it): a
+    digits-LT stage and a digits-LQ stage opening runs at once could file one under the other's experiment.
+    The stages' runs (``runtime.tracking.run``) only log a summary, so holding a lock around them costs no
+    overlap; Train workers log from their own processes."""
+    from discl_ray.runtime import tracking
+
+    opened = tracking.run
+    lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def one_at_a_time(*args, **kwargs):
+        with lock, opened(*args, **kwargs) as active:
+            yield active
+
+    tracking.run = one_at_a_time
+    try:
+        yield
+    finally:
+        tracking.run = opened
+
+
+def _cluster_cpus(cfg, extra: list[str]) -> list[str]:
+    """The override giving the quickstart's own cluster twice the configured CPUs (all the machine's by
+    default), unless the user set ``ray.num_cpus``: the two tasks then run side by side (a training's worker
+    holds a CPU, a generator or CLIP actor one, their read/write tasks a quarter) without either waiting
+    for the other's CPUs, while the OS shares the real cores."""
+    if any(o.startswith("ray.num_cpus=") for o in extra):
+        return []
+    return [f"ray.num_cpus={2 * (cfg.ray.num_cpus or os.cpu_count() or 1)}"]
+
+
 def run(profile: str, run_root: str, extra: list[str], sequential: bool = False, verbose: bool = False) -> int:
     from discl_ray.config import load_config
     from discl_ray.runtime import logs
@@ -155,6 +194,9 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
         # worker's report blocks until then (a queue of one): the toy's sub-second epochs, each reported, would
         # wait ~2 s apiece (40 epochs ≈ 80 s of a digits-LT training). Poll at the pace of the toy's epochs.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # The cluster this process starts for every stage (a joined cluster keeps its size).
+    cluster_cfg = lt_cfg if lt_cfg.ray.address or os.environ.get("RAY_ADDRESS") or sequential else \
+        load_config(_config("digits_lt.yaml"), [f"run_root={run_root}", *extra, *_cluster_cpus(lt_cfg, extra)])
     console = Console(sys.stdout, 1 + 6 * len(TASKS) + len(TASKS))
     timings: list[tuple[str, float]] = []
     stage_log = log_path.parent / "quickstart.log"
@@ -165,7 +207,7 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
     # Stage output to the log: Python's stdout, and what native code writes to descriptor 2 (Ray's C++ core logs
     # there, outside Python's logging); Python's stderr (warnings, errors) stays on the console.
     with sink as fh, (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(fh)), \
-            logs.native_stderr_to(fh):
+            logs.native_stderr_to(fh), _mlflow_runs_one_at_a_time():
         def step(title: str, command: str, argv: list[str], tolerate: tuple[int, ...] = (), exp: str = "",
                  meanwhile=None) -> None:
             if fh is not None:
@@ -182,7 +224,7 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
             console.step(title, took, rc, _result(command, root / exp, argv) if rc == 0 else "")
             _check(console, title, rc, tolerate)
 
-        def together(steps: list[tuple[str, list[str]]], exp: str) -> None:
+        def together(steps: list[tuple[str, list[str]]], exp: str, task: str) -> None:
             for title, argv in steps:
                 if fh is not None:
                     print(f"\n=== {title} (at the same time as the other arm)\n$ discl train {shlex.join(argv)}",
@@ -194,7 +236,7 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
             for (title, argv), (rc, took) in zip(steps, results):
                 timings.append((title, took))
                 console.step(title, took, rc, _result("train", root / exp, argv) if rc == 0 else "")
-            timings.append(("  (both trainings, wall clock)", time.perf_counter() - start))
+            timings.append((f"  ({task}: both trainings, wall clock)", time.perf_counter() - start))
             for (title, _), (rc, _) in zip(steps, results):
                 _check(console, title, rc, ())
 
@@ -204,12 +246,13 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
             world_args += ["--no-gates"] + ([] if ship.read_manifest() else ["--budget-s", "20"])
         # Exit 1 = a quality gate missed: the models exist and the method still runs, so say so and go on.
         # One Ray session for every stage, started while the world loads (the stages find it up and use it).
-        step("toy world", "world", world_args, tolerate=(1,), meanwhile=lambda: init_ray(lt_cfg))
+        step("toy world", "world", world_args, tolerate=(1,), meanwhile=lambda: init_ray(cluster_cfg))
         for line in _world_lines(RunPaths.from_config(lt_cfg).cache):
             console.line(line)
-        for cfg_name, task, arms in TASKS:
+
+        def task_steps(cfg_name: str, task: str, arms) -> None:
             exp = load_config(_config(cfg_name), [f"run_root={run_root}", *extra]).experiment
-            console.line(f"\n== {task} (experiment {exp})")
+            console.line(f"\n== {task} (experiment {exp})" + ("" if sequential else ", beside the other task"))
             base = ["--config", _config(cfg_name), *common]
             step(f"{task}: prompts", "prompts", base, exp=exp)
             step(f"{task}: hard samples", "mine", base, exp=exp)
@@ -223,25 +266,42 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
                 for title, argv in trainings:
                     step(title, "train", argv, exp=exp)
             else:
-                together(trainings, exp)
+                together(trainings, exp, task)
+
+        if sequential:
+            for task_args in TASKS:
+                task_steps(*task_args)
+        else:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=len(TASKS)) as pool:
+                running = [pool.submit(task_steps, *task_args) for task_args in TASKS]
+                for done in running:
+                    done.result()          # a failed step's SystemExit, once both tasks have stopped
+            timings.append(("  (both tasks, wall clock)", time.perf_counter() - start))
         reports = []
         for cfg_name, _, _ in TASKS:
             exp = load_config(_config(cfg_name), [f"run_root={run_root}", *extra]).experiment
             step(f"report {exp}", "report", ["--config", _config(cfg_name), *common], exp=exp)
             reports.append(root / exp / "report")
-    for folder in reports:
-        md = folder / "report.md"
-        console.line("\n" + (md.read_text().strip() if md.is_file() else f"(no report in {folder})"))
-        pngs = sorted(p.name for p in folder.glob("*.png"))
-        console.line(f"plots: {folder}/ ({', '.join(pngs)})")
-    total = time.perf_counter() - t0
-    console.line("\n== timings")
-    for title, took in timings:
-        console.line(f"  {took:7.1f} s  {title}")
-    console.line(f"  {total:7.1f} s  total ({profile} profile)")
-    console.line(f"\nlogs: {log_path.parent}/ (Ray workers: {root / '.ray' / 'session_latest' / 'logs'} "
-                 "or Ray's default temp folder)")
-    console.line(f"Compare the runs in the MLflow UI:  discl ui run_root={run_root}   (or: make mlflow-ui)")
+        for folder in reports:
+            md = folder / "report.md"
+            console.line("\n" + (md.read_text().strip() if md.is_file() else f"(no report in {folder})"))
+            pngs = sorted(p.name for p in folder.glob("*.png"))
+            console.line(f"plots: {folder}/ ({', '.join(pngs)})")
+        total = time.perf_counter() - t0
+        console.line("\n== timings")
+        for title, took in timings:
+            console.line(f"  {took:7.1f} s  {title}")
+        console.line(f"  {total:7.1f} s  total ({profile} profile)")
+        console.line(f"\nlogs: {log_path.parent}/ (Ray workers: {root / '.ray' / 'session_latest' / 'logs'} "
+                     "or Ray's default temp folder)")
+        console.line(f"Compare the runs in the MLflow UI:  discl ui run_root={run_root}   (or: make mlflow-ui)")
+        # Ray's last words (its worker-pool notes, deduplicated lines) are printed when it stops: stop it while
+        # the stage output still goes to the log (the console lines above go to the terminal either way).
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
     return 0
 
 
@@ -252,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="full: the toy replication settings; smoke: the same path with tiny budgets (tests)")
     p.add_argument("--run-root", default="runs", help="where outputs, toy models and MLflow go (default runs/)")
     p.add_argument("--sequential", action="store_true",
-                   help="train a task's two arms one after the other (default: at the same time)")
+                   help="one task after the other, and a task's two trainings one after the other (default: the "
+                        "two tasks side by side, each task's trainings at the same time)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print every stage's output, Ray's worker logs and library logs as they come")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every stage")

@@ -68,6 +68,8 @@ def test_quickstart_console_is_short_and_says_what_happened(smoke_run):
     # no line from Ray's C++ core at error level (issue 33; "[date time E pid tid] file.cc:line:"): the stage log has it
     assert not re.search(r"\[[^\]\n]* E \d+ \d+\] \w+\.cc:\d+:", out + err), err[-3000:]
     assert "(RayTrainWorker" not in out + err
+    # nor the raylet's notes (its worker-pool size warnings while both tasks run): they go to the stage log
+    assert "(raylet)" not in out + err, err[-3000:]
     log = (root / "logs" / "quickstart.log").read_text()
     assert "discl train" in log and "final_test_acc" in log
 
@@ -86,6 +88,12 @@ def test_mlflow_experiment_kind_inputs_and_metrics_read_back(smoke_run):
         exp = client.get_experiment_by_name(exp_name)
         assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
         runs = {r.data.tags["strategy"]: r for r in client.search_runs([exp.experiment_id], "tags.stage = 'train'")}
+        # The two tasks' stages run side by side in one process: each stage's run is filed under its own task's
+        # experiment (MLflow's active experiment is process-wide).
+        dataset = {r.data.params["dataset.name"] for r in runs.values()}
+        for stage in ("generate", "score"):
+            staged = client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'")
+            assert len(staged) == 1 and {r.data.params["dataset.name"] for r in staged} == dataset, (exp_name, stage)
         for strategy in (baseline, curriculum):
             run = runs[strategy]
             assert all(0.0 <= run.data.metrics[m] <= 1.0 for m in headline), run.data.metrics
