@@ -136,9 +136,9 @@ def _tiny_flyp_config(run_root, tmp_path, *extra):
         "training.lams=[0.5,0.9,1.0]", "scoring.threshold=0.2", f"scoring.model={TINY_CLIP}",
         f"scoring.model_config_path={json_path}", f"scoring.pretrained={weights}", "training.backbone=clip",
         "training.loss=flyp", "training.task=low_quality", "training.strategy=none", "training.epochs=3",
-        "training.curriculum_epochs=0", "training.cpus_per_worker=0.5", "training.batch_size=8",
+        "training.curriculum_epochs=0", "training.cpus_per_worker=0.5", "training.batch_size=7",
         "training.lr=0.0005", "training.optimizer=adamw", "training.weight_decay=0.2",
-        "training.lr_schedule=cosine_steps", "training.warmup_steps=3",
+        "training.lr_schedule=cosine_steps", "training.warmup_steps=2",
         "training.flyp_templates=['a photo of {name}.','{name} in the wild.']", "tracking.enabled=false",
         *extra])
 
@@ -177,10 +177,10 @@ def test_trainer_steps_lr_per_step_and_draws_flyps_captions(ray_local, run_root,
         assert got["read"] == ids and got["captions"] == caps, epoch
         assert got["first_step"] == len(lrs)
         lrs += got["lr"]
-    steps = math.ceil(n / 8)
-    assert len(lrs) == 3 * steps
-    assert lrs == pytest.approx(flyp_reference_lrs(0.0005, 3, 3, steps), rel=1e-12)
-    assert len(set(lrs[3:steps])) == steps - 3          # within one epoch the LR moves at every step
+    steps = math.ceil(n / 7)        # 30 images, batch 7: 5 steps; a pass of 60 pairs is 9 batches, so epoch 1
+    assert len(lrs) == 3 * steps     # ends with the first batch of a reshuffled pass
+    assert lrs == pytest.approx(flyp_reference_lrs(0.0005, 2, 3, steps), rel=1e-12)
+    assert len(set(lrs[2:steps])) == steps - 2          # within one epoch the LR moves at every step
 
 
 @pytest.mark.slow
