@@ -27,8 +27,7 @@ from discl_ray.runtime.io import stable_seed
 from discl_ray.training import checkpointing as ckpt
 from discl_ray.training import data as D
 from discl_ray.training import distributed as dx
-from discl_ray.training import lpft
-from discl_ray.training import flyp
+from discl_ray.training import flyp, lpft
 from discl_ray.training.clip_backbone import caption_prompts, flyp_captions
 from discl_ray.training.images import open_images
 from discl_ray.training.losses import classification_loss, flyp_loss, log_class_prior
