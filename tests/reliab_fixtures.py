@@ -7,13 +7,17 @@ tests keep their meaning whatever the training or generation internals become.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
+
+REPO = Path(__file__).resolve().parent.parent
 
 # A 5-class long-tail experiment small enough for a few seconds of Ray Train on one CPU.
 LT_DATA = {
@@ -62,14 +66,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real ``mlflow server`` on 127.0.0.1 (sqlite store) for the duration of the block; yields (uri, proc)."""
+def mlflow_server(root: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite store under ``root``, kept across restarts on the same
+    ``port``) for the duration of the block; yields (uri, proc)."""
     from discl_ray.runtime.tracking import ui_command, wait_until_up
 
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     cmd = ui_command(f"sqlite:///{root / 'server.db'}", port=port, artifacts=str(root / "artifacts"))
-    log = open(root / "server.log", "wb")
+    log = open(root / "server.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -94,6 +99,48 @@ def stop_server(proc: subprocess.Popen) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                          "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+
+
+def stage_process(stage: str, cfg_path: Path, *args: str, log: Path) -> subprocess.Popen:
+    """``discl <stage> --config cfg_path ARGS`` as its own process (output to ``log``), as a job runs it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "discl_ray.cli", stage, "--config", str(cfg_path), *args],
+                            env=env, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return log.read_text(errors="replace")
+
+
+@pytest.fixture()
+def loopback_cluster():
+    """A head with no CPU and one 2-CPU worker node, all on 127.0.0.1; yields (cluster, worker node)."""
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0", "conftest pins Ray to loopback"
+    from ray.cluster_utils import Cluster
+
+    # A lost node is declared dead after health_check_failure_threshold missed checks (Ray's defaults: 5 × 3 s,
+    # plus a grace period); the same rule, faster, so the test waits seconds instead of half a minute.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                            "_system_config": FAST_FAILURE_DETECTION})
+    try:
+        node = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        assert cluster.head_node.node_ip_address == node.node_ip_address == "127.0.0.1"
+        yield cluster, node
+    finally:
+        cluster.shutdown()
 
 
 def python() -> str:
