@@ -188,8 +188,8 @@ def test_killed_cli_train_driver_rerun_matches_uninterrupted_run(tmp_path, ray_l
     from discl_ray.cli import main as discl
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    path, data = lt_experiment(tmp_path, {"training": TRAIN,
-                                          "ray": {"num_cpus": 2, "temp_dir": os.path.join(tempfile.gettempdir(), f"dk-{os.getpid()}")}})
+    temp_dir = os.path.join(tempfile.gettempdir(), f"dk-{os.getpid()}")     # short: Ray's socket paths
+    path, data = lt_experiment(tmp_path, {"training": TRAIN, "ray": {"num_cpus": 2, "temp_dir": temp_dir}})
     exp, server_root = data["experiment"], tmp_path / "server"
     # The driver's cluster inherits these: the retries of MLflow's own client, longer than a server restart.
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", MLFLOW_HTTP_REQUEST_MAX_RETRIES="7",
@@ -213,7 +213,8 @@ def test_killed_cli_train_driver_rerun_matches_uninterrupted_run(tmp_path, ray_l
                     if got >= n:
                         return got
                     time.sleep(0.1)
-                raise AssertionError("the run ended before its fault:\n" + (tmp_path / "driver.log").read_text()[-3000:])
+                raise AssertionError("the run ended before its fault:\n"
+                                     + (tmp_path / "driver.log").read_text()[-3000:])
 
             at_stop = wait_epochs(1)
             _, run_before = mlflow_run(uri, exp, "killed")
