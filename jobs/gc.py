@@ -19,11 +19,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="only count what would be dropped")
 
 
-def _body(cfg, args: argparse.Namespace) -> int:
+def _body(ctx, args: argparse.Namespace) -> int:
     from discl_ray.generation.store import gc_store, store_root
-    from discl_ray.runtime.cluster import RunPaths
 
-    report = gc_store(RunPaths.from_config(cfg).root, store_root(cfg), dry_run=args.dry_run)
+    report = gc_store(ctx.paths.root, store_root(ctx.cfg, ctx.paths), dry_run=args.dry_run)
     verb = "would drop" if args.dry_run else "dropped"
     print(f"gc: {verb} {report['images_dropped']} images ({report['image_parts_dropped']} parts) and "
           f"{report['scores_dropped']} scores; kept {report['images_kept']} images used by "

@@ -12,11 +12,11 @@ import json
 from discl_ray.cli.stage import preflight, run_stage
 
 
-def _body(cfg, args) -> int:
+def _body(ctx, args) -> int:
     from discl_ray.generation.job import run_generate
 
-    preflight(cfg, "generate")  # missing inputs, models, an unreachable MLflow: before any cluster work
-    summary = run_generate(cfg)  # a UserError (e.g. GPUs vs the cluster, a busy stage): one line, exit 2
+    preflight(ctx)  # missing inputs, models, an unreachable MLflow: before any cluster work
+    summary = run_generate(ctx)  # a UserError (e.g. GPUs vs the cluster, a busy stage): one line, exit 2
     print(f"generate: generated {summary['generated']}, skipped {summary['skipped']} (already written), "
           f"failed {summary['failed']} of {summary['planned']} keys in {summary['wall_s']:.1f} s "
           f"({summary['outputs_per_s']:.2f} outputs/s)")

@@ -7,30 +7,29 @@ import sys
 from collections import Counter
 
 from discl_ray.cli.stage import preflight, run_stage
-from discl_ray.config import ExperimentConfig
+from discl_ray.runtime.context import StageContext
 
 
-def _body(cfg: ExperimentConfig, args) -> int:
+def _body(ctx: StageContext, args) -> int:
     from discl_ray import data
     from discl_ray.mining import select as mining
     from discl_ray.prompts.templates import build_prompts
-    from discl_ray.runtime.cluster import RunPaths
     from discl_ray.runtime.io import replace_parquet_dir
 
-    preflight(cfg, "mine")  # missing inputs, models, an unreachable MLflow: before any cluster work
-    paths = RunPaths.from_config(cfg)
-    train = data.read_rows(cfg, splits=("train",))
+    cfg = ctx.cfg
+    preflight(ctx)  # missing inputs, models, an unreachable MLflow: before any cluster work
+    train = data.read_rows(cfg, splits=("train",), paths=ctx.paths)
     if train.num_rows == 0:
         print(f"discl mine: dataset {cfg.dataset.name} has no train rows", file=sys.stderr)
         return 2
     if cfg.mining.mode == "frequency":
         hard = mining.mine_frequency(train, cfg.mining)
     else:
-        prompts = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
+        prompts = build_prompts(data.class_names(data.read_rows(cfg, paths=ctx.paths)), cfg.prompts)
         actors: list = []
-        probs = mining.true_class_probs(cfg, train, prompts, actors)
+        probs = mining.true_class_probs(ctx, train, prompts, actors)
         hard = mining.mine_confidence(train, cfg.mining, probs)
-    out = paths.store("mine")
+    out = ctx.out()
     replace_parquet_dir(hard, out, prefix="hard")
     groups = mining.class_groups(train["label"].to_pylist(), cfg.mining.few_max, cfg.mining.many_min)
     summary = {

@@ -8,31 +8,31 @@ from __future__ import annotations
 import argparse
 
 from discl_ray.cli.stage import preflight, run_stage
-from discl_ray.config import ExperimentConfig
+from discl_ray.runtime.context import StageContext
 
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", action="store_true", help="write prompts.prompts_file from an LLM first (prompts.llm.*)")
 
 
-def _body(cfg: ExperimentConfig, args) -> int:
+def _body(ctx: StageContext, args) -> int:
     from discl_ray import data
     from discl_ray.prompts.templates import build_prompts
-    from discl_ray.runtime.cluster import RunPaths
     from discl_ray.runtime.io import replace_parquet_dir
 
-    preflight(cfg, "prompts")  # the dataset's rows can be built (a missing root fails here)
+    cfg = ctx.cfg
+    preflight(ctx)  # the dataset's rows can be built (a missing root fails here)
     if args.llm:
         from discl_ray.prompts.llm import llm_prompt_file
 
-        path, info = llm_prompt_file(cfg, cfg.prompts.prompts_file)
+        path, info = llm_prompt_file(ctx, cfg.prompts.prompts_file)
         print(f"LLM prompts: {info['descriptions']} descriptions for {info['classes']} classes "
               f"({'from the cache' if info['cached'] else 'queried'}; {len(info['short'])} classes got fewer than "
               f"asked) -> {path}")
         cfg = cfg.model_copy(update={"prompts": cfg.prompts.model_copy(update={"prompts_file": str(path)})})
 
-    table = build_prompts(data.class_names(data.read_rows(cfg)), cfg.prompts)
-    out = RunPaths.from_config(cfg).store("prompts")
+    table = build_prompts(data.class_names(data.read_rows(cfg, paths=ctx.paths)), cfg.prompts)
+    out = ctx.out()
     replace_parquet_dir(table, out, prefix="prompts")
     first = table.slice(0, 1).to_pylist()[0]
     print(f"prompts for {table.num_rows} classes -> {out}")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from discl_ray.cli.stage import run_stage
-from discl_ray.config import ExperimentConfig
+from discl_ray.runtime.context import StageContext
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -17,19 +17,19 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
 
 
-def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+def _body(ctx: StageContext, args: argparse.Namespace) -> int:
     from discl_ray.report.tables import write_report
-    from discl_ray.runtime.cluster import RunPaths, tracking_uri
     from discl_ray.runtime.tracking import TrackingUnavailable, check_reachable
 
-    uri = tracking_uri(cfg)
+    cfg = ctx.cfg
+    uri = ctx.tracking_uri
     try:
         check_reachable(uri)
     except TrackingUnavailable as err:
         print(f"discl report: {err}", file=sys.stderr)
         return 2
     experiment = args.experiment or cfg.tracking.experiment_name or cfg.experiment
-    out = args.out or RunPaths.from_config(cfg).root / experiment / "report"   # a folder or an s3:// URI
+    out = args.out or ctx.paths.root / experiment / "report"   # a folder or an s3:// URI
     result = write_report(uri, experiment, out, parent_run_id=args.parent, log_to_mlflow=not args.no_log)
     print(result["markdown"])
     print(f"wrote {len(result['files'])} files to {out}"

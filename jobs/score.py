@@ -10,11 +10,12 @@ from __future__ import annotations
 from discl_ray.cli.stage import preflight, run_stage
 
 
-def _body(cfg, args) -> int:
+def _body(ctx, args) -> int:
     from discl_ray.scoring.job import run_score
 
-    preflight(cfg, "score")  # missing inputs, models, an unreachable MLflow: before any cluster work
-    res = run_score(cfg)  # ScoreInputError, a busy stage: UserErrors, one line and exit 2
+    cfg = ctx.cfg
+    preflight(ctx)  # missing inputs, models, an unreachable MLflow: before any cluster work
+    res = run_score(ctx)  # ScoreInputError, a busy stage: UserErrors, one line and exit 2
     print(f"scored {res.scored} rows ({res.skipped} already scored, {res.reused} of them reused from the "
           f"spectrum store; {res.errors} errors); "
           f"kept {res.kept}/{res.total} at clip_text_cos >= {cfg.scoring.threshold}")

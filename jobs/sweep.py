@@ -12,7 +12,8 @@ import argparse
 import sys
 
 from discl_ray.cli.stage import preflight, run_stage
-from discl_ray.config import ConfigError, ExperimentConfig
+from discl_ray.config import ConfigError
+from discl_ray.runtime.context import StageContext
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -20,19 +21,20 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="sweep name (default sweep.name or sweep-<UTC time>); an existing sweep of that name resumes")
 
 
-def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+def _body(ctx: StageContext, args: argparse.Namespace) -> int:
     from discl_ray.runtime.tracking import TrackingUnavailable
     from discl_ray.sweep.tune import grid_size, run_sweep
 
+    cfg = ctx.cfg
     if not cfg.sweep.space:
         print("discl sweep: sweep.space is empty; give it in the config or as an override, e.g. "
               "'sweep.space={training.seed: {grid: [0, 1, 2]}}'", file=sys.stderr)
         return 2
-    preflight(cfg, "sweep")
+    preflight(ctx)
     print(f"discl sweep: {grid_size(cfg.sweep.space, cfg.sweep.num_samples)} trials over "
           f"{', '.join(cfg.sweep.space)}", flush=True)
     try:
-        res = run_sweep(cfg, name=args.name)
+        res = run_sweep(ctx, name=args.name)
     except (TrackingUnavailable, ConfigError) as err:
         print(f"discl sweep: {err}", file=sys.stderr)
         return 2

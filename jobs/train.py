@@ -26,7 +26,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true", help="print each epoch's λ and row counts; train nothing")
 
 
-def _body(cfg, args) -> int:
+def _body(ctx, args) -> int:
     from discl_ray.cli.preflight import tracking_lost
     from discl_ray.training import fit
     from discl_ray.training.trainer import check_run_name
@@ -34,20 +34,20 @@ def _body(cfg, args) -> int:
     if args.plan:
         from discl_ray.training.plan import run_plan
 
-        return run_plan(cfg, args.json)
+        return run_plan(ctx.cfg, args.json)
 
     try:
         if args.run_name:
             check_run_name(args.run_name)
-        preflight(cfg, "train")  # missing inputs, an empty filtered spectrum, MLflow down: before any Ray work
-        metrics = fit(cfg, run_name=args.run_name, storage_path=args.storage_path,
+        preflight(ctx)  # missing inputs, an empty filtered spectrum, MLflow down: before any Ray work
+        metrics = fit(ctx, run_name=args.run_name, storage_path=args.storage_path,
                       mlflow_parent_run_id=args.parent_run_id)
     except DisclError:
         raise  # run_stage prints it as one line
     except Exception as err:  # noqa: BLE001 — a worker's error arrives wrapped by Ray Train
         # The MLflow server going away mid-run fails the workers after MLflow's own retries; say that in one
         # line (the checkpoints are kept: the same command resumes) instead of Ray's nested traceback.
-        lost = tracking_lost(cfg)
+        lost = tracking_lost(ctx)
         if lost is None:
             raise
         print(f"discl train: the run failed ({type(err).__name__}) because the {lost}; its checkpoints are kept: "

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 from discl_ray.cli.stage import run_stage
-from discl_ray.config import ExperimentConfig
 from discl_ray.errors import UserError
 
 
@@ -75,13 +74,12 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    from discl_ray.runtime.cluster import tracking_uri
+def _body(ctx, args: argparse.Namespace) -> int:
     from discl_ray.runtime.tracking import artifact_root, ui_command, wait_until_up
 
-    uri = tracking_uri(cfg)
+    uri = ctx.tracking_uri
     try:
-        cmd = ui_command(uri, port=args.port, host=args.host, artifacts=artifact_root(cfg, uri))
+        cmd = ui_command(uri, port=args.port, host=args.host, artifacts=artifact_root(ctx.cfg, uri))
     except UserError as err:
         print(f"discl ui: {err}", file=sys.stderr)
         return err.exit_code

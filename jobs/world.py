@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from discl_ray.cli.stage import run_stage
 from discl_ray.config import ExperimentConfig
 from discl_ray.errors import UserError
+from discl_ray.runtime.context import StageContext
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -79,29 +81,28 @@ def format_report(man: dict, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+def _body(ctx: StageContext, args: argparse.Namespace) -> int:
     from discl_ray import toyworld
 
+    cfg = ctx.cfg
     if args.variant is not None and args.variant not in toyworld.VARIANTS:
         print(f"discl world: --variant: unknown toy world variant {args.variant!r}; choose from: "
               f"{', '.join(toyworld.VARIANTS)}", file=sys.stderr)
         return 2
     variant = args.variant or ("gap" if "gap" in toyworld.variants_named(cfg) else "clean")
     if variant == "gap":
-        return _gap_body(cfg, args)
-    return _clean_body(cfg, args)
+        return _gap_body(cfg, ctx.cache, args)
+    return _clean_body(cfg, ctx.cache, args)
 
 
-def _gap_body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+def _gap_body(cfg: ExperimentConfig, cache: Path, args: argparse.Namespace) -> int:
     from discl_ray.data.toy import partition_seed
-    from discl_ray.runtime.cluster import RunPaths
     from discl_ray.toyworld import gap_world
 
     if args.train_text:
         print("discl world: --train-text does not apply to --variant gap (the gap world keeps the clean world's "
               "text tower, which its UNet was trained with)", file=sys.stderr)
         return 2
-    cache = RunPaths.from_config(cfg).cache
     man = _train(lambda: gap_world.train_gap_world(
         cache, seed=partition_seed(cfg.dataset), image_size=cfg.dataset.image_size, budget_s=args.budget_s,
         check_gates=not args.no_gates, force=args.force, world_fraction=cfg.dataset.toy.world_fraction,
@@ -157,12 +158,10 @@ def format_gap_report(man: dict, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _clean_body(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+def _clean_body(cfg: ExperimentConfig, cache: Path, args: argparse.Namespace) -> int:
     from discl_ray.data.toy import partition_seed
-    from discl_ray.runtime.cluster import RunPaths
     from discl_ray.toyworld.train import FULL_BUDGET_S, train_world
 
-    cache = RunPaths.from_config(cfg).cache
     man = _train(lambda: train_world(
         cache, seed=partition_seed(cfg.dataset), image_size=cfg.dataset.image_size,
         budget_s=args.budget_s or FULL_BUDGET_S, check_gates=not args.no_gates, force=args.force,

@@ -1,8 +1,8 @@
 """Driver-side checks that run before any cluster work: inputs a user can get wrong, caught in seconds.
 
-    notes = check(cfg, "generate")     # raises PreflightError naming the input and the fix
+    notes = check(ctx, "generate")     # raises PreflightError naming the input and the fix
 
-Each stage's entry point calls :func:`check` right after its config validates (``cli_common.run_stage``), so
+Each stage's entry point calls :func:`check` right after its config validates (``cli.stage.run_stage``), so
 a missing model folder, a stage run out of order or an unreachable MLflow server ends as one
 ``discl <stage>: …`` line and exit status 2 instead of a traceback from inside a Ray actor minutes later.
 Checks read only small columns (ids, labels, λ, scores), never images. What they cannot know up front (a
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from discl_ray.errors import UserError
+from discl_ray.runtime.context import StageContext
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig
@@ -30,16 +31,17 @@ class PreflightError(UserError):
     """A bad input the user can fix; the message names it and what to do."""
 
 
-def check(cfg: "ExperimentConfig", stage: str) -> list[str]:
+def check(ctx: "StageContext | ExperimentConfig", stage: str) -> list[str]:
     """Run the checks of ``stage``; returns notes (kept going, but worth saying), raises PreflightError."""
+    ctx = StageContext.of(ctx, stage)
     notes: list[str] = []
-    if stage in TRACKED and cfg.tracking.enabled:
-        check_tracking(cfg)
+    if stage in TRACKED and ctx.cfg.tracking.enabled:
+        check_tracking(ctx)
     checker = {"mine": _mine, "generate": _generate, "score": _score, "train": _train, "sweep": _sweep}.get(stage)
     if checker:
-        checker(cfg, notes)
+        checker(ctx, notes)
     if stage in ROWS:
-        check_dataset(cfg)
+        check_dataset(ctx)
     return notes
 
 
@@ -47,36 +49,35 @@ def check(cfg: "ExperimentConfig", stage: str) -> list[str]:
 ROWS = {"mine", "prompts", "generate", "score", "train", "sweep"}
 
 
-def check_dataset(cfg: "ExperimentConfig") -> None:
+def check_dataset(ctx: StageContext) -> None:
     """Build (or reuse) the experiment's canonical rows: a missing or malformed dataset root fails here."""
     from discl_ray.data import materialize
     from discl_ray.data.loaders.common import DatasetError
 
     try:
-        materialize(cfg)
+        materialize(ctx.cfg, paths=ctx.paths)
     except (DatasetError, FileNotFoundError) as err:
-        raise PreflightError(f"dataset {cfg.dataset.name}: {err}") from None
+        raise PreflightError(f"dataset {ctx.cfg.dataset.name}: {err}") from None
 
 
-def check_tracking(cfg: "ExperimentConfig") -> None:
-    from discl_ray.runtime.cluster import tracking_uri
+def check_tracking(ctx: StageContext) -> None:
     from discl_ray.runtime.tracking import TrackingUnavailable, check_reachable
 
     try:
-        check_reachable(tracking_uri(cfg))
+        check_reachable(ctx.tracking_uri)
     except TrackingUnavailable as err:
         raise PreflightError(str(err)) from None
 
 
-def tracking_lost(cfg: "ExperimentConfig") -> Optional[str]:
+def tracking_lost(ctx: "StageContext | ExperimentConfig") -> Optional[str]:
     """After a failed run: the tracking server's URI and why, when it no longer answers (else None)."""
-    from discl_ray.runtime.cluster import tracking_uri
     from discl_ray.runtime.tracking import TrackingUnavailable, check_reachable
 
-    if not cfg.tracking.enabled:
+    ctx = StageContext.of(ctx, "train")
+    if not ctx.cfg.tracking.enabled:
         return None
     try:
-        check_reachable(tracking_uri(cfg), timeout=3.0)
+        check_reachable(ctx.tracking_uri, timeout=3.0)
     except TrackingUnavailable as err:
         return str(err)
     return None
@@ -101,11 +102,9 @@ def _table(directory, columns=None, stage: str = "", cmd: str = ""):
         raise PreflightError(f"no {stage} table at {directory}; run `{cmd}` first") from None
 
 
-def _hard_table(cfg, notes: list[str]):
+def _hard_table(ctx: StageContext, notes: list[str]):
     """The hard-sample table, with duplicate ids checked: same label → one spectrum (a note); else an error."""
-    from discl_ray.runtime.cluster import RunPaths
-
-    hard = _table(RunPaths.from_config(cfg).stage("mine"), ["image_id", "label"], "mine", "discl mine")
+    hard = _table(ctx.paths.stage("mine"), ["image_id", "label"], "mine", "discl mine")
     ids, labels = hard["image_id"].to_pylist(), hard["label"].to_pylist()
     dup = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dup:
@@ -157,9 +156,9 @@ def toy_generator(model: str, cache: Path) -> bool:
 
 
 # -- per stage ----------------------------------------------------------------------------------------
-def _mine(cfg, notes: list[str]) -> None:
-    from discl_ray.runtime.cluster import RunPaths
-
+def _mine(ctx: "StageContext | ExperimentConfig", notes: list[str]) -> None:
+    ctx = StageContext.of(ctx, "mine")
+    cfg = ctx.cfg
     m = cfg.mining
     if m.mode != "confidence":
         return
@@ -171,20 +170,18 @@ def _mine(cfg, notes: list[str]) -> None:
         from discl_ray.toyworld import classifier_file
 
         variant = CLASSIFIERS[m.classifier]
-        file = classifier_file(RunPaths.from_config(cfg).cache, variant)
+        file = classifier_file(ctx.cache, variant)
         if not file.is_file():
             raise PreflightError(f"mining.classifier={m.classifier}: the toy judge {file} is missing; run "
                                  f"`{_world_cmd(variant)}` first")
     if m.classifier == "open_clip_zero_shot":
-        check_clip(cfg.scoring, RunPaths.from_config(cfg).cache, "mining.classifier=open_clip_zero_shot")
+        check_clip(cfg.scoring, ctx.cache, "mining.classifier=open_clip_zero_shot")
 
 
-def _generate(cfg, notes: list[str]) -> None:
-    from discl_ray.runtime.cluster import RunPaths
-
-    paths = RunPaths.from_config(cfg)
-    gen = cfg.generation
-    hard = _hard_table(cfg, notes)
+def _generate(ctx: StageContext, notes: list[str]) -> None:
+    paths = ctx.paths
+    gen = ctx.cfg.generation
+    hard = _hard_table(ctx, notes)
     prompts = _table(paths.stage("prompts"), ["label", "gen_prompts"], "prompts", "discl prompts")
     have = {y for y, p in zip(prompts["label"].to_pylist(), prompts["gen_prompts"].to_pylist()) if p}
     orphan = sorted(set(hard["label"].to_pylist()) - have)
@@ -210,27 +207,26 @@ def _generate(cfg, notes: list[str]) -> None:
         raise PreflightError(str(err)) from None
 
 
-def _score(cfg, notes: list[str]) -> None:
-    from discl_ray.runtime.cluster import RunPaths
+def _score(ctx: StageContext, notes: list[str]) -> None:
     from discl_ray.runtime.io import parquet_files
 
-    paths = RunPaths.from_config(cfg)
+    cfg, paths = ctx.cfg, ctx.paths
     if not parquet_files(paths.stage("generate", "spectrum")):
         raise PreflightError(f"no spectrum parquet in {paths.stage('generate', 'spectrum')}; "
                              "run `discl generate` first")
     check_clip(cfg.scoring, paths.cache)
 
 
-def _train_inputs(cfg, notes: list[str]) -> None:
+def _train_inputs(ctx: StageContext, notes: list[str]) -> None:
     """Files every training config needs: the start checkpoint and the CLIP weights."""
-    from discl_ray.runtime.cluster import RunPaths
-
+    cfg = ctx.cfg
     tc = cfg.training
     if tc.init_from:           # the baseline run this one starts from must exist (Algorithm 1's pretrained f_θ)
         from discl_ray.training.init_from import resolve_checkpoint
 
         try:
-            resolve_checkpoint(cfg, tc.init_from)
+            resolve_checkpoint(cfg, tc.init_from, uri=ctx.tracking_uri if cfg.tracking.enabled else None,
+                               paths=ctx.paths)
         except (FileNotFoundError, ValueError) as err:
             raise PreflightError(str(err)) from None
     if tc.init_checkpoint and not _is_remote(tc.init_checkpoint):
@@ -239,7 +235,7 @@ def _train_inputs(cfg, notes: list[str]) -> None:
             raise PreflightError(f"training.init_checkpoint: {tc.init_checkpoint} is neither a model.pt file "
                                  "nor a checkpoint folder (with state.pt or model.pt)")
     if tc.backbone == "clip":
-        check_clip(cfg.scoring, RunPaths.from_config(cfg).cache, "training.backbone=clip")
+        check_clip(cfg.scoring, ctx.cache, "training.backbone=clip")
 
 
 def visited_lams(tc) -> list[float]:
@@ -253,18 +249,16 @@ def visited_lams(tc) -> list[float]:
     return [v for v in tc.lams if v < 1.0]
 
 
-def _train(cfg, notes: list[str]) -> None:
+def _train(ctx: StageContext, notes: list[str]) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from discl_ray.runtime.cluster import RunPaths
-
-    _train_inputs(cfg, notes)
+    _train_inputs(ctx, notes)
+    cfg, paths = ctx.cfg, ctx.paths
     tc = cfg.training
     if tc.strategy == "none":
         return
-    paths = RunPaths.from_config(cfg)
-    hard = _hard_table(cfg, notes)
+    hard = _hard_table(ctx, notes)
     lams = visited_lams(tc)
     if not lams:
         return
@@ -298,6 +292,6 @@ def _train(cfg, notes: list[str]) -> None:
                                  f"{len(sources)}); lower training.threshold or generate more")
 
 
-def _sweep(cfg, notes: list[str]) -> None:
+def _sweep(ctx: StageContext, notes: list[str]) -> None:
     # Trials vary thresholds, λ sets and strategies: only what every trial needs is checked here.
-    _train_inputs(cfg, notes)
+    _train_inputs(ctx, notes)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from discl_ray.config import ConfigError, ExperimentConfig, load_config
 from discl_ray.errors import DisclError, ServiceLost
 from discl_ray.runtime import logs
+from discl_ray.runtime.context import StageContext
 
 DEFAULT_CONFIG = "configs/toy/digits_lt.yaml"
 
@@ -40,9 +41,10 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run_stage(argv: list[str] | None, prog: str, description: str,
-              body: Callable[[ExperimentConfig, argparse.Namespace], int],
+              body: Callable[[StageContext, argparse.Namespace], int],
               extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
-    """Parse args, load + validate config (fails before any cluster work), then run ``body``."""
+    """Parse args, load + validate config (fails before any cluster work), open the stage's context (the run's
+    locations, Ray address and MLflow URI, resolved once here) and run ``body(ctx, args)``."""
     parser = stage_parser(prog, description)
     if extra_args:
         extra_args(parser)
@@ -56,7 +58,8 @@ def run_stage(argv: list[str] | None, prog: str, description: str,
         return err.exit_code
     logs.setup(args.verbose, cfg.run_root)
     try:
-        return int(body(cfg, args) or 0)
+        ctx = StageContext.open(cfg, prog)
+        return int(body(ctx, args) or 0)
     except ServiceLost as err:
         # The server answered the preflight but went away during the run: the stage's outputs are written
         # (parquet, checkpoints); rerunning resumes them and only logs again.
@@ -70,12 +73,13 @@ def run_stage(argv: list[str] | None, prog: str, description: str,
         return err.exit_code
 
 
-def preflight(cfg: ExperimentConfig, prog: str) -> None:
+def preflight(ctx: StageContext, prog: str | None = None) -> None:
     """The stage's driver-side input checks (``discl_ray.cli.preflight``), notes printed; call before cluster work.
 
     A failed check raises ``PreflightError`` (a ``UserError``), which ``run_stage`` turns into one line and exit
     status 2."""
     from discl_ray.cli.preflight import check
 
-    for note in check(cfg, prog):
+    prog = prog or ctx.stage
+    for note in check(ctx, prog):
         print(f"discl {prog}: note: {note}", file=sys.stderr)

@@ -19,6 +19,7 @@ from discl_ray.runtime.io import read_parquet_dir, replace_parquet_dir
 
 if TYPE_CHECKING:
     from discl_ray.config import DatasetConfig, ExperimentConfig
+    from discl_ray.runtime.cluster import RunPaths
     from discl_ray.runtime.storage import Storage
 
 CANONICAL_SCHEMA = pa.schema([
@@ -91,13 +92,14 @@ def subset_rows(table: pa.Table, max_classes: int | None, max_per_class: int | N
     return table
 
 
-def materialize(cfg: "ExperimentConfig", force: bool = False) -> "Path | Storage":
+def materialize(cfg: "ExperimentConfig", force: bool = False, paths: "RunPaths | None" = None) -> "Path | Storage":
     """Write the experiment's canonical rows to ``runs/<exp>/dataset/`` once; reuse while the config matches.
 
-    Works on any storage (local or object store); returns a Path for a local run root."""
+    Works on any storage (local or object store); returns a Path for a local run root. ``paths``: the run's
+    locations when the caller has them (a stage's context)."""
     from discl_ray.runtime.cluster import RunPaths
 
-    paths = RunPaths.from_config(cfg)
+    paths = paths or RunPaths.from_config(cfg)
     out = paths.store("dataset")
     marker = out.join("_dataset_config.json")
     spec = cfg.dataset.model_dump(mode="json")
@@ -109,11 +111,12 @@ def materialize(cfg: "ExperimentConfig", force: bool = False) -> "Path | Storage
     return paths.dataset
 
 
-def read_rows(cfg: "ExperimentConfig", splits: tuple[str, ...] | None = None) -> pa.Table:
+def read_rows(cfg: "ExperimentConfig", splits: tuple[str, ...] | None = None,
+              paths: "RunPaths | None" = None) -> pa.Table:
     """Canonical rows of the experiment (materialized on first use), optionally filtered by split."""
     import pyarrow.compute as pc
 
-    table = read_parquet_dir(materialize(cfg))
+    table = read_parquet_dir(materialize(cfg, paths=paths))
     if splits is not None:
         table = table.filter(pc.is_in(table["split"], pa.array(list(splits))))
     return table

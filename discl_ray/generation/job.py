@@ -47,12 +47,14 @@ from discl_ray.generation.store import (
     write_manifest,
     writer_lock,
 )
-from discl_ray.runtime.cluster import RunPaths, actor_gpus, check_tracking, init_ray
+from discl_ray.runtime.cluster import actor_gpus
+from discl_ray.runtime.context import StageContext
 from discl_ray.runtime.io import ImageLoadError
 from discl_ray.runtime.lease import StageLease
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig
+    from discl_ray.runtime.cluster import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +70,21 @@ def pending_sources(sources: pa.Table, lams: list[float], seeds: list[int], done
 
 
 def build_dataset(cfg: "ExperimentConfig", sources: pa.Table, done: set[str], generator_cls=SpectrumGenerator,
-                  write: bool = True, store_args: Optional[dict] = None):
+                  write: bool = True, store_args: Optional[dict] = None, ctx: Optional[StageContext] = None):
     """The lazy Ray Data pipeline: sources → prepare (CPU) → generator actor pool → encode + write (CPU).
 
     ``write=False`` stops after the generator (raw pixel rows; the benchmark's mode c without storage);
     ``generator_cls`` lets a benchmark swap in an instrumented subclass; the job always uses the default.
     ``store_args`` (``store_dir``, ``settings``, ``source_digests``): where and under which keys the written
-    rows go in the spectrum store (default: this config's store, keys computed here)."""
+    rows go in the spectrum store (default: this config's store, keys computed here). ``ctx``: the stage's
+    context (opened for ``cfg`` when not given)."""
     import ray
 
+    ctx = ctx or StageContext.open(cfg, "generate")
     gen = cfg.generation
-    paths = RunPaths.from_config(cfg)
+    paths = ctx.paths
     lams = spectrum_lams(gen)
-    num_gpus = actor_gpus(cfg, gen.device, gen.num_gpus_per_actor, "generation")
+    num_gpus = actor_gpus(cfg, gen.device, gen.num_gpus_per_actor, "generation", address=ctx.address)
     sources = sources.sort_by("source_image_id")
     per_block = block_sources(gen)
     blocks = [sources.slice(i, per_block) for i in range(0, sources.num_rows, per_block)]
@@ -101,7 +105,7 @@ def build_dataset(cfg: "ExperimentConfig", sources: pa.Table, done: set[str], ge
     if not write:
         return ds
     if store_args is None:
-        store_args = dict(store_dir=str(store_root(cfg)), settings=settings_digest(gen, paths.cache),
+        store_args = dict(store_dir=str(store_root(cfg, paths)), settings=settings_digest(gen, paths.cache),
                           source_digests=source_digests(sources, cfg.dataset.root))
     return ds.map_batches(encode_and_write, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
                           fn_kwargs=dict(spectrum_dir=str(paths.store("generate", "spectrum")),
@@ -115,17 +119,18 @@ def source_digests(sources: pa.Table, root: Optional[str]) -> dict[str, str]:
         sources["source_image_id"].to_pylist(), sources["image"].to_pylist(), sources["path"].to_pylist())}
 
 
-def run_generate(cfg: "ExperimentConfig", on_part: Optional[Callable[[int, int], None]] = None) -> dict:
+def run_generate(ctx: "StageContext | ExperimentConfig", on_part: Optional[Callable[[int, int], None]] = None) -> dict:
     """Generate every spectrum key the store lacks; write the experiment's manifest and view; returns (and
-    writes) the run summary."""
-    check_tracking(cfg)  # a cluster needs an http(s) store: say so before any work
+    writes) the run summary. ``ctx``: the stage's context (a bare config opens one: its tracking settings
+    are checked there, before any work)."""
+    ctx = StageContext.of(ctx, "generate")
+    cfg, paths = ctx.cfg, ctx.paths
     gen = cfg.generation
-    paths = RunPaths.from_config(cfg)
-    stage = paths.store("generate")
-    out_dir = paths.store("generate", "spectrum")
-    store = store_root(cfg)
+    stage = ctx.out()
+    out_dir = ctx.out("spectrum")
+    store = store_root(cfg, paths)
     lams = spectrum_lams(gen)
-    hard, rows, prompts = read_inputs(cfg)
+    hard, rows, prompts = read_inputs(cfg, paths)
     sources = plan_sources(hard, rows, prompts)
     del rows
     settings = settings_digest(gen, paths.cache)
@@ -143,9 +148,9 @@ def run_generate(cfg: "ExperimentConfig", on_part: Optional[Callable[[int, int],
             generated = failed = nbytes = 0
             actors: list[list[str]] = []
             if todo.num_rows:
-                init_ray(cfg)
+                ctx.init_ray()
                 store_args = dict(store_dir=str(store), settings=settings, source_digests=digests)
-                for receipt in build_dataset(cfg, todo, done, store_args=store_args).iter_rows():
+                for receipt in build_dataset(cfg, todo, done, store_args=store_args, ctx=ctx).iter_rows():
                     generated += receipt["generated"]
                     failed += receipt["failed"]
                     nbytes += receipt["bytes"]
@@ -166,13 +171,13 @@ def run_generate(cfg: "ExperimentConfig", on_part: Optional[Callable[[int, int],
                    "actors": merge_actors(actors),
                    "store": meta["store"], "store_digest": meta["store_digest"], "settings_digest": settings,
                    "manifest": str(stage.join(MANIFEST)),
-                   "spectrum_dir": str(out_dir), "errors_dir": str(paths.store("generate", "errors"))}
+                   "spectrum_dir": str(out_dir), "errors_dir": str(ctx.out("errors"))}
         log.info("generate: generated %d, reused %d from the store, failed %d", generated, reused, failed)
-        grid_path = write_grid(cfg, sources, lams)
+        grid_path = write_grid(cfg, sources, lams, paths)
         summary["grid"] = str(grid_path) if grid_path else None
         stage.join("summary.json").write_text(json.dumps(summary, indent=1))
     if cfg.tracking.enabled:
-        log_to_mlflow(cfg, summary, grid_path)
+        log_to_mlflow(ctx, summary, grid_path)
     return summary
 
 
@@ -186,14 +191,13 @@ def _one_part_per_key(manifest: pa.Table) -> pa.Table:
     return manifest.filter(pa.array(first, pa.bool_()))
 
 
-def write_grid(cfg: "ExperimentConfig", sources: pa.Table, lams: list[float]):
+def write_grid(cfg: "ExperimentConfig", sources: pa.Table, lams: list[float], paths: "RunPaths"):
     """Render ``generate/spectrum_grid.png`` for the first ``grid_sources`` loadable sources."""
     import io
 
     from PIL import Image
 
     gen = cfg.generation
-    paths = RunPaths.from_config(cfg)
     real = {}
     for row in sources.to_pylist():
         if len(real) >= gen.grid_sources or row["error"]:
@@ -214,7 +218,7 @@ def write_grid(cfg: "ExperimentConfig", sources: pa.Table, lams: list[float]):
     return path
 
 
-def log_to_mlflow(cfg: "ExperimentConfig", summary: dict, grid_path) -> None:
+def log_to_mlflow(ctx: StageContext, summary: dict, grid_path) -> None:
     import io
 
     import mlflow
@@ -223,8 +227,8 @@ def log_to_mlflow(cfg: "ExperimentConfig", summary: dict, grid_path) -> None:
     from discl_ray.generation.store import log_store_input
     from discl_ray.runtime import tracking
 
-    with tracking.run(cfg, "generate"):
-        log_store_input(cfg, "generate")
+    with tracking.run(ctx.cfg, "generate", uri=ctx.tracking_uri, paths=ctx.paths):
+        log_store_input(ctx.cfg, "generate", ctx.paths)
         mlflow.log_metrics({k: float(summary[k]) for k in ("planned", "generated", "reused", "skipped", "failed",
                                                            "wall_s", "outputs_per_s")})
         mlflow.log_params({"spectrum_store": summary["store"], "spectrum_store_digest": summary["store_digest"]})

@@ -23,6 +23,7 @@ from discl_ray.runtime.io import ImageLoadError, load_image, parquet_files, png_
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, GenerationConfig
+    from discl_ray.runtime.cluster import RunPaths
     from discl_ray.runtime.storage import Storage
 
 SPECTRUM_SCHEMA = pa.schema([
@@ -242,12 +243,13 @@ def fan_out(batch: pa.Table, lams: list[float], seeds: list[int], skip: Iterable
     return pa.table(out, schema=WORK_SCHEMA)
 
 
-def read_inputs(cfg: "ExperimentConfig") -> tuple[pa.Table, pa.Table, pa.Table]:
-    """(hard samples, canonical train rows, prompts) of the experiment; clear errors when a stage is missing."""
+def read_inputs(cfg: "ExperimentConfig", paths: "Optional[RunPaths]" = None) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(hard samples, canonical train rows, prompts) of the experiment; clear errors when a stage is missing.
+    ``paths``: the run's locations when the caller has them (the stage's context)."""
     from discl_ray.data import read_rows
     from discl_ray.runtime.cluster import RunPaths
 
-    paths = RunPaths.from_config(cfg)
+    paths = paths or RunPaths.from_config(cfg)
     tables = []
     for stage, cmd in (("mine", "discl mine"), ("prompts", "discl prompts")):
         try:
@@ -255,4 +257,4 @@ def read_inputs(cfg: "ExperimentConfig") -> tuple[pa.Table, pa.Table, pa.Table]:
         except FileNotFoundError:
             raise MissingInput(f"no {stage} table at {paths.store(stage)}; run `{cmd}` first") from None
     hard, prompts = tables
-    return hard, read_rows(cfg, splits=("train",)), prompts
+    return hard, read_rows(cfg, splits=("train",), paths=paths), prompts

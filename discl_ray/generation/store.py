@@ -52,6 +52,7 @@ from discl_ray.runtime.storage import Storage, as_storage
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, GenerationConfig, ScoringConfig
+    from discl_ray.runtime.cluster import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +176,11 @@ def score_key(clip_id: str, img_key: str, prompt: str) -> str:
 
 
 # -- the store ----------------------------------------------------------------------------------------------
-def store_root(cfg: "ExperimentConfig") -> Storage:
-    """``<run_root>/_spectra/<dataset.name>/``."""
+def store_root(cfg: "ExperimentConfig", paths: "Optional[RunPaths]" = None) -> Storage:
+    """``<run_root>/_spectra/<dataset.name>/`` (``paths``: the run's locations when the caller has them)."""
     from discl_ray.runtime.cluster import RunPaths
 
-    return as_storage(RunPaths.from_config(cfg).root / STORE_DIR / cfg.dataset.name)
+    return as_storage((paths or RunPaths.from_config(cfg)).root / STORE_DIR / cfg.dataset.name)
 
 
 def _image_parts(store: "str | Storage") -> list[Storage]:
@@ -425,7 +426,7 @@ def gc_store(run_root: "str | Storage", store: "str | Storage", dry_run: bool = 
             "image_parts_dropped": files, "scores_dropped": s_dropped, "dry_run": dry_run}
 
 
-def store_input(cfg: "ExperimentConfig") -> Optional[tuple[Any, dict[str, str]]]:
+def store_input(cfg: "ExperimentConfig", paths: "Optional[RunPaths]" = None) -> Optional[tuple[Any, dict[str, str]]]:
     """``(mlflow Dataset, tags)`` naming the spectrum store the experiment uses, from its manifest
     (this module's format): source = the store, digest = the store digest (a digest of the keys the
     experiment uses), so runs on the same spectrum show the same digest. None without a manifest."""
@@ -434,7 +435,7 @@ def store_input(cfg: "ExperimentConfig") -> Optional[tuple[Any, dict[str, str]]]
     from discl_ray.runtime.cluster import RunPaths
 
     try:
-        meta, manifest = read_manifest(RunPaths.from_config(cfg).store("generate"))
+        meta, manifest = read_manifest((paths or RunPaths.from_config(cfg)).store("generate"))
     except FileNotFoundError:
         return None
     frame = manifest.select(["image_id", "key", "source_image_id", "lam", "seed"]).to_pandas()
@@ -444,7 +445,7 @@ def store_input(cfg: "ExperimentConfig") -> Optional[tuple[Any, dict[str, str]]]
                 "settings_digest": meta["settings_digest"]}
 
 
-def log_store_input(cfg: "ExperimentConfig", stage: str) -> bool:
+def log_store_input(cfg: "ExperimentConfig", stage: str, paths: "Optional[RunPaths]" = None) -> bool:
     """Log :func:`store_input` to the active MLflow run of a generate, score, train or sweep stage (a
     baseline's train run reads no spectrum: nothing)."""
     import logging
@@ -456,7 +457,7 @@ def log_store_input(cfg: "ExperimentConfig", stage: str) -> bool:
     if stage in DATASET_STAGES and cfg.training.strategy == "none":
         return False
     try:
-        found = store_input(cfg)
+        found = store_input(cfg, paths)
         if found is None:
             return False
         mlflow.log_input(found[0], context="spectrum", tags=found[1])

@@ -21,6 +21,7 @@ from discl_ray.toyworld import CLASSIFIERS
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig, MiningConfig
+    from discl_ray.runtime.context import StageContext
 
 __all__ = ["HARD_SCHEMA", "class_groups", "mine_confidence", "mine_frequency", "select_low_confidence",
            "split_blocks", "true_class_probs"]
@@ -166,16 +167,20 @@ def split_blocks(rows: pa.Table, batch_size: int, actors: int, per_actor: int = 
     return [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
 
 
-def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table | None = None,
+def true_class_probs(ctx: "StageContext | ExperimentConfig", train: pa.Table, prompts: pa.Table | None = None,
                      actors: list | None = None) -> np.ndarray:
     """True-class probability of each training image under the configured classifier (a Ray Data stage
-    on ``scoring``'s device and actor settings); ``actors`` receives the actors' descriptions."""
+    on ``scoring``'s device and actor settings); ``actors`` receives the actors' descriptions. ``ctx``: the
+    stage's context (a bare config opens one)."""
     import json
 
     import ray
 
-    from discl_ray.runtime.cluster import actor_gpus, init_ray
+    from discl_ray.runtime.cluster import actor_gpus
+    from discl_ray.runtime.context import StageContext
 
+    ctx = StageContext.of(ctx, "mine")
+    cfg = ctx.cfg
     m = cfg.mining
     texts = None
     if m.classifier == "open_clip_zero_shot":
@@ -190,10 +195,10 @@ def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table
         from discl_ray.data import class_names, read_rows
         from discl_ray.mining.hard_set import check_fits
 
-        by_label = class_names(read_rows(cfg))
+        by_label = class_names(read_rows(cfg, paths=ctx.paths))
         names = [by_label.get(c, str(c)) for c in range(max(by_label) + 1)]
         check_fits(cfg, names)      # a missing or mismatched baseline fails here, before any actor starts
-    init_ray(cfg)
+    ctx.init_ray()
     sc = cfg.scoring
     size = sc.actors_max if sc.actors_min is None else sc.actors_min
     rows = train.select(["image_id", "image", "path", "label"])
@@ -201,7 +206,8 @@ def true_class_probs(cfg: "ExperimentConfig", train: pa.Table, prompts: pa.Table
         ConfidenceScorer, fn_constructor_kwargs=dict(cfg=cfg.model_dump(mode="json"), texts=texts, class_names=names),
         batch_size=m.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=size, max_size=sc.actors_max),
-        num_gpus=actor_gpus(cfg, sc.device, sc.num_gpus_per_actor, "mining"), num_cpus=sc.num_cpus_per_actor)
+        num_gpus=actor_gpus(cfg, sc.device, sc.num_gpus_per_actor, "mining", address=ctx.address),
+        num_cpus=sc.num_cpus_per_actor)
     out = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
     if actors is not None:
         actors.extend(json.loads(a) for a in sorted(set(out["actor"].to_pylist())) if a)

@@ -123,18 +123,17 @@ def _processor(llm):
                                      text=row["http_response"]["choices"][0]["message"]["content"]))
 
 
-def _classes(cfg) -> dict[str, str]:
+def _classes(cfg, paths) -> dict[str, str]:
     """class_name -> display name of the classes to query (all, or those with mined hard images)."""
     from discl_ray import data
     from discl_ray.prompts.templates import display_names
 
-    names = data.class_names(data.read_rows(cfg))
+    names = data.class_names(data.read_rows(cfg, paths=paths))
     if cfg.prompts.llm.classes == "hard":
-        from discl_ray.runtime.cluster import RunPaths
         from discl_ray.runtime.io import read_parquet_dir
 
         try:
-            hard = set(read_parquet_dir(RunPaths.from_config(cfg).stage("mine"), ["label"])["label"].to_pylist())
+            hard = set(read_parquet_dir(paths.stage("mine"), ["label"])["label"].to_pylist())
         except FileNotFoundError:
             raise MissingInput("prompts.llm.classes=hard needs the hard-sample table (run discl mine first)") \
                 from None
@@ -143,15 +142,17 @@ def _classes(cfg) -> dict[str, str]:
     return dict(zip(ordered, display_names(ordered, cfg.prompts)))
 
 
-def llm_prompt_file(cfg, out: Optional[Path] = None) -> tuple[Path, dict[str, Any]]:
-    """Query (or reuse the cache for) every class; write the prompts JSON; returns (path, summary)."""
-    from discl_ray.runtime.cluster import RunPaths, init_ray
+def llm_prompt_file(ctx, out: Optional[Path] = None) -> tuple[Path, dict[str, Any]]:
+    """Query (or reuse the cache for) every class; write the prompts JSON; returns (path, summary). ``ctx``: the
+    stage's context (a bare config opens one)."""
+    from discl_ray.runtime.context import StageContext
 
+    ctx = StageContext.of(ctx, "prompts")
+    cfg, paths = ctx.cfg, ctx.paths
     llm = cfg.prompts.llm
     check_engine(llm)
-    classes = _classes(cfg)
+    classes = _classes(cfg, paths)
     dataset = llm.dataset_name or DATASET_NAMES.get(cfg.dataset.name, cfg.dataset.name)
-    paths = RunPaths.from_config(cfg)
     cache = paths.cache / "llm_prompts" / f"{cache_key(llm, sorted(classes), dataset)}.json"
     summary: dict[str, Any] = {"classes": len(classes), "cached": cache.is_file(), "cache": str(cache)}
     if cache.is_file():
@@ -159,7 +160,7 @@ def llm_prompt_file(cfg, out: Optional[Path] = None) -> tuple[Path, dict[str, An
     else:
         import ray
 
-        init_ray(cfg)
+        ctx.init_ray()
         rows = [{"class_name": c, "query": llm.query.format(n=llm.n_descriptions, name=d, dataset=dataset,
                                                             min_words=llm.min_words)} for c, d in classes.items()]
         log.info("querying %d classes (%s %s)", len(rows), llm.engine, llm.model if llm.engine == "http"

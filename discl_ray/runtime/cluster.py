@@ -15,7 +15,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from discl_ray.errors import UserError
 from discl_ray.runtime.storage import Storage, as_storage, is_uri, local_or_storage
@@ -88,13 +88,19 @@ def cluster_address(cfg: "ExperimentConfig") -> Optional[str]:
     return None if address == "local" else address
 
 
-def tracking_uri(cfg: "ExperimentConfig") -> str:
+# "not given: resolve it from the config" (None is a resolved address: the embedded local cluster)
+_RESOLVE: Any = object()
+
+
+def tracking_uri(cfg: "ExperimentConfig", address: Optional[str] = _RESOLVE) -> str:
     """MLflow tracking URI: MLFLOW_TRACKING_URI wins, then the config, then sqlite under a local run_root.
 
     On a cluster (``ray.address`` set) the store must be an ``http(s)`` MLflow server: a sqlite file on
-    shared storage corrupts under several writers and a local one is invisible to the other nodes."""
+    shared storage corrupts under several writers and a local one is invisible to the other nodes.
+    ``address``: the already resolved :func:`cluster_address` (a stage's context passes its own)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
-    address = cluster_address(cfg)
+    if address is _RESOLVE:
+        address = cluster_address(cfg)
     if address and not (uri or "").startswith(("http://", "https://", "databricks")):
         raise TrackingConfigError(
             f"ray.address is set ({address}): tracking.tracking_uri (or MLFLOW_TRACKING_URI) must be an "
@@ -136,7 +142,7 @@ def _log_to_driver() -> bool:
     return os.environ.get("RAY_LOG_TO_DRIVER", "1").strip().lower() not in ("0", "false", "no")
 
 
-def init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
+def init_ray(cfg: "ExperimentConfig", *, address: Optional[str] = _RESOLVE, check: bool = True, **kwargs) -> None:
     """Start a local Ray cluster (default) or join ``ray.address``; a no-op when Ray is already up.
 
     Thread-safe: stages run concurrently from one driver (the quickstart's trainings, ``bench replicate``)
@@ -144,12 +150,15 @@ def init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
 
     From a non-main thread the start runs on a keeper thread that never exits: Ray's GCS and raylet are
     started with a parent-death signal, which Linux sends when the *thread* that started them ends, so a
-    cluster started by a short-lived worker thread died with it (every later call hung on the GCS)."""
+    cluster started by a short-lived worker thread died with it (every later call hung on the GCS).
+
+    ``address``: the resolved :func:`cluster_address`, ``check=False``: the tracking settings are checked
+    already (a stage's context does both once, :meth:`discl_ray.runtime.context.StageContext.init_ray`)."""
     with _INIT_LOCK:
         if threading.current_thread() is threading.main_thread():
-            _init_ray(cfg, **kwargs)
+            _init_ray(cfg, address, check, **kwargs)
         else:
-            _on_keeper_thread(lambda: _init_ray(cfg, **kwargs))
+            _on_keeper_thread(lambda: _init_ray(cfg, address, check, **kwargs))
 
 
 def _on_keeper_thread(fn) -> None:
@@ -250,14 +259,16 @@ def init_local_ray(**kwargs) -> None:
     ray.init(address="local", **kwargs)
 
 
-def _init_ray(cfg: "ExperimentConfig", **kwargs) -> None:
+def _init_ray(cfg: "ExperimentConfig", address: Optional[str], check: bool, **kwargs) -> None:
     import ray
 
-    check_tracking(cfg)
+    if address is _RESOLVE:
+        address = cluster_address(cfg)
+    if check and cfg.tracking.enabled:
+        tracking_uri(cfg, address)
     if ray.is_initialized():
         return
     rc = cfg.ray
-    address = cluster_address(cfg)
     runtime_env = kwargs.pop("runtime_env", None) or driver_runtime_env(joined=bool(address))
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=_log_to_driver(), **kwargs)
@@ -319,7 +330,8 @@ def actor_record(device: str) -> str:
     return ""
 
 
-def actor_gpus(cfg: "ExperimentConfig", device: str, per_actor: float, what: str) -> float:
+def actor_gpus(cfg: "ExperimentConfig", device: str, per_actor: float, what: str,
+               address: Optional[str] = _RESOLVE) -> float:
     """GPUs a stage's actors ask Ray for: ``per_actor`` whenever ``device`` is not cpu.
 
     No check against the cluster's current GPUs: on an autoscaling cluster the GPU group may be at zero
@@ -328,7 +340,9 @@ def actor_gpus(cfg: "ExperimentConfig", device: str, per_actor: float, what: str
     (the actor then resolves ``auto`` to CPU and logs it)."""
     if device == "cpu" or not per_actor:
         return 0
-    if device == "auto" and not cluster_address(cfg):
+    if address is _RESOLVE:
+        address = cluster_address(cfg)
+    if device == "auto" and not address:
         import ray
 
         if not ray.cluster_resources().get("GPU"):

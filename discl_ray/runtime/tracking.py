@@ -18,6 +18,7 @@ from discl_ray.runtime.cluster import tracking_uri
 
 if TYPE_CHECKING:
     from discl_ray.config import ExperimentConfig
+    from discl_ray.runtime.cluster import RunPaths
 
 
 class TrackingUnavailable(ServiceLost):
@@ -94,11 +95,12 @@ def use_uri(uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
-def setup(cfg: "ExperimentConfig") -> str:
-    """Point MLflow at the experiment's store and experiment; returns the tracking URI."""
+def setup(cfg: "ExperimentConfig", uri: Optional[str] = None) -> str:
+    """Point MLflow at the experiment's store and experiment; returns the tracking URI (``uri``: the stage's
+    resolved one, else resolved from ``cfg``)."""
     import mlflow
 
-    uri = tracking_uri(cfg)
+    uri = uri or tracking_uri(cfg)
     check_reachable(uri)
     use_uri(uri)
     name = cfg.tracking.experiment_name or cfg.experiment
@@ -174,7 +176,7 @@ def _metadata_frame(directory: Path, keep: Optional[tuple[str, ...]] = None):
     return ds.to_table(columns=cols).to_pandas()
 
 
-def dataset_inputs(cfg: "ExperimentConfig") -> list[tuple[Any, str]]:
+def dataset_inputs(cfg: "ExperimentConfig", paths: "Optional[RunPaths]" = None) -> list[tuple[Any, str]]:
     """``(mlflow Dataset, context)`` for the real rows and, for a curriculum, the scored synthetic spectrum.
 
     Metadata only (ids, labels, splits, λ, seeds, CLIP scores): MLflow stores the schema, row count and a
@@ -183,7 +185,7 @@ def dataset_inputs(cfg: "ExperimentConfig") -> list[tuple[Any, str]]:
 
     from discl_ray.runtime.cluster import RunPaths
 
-    paths = RunPaths.from_config(cfg)
+    paths = paths or RunPaths.from_config(cfg)
     out = []
     real = _metadata_frame(paths.dataset)
     if real is not None:
@@ -202,7 +204,7 @@ def dataset_inputs(cfg: "ExperimentConfig") -> list[tuple[Any, str]]:
     return out
 
 
-def log_dataset_inputs(cfg: "ExperimentConfig") -> int:
+def log_dataset_inputs(cfg: "ExperimentConfig", paths: "Optional[RunPaths]" = None) -> int:
     """Log :func:`dataset_inputs` to the active run; returns how many were logged (0 on any failure:
     bookkeeping never stops a training)."""
     import logging
@@ -210,7 +212,7 @@ def log_dataset_inputs(cfg: "ExperimentConfig") -> int:
     import mlflow
 
     try:
-        inputs = dataset_inputs(cfg)
+        inputs = dataset_inputs(cfg, paths)
         for ds, context in inputs:
             mlflow.log_input(ds, context=context)
         return len(inputs)
@@ -222,11 +224,13 @@ def log_dataset_inputs(cfg: "ExperimentConfig") -> int:
 @contextlib.contextmanager
 def run(cfg: "ExperimentConfig", stage: str, run_name: Optional[str] = None,
         parent_run_id: Optional[str] = None, tags: Optional[dict[str, Any]] = None,
-        log_params: bool = True) -> Iterator[Any]:
-    """An MLflow run with flattened config params and standard tags (nested under ``parent_run_id``)."""
+        log_params: bool = True, uri: Optional[str] = None, paths: "Optional[RunPaths]" = None) -> Iterator[Any]:
+    """An MLflow run with flattened config params and standard tags (nested under ``parent_run_id``).
+
+    ``uri`` and ``paths``: the stage's resolved tracking URI and locations (its context), else from ``cfg``."""
     import mlflow
 
-    setup(cfg)
+    setup(cfg, uri)
     all_tags = base_tags(cfg, stage) | {k: str(v) for k, v in (tags or {}).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -234,5 +238,5 @@ def run(cfg: "ExperimentConfig", stage: str, run_name: Optional[str] = None,
         if log_params:
             mlflow.log_params(flat_params(cfg))
         if stage in DATASET_STAGES:
-            log_dataset_inputs(cfg)
+            log_dataset_inputs(cfg, paths)
         yield active

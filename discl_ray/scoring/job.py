@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from discl_ray.errors import UserError
 from discl_ray.runtime.cluster import RunPaths
+from discl_ray.runtime.context import StageContext
 from discl_ray.runtime.io import parquet_files, read_parquet_dir, replace_parquet_dir
 from discl_ray.runtime.storage import local_or_storage
 from discl_ray.scoring.clip import clip_model_id, resolve_clip_source
@@ -125,11 +126,12 @@ def write_scored(batch: pa.Table, scores_dir: str, errors_dir: str) -> pa.Table:
     return pa.table({"scored": [good.num_rows], "errors": [errors.num_rows], "actors": [actors]})
 
 
-def _source_rows(cfg: "ExperimentConfig", sources: list[str], errors_dir: "Storage") -> tuple[pa.Table, int]:
+def _source_rows(cfg: "ExperimentConfig", sources: list[str], errors_dir: "Storage",
+                 paths: Optional[RunPaths] = None) -> tuple[pa.Table, int]:
     """The needed real source rows; sources absent from the train split become error rows."""
     from discl_ray.data import read_rows
 
-    rows = read_rows(cfg, splits=("train",)).select(SOURCE_COLUMNS)
+    rows = read_rows(cfg, splits=("train",), paths=paths).select(SOURCE_COLUMNS)
     rows = rows.filter(pc.is_in(rows["image_id"], pa.array(sources, pa.string())))
     ids = rows["image_id"].to_pylist()
     if len(set(ids)) != len(ids):
@@ -187,21 +189,23 @@ def ray_score_files(scoring: "ScoringConfig", cache_dir: Path, files: list, sour
         clip_model=clip_model, root=root), **_pool_args(scoring, num_gpus))
 
 
-def _score_todo(cfg: "ExperimentConfig", paths: RunPaths, files: list, todo: pa.Table, done: pa.Array,
+def _score_todo(ctx: StageContext, files: list, todo: pa.Table, done: pa.Array,
                 label_prompts: dict[int, str], clip_model: str) -> tuple[int, int, list]:
     """Score the ``todo`` rows on Ray Data; workers write the parts. Returns (scored, errors, actors)."""
     from discl_ray.generation.output import merge_actors
-    from discl_ray.runtime.cluster import actor_gpus, init_ray
+    from discl_ray.runtime.cluster import actor_gpus
 
+    cfg, paths = ctx.cfg, ctx.paths
     out = paths.store("score")
-    sources, n_missing = _source_rows(cfg, sorted(set(todo["source_image_id"].to_pylist())), out.join("errors"))
+    sources, n_missing = _source_rows(cfg, sorted(set(todo["source_image_id"].to_pylist())), out.join("errors"),
+                                      paths)
     labels = sorted(set(todo["label"].to_pylist()))
-    init_ray(cfg)
+    ctx.init_ray()
     t0 = time.perf_counter()
     sc = cfg.scoring
     ds = ray_score_files(sc, paths.cache, files, sources, {lbl: label_prompts[lbl] for lbl in labels},
                          clip_model, done, cfg.dataset.root,
-                         num_gpus=actor_gpus(cfg, sc.device, sc.num_gpus_per_actor, "scoring"))
+                         num_gpus=actor_gpus(cfg, sc.device, sc.num_gpus_per_actor, "scoring", address=ctx.address))
     ds = ds.map_batches(write_scored, batch_size=sc.write_every, batch_format="pyarrow", num_cpus=0.25,
                         fn_kwargs=dict(scores_dir=str(out.join("scores")), errors_dir=str(out.join("errors"))))
     scored, errors, actors = 0, n_missing, []
@@ -214,13 +218,15 @@ def _score_todo(cfg: "ExperimentConfig", paths: RunPaths, files: list, todo: pa.
     return scored, errors, merge_actors(actors)
 
 
-def run_score(cfg: "ExperimentConfig") -> ScoreResult:
-    """Score, filter and summarise the experiment's spectrum (see the module docstring)."""
-    from discl_ray.runtime.cluster import check_tracking
+def run_score(ctx: "StageContext | ExperimentConfig") -> ScoreResult:
+    """Score, filter and summarise the experiment's spectrum (see the module docstring). ``ctx``: the stage's
+    context (a bare config opens one)."""
     from discl_ray.runtime.lease import StageLease
 
-    check_tracking(cfg)  # a cluster needs an http(s) store: say so before any work
-    paths = RunPaths.from_config(cfg)
+    ctx = StageContext.of(ctx, "score")
+    cfg, paths = ctx.cfg, ctx.paths
+    if cfg.tracking.enabled:
+        ctx.tracking_uri  # noqa: B018 — a cluster needs an http(s) store: say so before any work
     spectrum_dir = paths.store("generate", "spectrum")
     files = spectrum_dir.parquet_files()
     if not files:
@@ -258,11 +264,11 @@ def run_score(cfg: "ExperimentConfig") -> ScoreResult:
                                           pc.unique(todo["source_image_id"])])
                 replace_parquet_dir(old_errors.filter(pc.invert(pc.is_in(old_errors["image_id"], value_set=retry))),
                                     errors_dir, prefix="errors")
-            n_ok, n_bad, actors = _score_todo(cfg, paths, files, todo, done, label_prompts, clip_model)
+            n_ok, n_bad, actors = _score_todo(ctx, files, todo, done, label_prompts, clip_model)
             if keyed is not None and n_ok:
                 _publish_to_store(cfg, out, todo, keyed)
         log.info("score: scored %d, reused %d from the spectrum store", n_ok, reused)
-        return finalize(cfg, paths, keys, clip_model, scored=n_ok, skipped=keys.num_rows - todo.num_rows,
+        return finalize(ctx, keys, clip_model, scored=n_ok, skipped=keys.num_rows - todo.num_rows,
                         errors=n_bad, actors=actors, reused=reused, store=keyed)
 
 
@@ -357,7 +363,7 @@ def _publish_to_store(cfg: "ExperimentConfig", out: "Storage", todo: pa.Table, k
     as_storage(keyed["store"]).join("scores", f"part-{_h(*table['score_key'].to_pylist())}.parquet").write_parquet(table)
 
 
-def finalize(cfg: "ExperimentConfig", paths: RunPaths, keys: pa.Table, clip_model: str, scored: int,
+def finalize(ctx: StageContext, keys: pa.Table, clip_model: str, scored: int,
              skipped: int, errors: int, actors: Optional[list] = None, reused: int = 0,
              store: Optional[dict] = None) -> ScoreResult:
     """Kept ids, summary.json and histograms from all scores; logged to MLflow when enabled.
@@ -366,7 +372,8 @@ def finalize(cfg: "ExperimentConfig", paths: RunPaths, keys: pa.Table, clip_mode
     readers join it with ``generate/spectrum``)."""
     import tempfile
 
-    out = paths.store("score")
+    cfg = ctx.cfg
+    out = ctx.paths.store("score")
     scores = _read_optional(out.join("scores"), SCORE_COLUMNS)
     if scores is None:
         scores = pa.table({c: pa.array([], t) for c, t in zip(SCORE_COLUMNS, [
@@ -393,16 +400,17 @@ def finalize(cfg: "ExperimentConfig", paths: RunPaths, keys: pa.Table, clip_mode
         if cfg.tracking.enabled:
             summary_file = Path(tmp, "summary.json")
             summary_file.write_text(json.dumps(summary, indent=1))
-            _log_mlflow(cfg, summary, [summary_file, *local])
+            _log_mlflow(ctx, summary, [summary_file, *local])
     return ScoreResult(scored=scored, skipped=skipped, errors=errors, total=scores.num_rows,
                        kept=kept.num_rows, out_dir=local_or_storage(out), histograms=hists, reused=reused)
 
 
-def _log_mlflow(cfg: "ExperimentConfig", summary: dict, artifacts: list[Path]) -> None:
+def _log_mlflow(ctx: StageContext, summary: dict, artifacts: list[Path]) -> None:
     import mlflow
 
     from discl_ray.runtime import tracking
 
+    cfg = ctx.cfg
     metrics = {"total": summary["total"], "kept": summary["kept"], "errors": summary["errors"]}
     if summary["kept_frac"] is not None:
         metrics["kept_frac"] = summary["kept_frac"]
@@ -412,8 +420,9 @@ def _log_mlflow(cfg: "ExperimentConfig", summary: dict, artifacts: list[Path]) -
             metrics[f"clip_text_cos_mean_lam_{lam}"] = group["clip_text_cos"]["mean"]
     from discl_ray.generation.store import log_store_input
 
-    with tracking.run(cfg, "score", run_name=f"score-{cfg.experiment}", tags={"clip_model": summary["clip_model"]}):
-        log_store_input(cfg, "score")
+    with tracking.run(cfg, "score", run_name=f"score-{cfg.experiment}", tags={"clip_model": summary["clip_model"]},
+                      uri=ctx.tracking_uri, paths=ctx.paths):
+        log_store_input(cfg, "score", ctx.paths)
         mlflow.log_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="score")

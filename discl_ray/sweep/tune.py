@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from discl_ray.config import ExperimentConfig, load_config
 from discl_ray.errors import UserError
-from discl_ray.runtime.cluster import RunPaths, tracking_uri
+from discl_ray.runtime.cluster import tracking_uri
+from discl_ray.runtime.context import StageContext
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
@@ -114,7 +115,10 @@ def max_concurrent(cfg: ExperimentConfig, resources: Optional[dict[str, float]] 
     return max(1, n)
 
 
-def _trial(params: dict[str, Any], *, base: dict, parent_run_id: Optional[str], storage: str, sweep: str) -> None:
+def _trial(params: dict[str, Any], *, base: dict, parent_run_id: Optional[str], storage: str, sweep: str,
+           ctx: Optional[StageContext] = None) -> None:
+    """One Tune trial: a Train run of the sweep's config with ``params`` applied. ``ctx``: the sweep's context,
+    from which the trial derives its own (the run's locations, Ray address and tracking URI carried over)."""
     """The Tune trial: build the trial config and run the trainer, forwarding its reports to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -126,18 +130,20 @@ def _trial(params: dict[str, Any], *, base: dict, parent_run_id: Optional[str], 
     if orig and Path(orig).is_dir():
         os.chdir(orig)
     cfg = trial_config(base, params)
+    trial_ctx = ctx.child(cfg=cfg, stage="train") if ctx is not None else StageContext.open(cfg, "train")
     trial_id = tune.get_context().get_trial_id()
     label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(params.items()))
     log.info("trial %s: %s", trial_id, label)
     # The run name names the Train run's folder and selector actor too: keep it path- and actor-safe.
     run_name = f"{sweep}-{trial_id}"
-    fit(cfg, run_name=run_name, callbacks=[TuneReportCallback()], mlflow_parent_run_id=parent_run_id,
+    fit(trial_ctx, run_name=run_name, callbacks=[TuneReportCallback()], mlflow_parent_run_id=parent_run_id,
         storage_path=storage)
     if parent_run_id and cfg.tracking.enabled:
-        drop_stale_children(cfg, parent_run_id, run_name)
+        drop_stale_children(cfg, parent_run_id, run_name, uri=trial_ctx.tracking_uri)
 
 
-def drop_stale_children(cfg: ExperimentConfig, parent_run_id: str, run_name: str) -> list[str]:
+def drop_stale_children(cfg: ExperimentConfig, parent_run_id: str, run_name: str,
+                        uri: Optional[str] = None) -> list[str]:
     """Delete the MLflow child runs a killed sweep driver left behind for this trial; returns their ids.
 
     A trial interrupted before its first checkpoint starts over when the sweep is resubmitted, and the
@@ -146,7 +152,7 @@ def drop_stale_children(cfg: ExperimentConfig, parent_run_id: str, run_name: str
     KILLED, tagged with the run that replaced it and deleted (restorable with ``mlflow runs restore``)."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = mlflow.MlflowClient(tracking_uri=uri or tracking_uri(cfg))
     exp = client.get_experiment_by_name(cfg.tracking.experiment_name or cfg.experiment)
     if exp is None:
         return []
@@ -178,27 +184,29 @@ class SweepResult:
     best_metric: Optional[float]
 
 
-def run_sweep(cfg: ExperimentConfig, name: Optional[str] = None) -> SweepResult:
-    """Run (or resume, when ``runs/<exp>/sweep/<name>`` exists) a Tune sweep over ``cfg.sweep.space``."""
+def run_sweep(ctx: "StageContext | ExperimentConfig", name: Optional[str] = None) -> SweepResult:
+    """Run (or resume, when ``runs/<exp>/sweep/<name>`` exists) a Tune sweep over ``cfg.sweep.space``.
+    ``ctx``: the stage's context (a bare config opens one); each trial derives its own from it."""
     from discl_ray.runtime import tracking
-    from discl_ray.runtime.cluster import init_ray
 
-    uri = tracking_uri(cfg)
+    ctx = StageContext.of(ctx, "sweep")
+    cfg = ctx.cfg
+    uri = ctx.tracking_uri
     tracking.check_reachable(uri)  # before any Ray or training work
     name = name or cfg.sweep.name or datetime.now(timezone.utc).strftime("sweep-%Y%m%d-%H%M%S")
     base = absolute_paths(cfg.model_dump(mode="json"))
     if cfg.tracking.enabled:
         base["tracking"]["tracking_uri"] = uri  # every trial logs to the sweep's store
-    base_cfg = load_config(data=base)
+    ctx = ctx.child(cfg=load_config(data=base))
     for params in _grid_points(cfg.sweep.space):  # a bad grid value fails now, not in trial 7
         trial_config(base, params)
-    sweep_dir = RunPaths.from_config(base_cfg).store("sweep")   # local folder or object store, one API
-    init_ray(base_cfg)
+    sweep_dir = ctx.out()   # local folder or object store, one API
+    ctx.init_ray()
     if not cfg.tracking.enabled:
-        return _summarize(base_cfg, name, sweep_dir / name, None, _tune(base_cfg, base, name, sweep_dir, None))
-    with _parent_run(base_cfg, name, sweep_dir / name) as parent_id:
-        results = _tune(base_cfg, base, name, sweep_dir, parent_id)
-        return _summarize(base_cfg, name, sweep_dir / name, parent_id, results)
+        return _summarize(ctx, name, sweep_dir / name, None, _tune(ctx, base, name, sweep_dir, None))
+    with _parent_run(ctx, name, sweep_dir / name) as parent_id:
+        results = _tune(ctx, base, name, sweep_dir, parent_id)
+        return _summarize(ctx, name, sweep_dir / name, parent_id, results)
 
 
 def _grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -209,36 +217,39 @@ def _grid_points(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _parent_run(cfg: ExperimentConfig, name: str, path: "Storage") -> Iterator[str]:
+def _parent_run(ctx: StageContext, name: str, path: "Storage") -> Iterator[str]:
     """The sweep's MLflow parent run, open while Tune runs (reopened when resuming; id kept beside Tune's state)."""
     import mlflow
 
     from discl_ray.runtime import tracking
 
+    cfg = ctx.cfg
     marker = path / "mlflow_parent_run.json"
     if marker.is_file():
-        tracking.setup(cfg)
+        tracking.setup(cfg, ctx.tracking_uri)
         with mlflow.start_run(run_id=json.loads(marker.read_text())["run_id"]) as run:
             yield run.info.run_id
         return
     path.mkdir(parents=True, exist_ok=True)
     space = cfg.sweep.space
     tags = {"sweep.name": name, "sweep.space": json.dumps(space)[:5000]}
-    with tracking.run(cfg, "sweep", run_name=name, tags=tags) as run:
+    with tracking.run(cfg, "sweep", run_name=name, tags=tags, uri=ctx.tracking_uri, paths=ctx.paths) as run:
         from discl_ray.generation.store import log_store_input
 
-        log_store_input(cfg, "sweep")
+        log_store_input(cfg, "sweep", ctx.paths)
         mlflow.log_dict(space, "sweep_space.json")
         mlflow.log_param("sweep.num_trials", grid_size(space, cfg.sweep.num_samples))
         marker.write_text(json.dumps({"run_id": run.info.run_id}))
         yield run.info.run_id
 
 
-def _tune(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: "Storage", parent_id: Optional[str]) -> "ResultGrid":
+def _tune(ctx: StageContext, base: dict, name: str, sweep_dir: "Storage", parent_id: Optional[str]) -> "ResultGrid":
     from ray import tune
 
+    cfg = ctx.cfg
     trials_dir = sweep_dir / name / "trials"
-    trainable = tune.with_parameters(_trial, base=base, parent_run_id=parent_id, storage=str(trials_dir), sweep=name)
+    trainable = tune.with_parameters(_trial, base=base, parent_run_id=parent_id, storage=str(trials_dir), sweep=name,
+                                     ctx=ctx)
     trainable = tune.with_resources(trainable, {"cpu": cfg.sweep.trial_cpus})
     exp_path = sweep_dir / name
     # Tune gets the project's filesystem client for object stores (endpoint and region from the environment),
@@ -262,9 +273,10 @@ def _tune(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: "Storage", pa
     return tuner.fit()
 
 
-def _summarize(cfg: ExperimentConfig, name: str, path: "Storage", parent_id: Optional[str],
+def _summarize(ctx: StageContext, name: str, path: "Storage", parent_id: Optional[str],
                results: "ResultGrid") -> SweepResult:
     """Write ``trials.csv`` and log the sweep's outcome (trials, errors, best) to the parent run."""
+    cfg = ctx.cfg
     space_keys = list(cfg.sweep.space)
     best_params, best_metric = None, None
     try:
@@ -285,7 +297,7 @@ def _summarize(cfg: ExperimentConfig, name: str, path: "Storage", parent_id: Opt
 
         import mlflow
 
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+        client = mlflow.MlflowClient(tracking_uri=ctx.tracking_uri)
         client.log_metric(parent_id, "num_trials", len(results))
         client.log_metric(parent_id, "num_errors", len(results.errors))
         if best_metric is not None:

@@ -152,11 +152,11 @@ def lam_files(uri: str, lams: Optional[list[float]] = None) -> list:
     return out
 
 
-def stage_uris(cfg) -> dict[str, str]:
+def stage_uris(cfg, paths=None) -> dict[str, str]:
     """Where the images of real and synthetic rows live (the canonical rows and the spectrum)."""
     from discl_ray.runtime.cluster import RunPaths
 
-    paths = RunPaths.from_config(cfg)
+    paths = paths or RunPaths.from_config(cfg)
     return {"real": str(paths.dataset), "syn": str(paths.stage("generate", "spectrum"))}
 
 
@@ -192,12 +192,13 @@ def _synthetic_rows(cfg, paths, hard_ids: set) -> pa.Table:
     return out
 
 
-def preflight(cfg) -> None:
-    """Fail in the driver, before any worker starts, when an input table the strategy needs is missing."""
+def preflight(cfg, paths=None) -> None:
+    """Fail in the driver, before any worker starts, when an input table the strategy needs is missing
+    (``paths``: the run's locations when the caller has them)."""
     from discl_ray.runtime.cluster import RunPaths
     from discl_ray.runtime.io import parquet_files
 
-    paths = RunPaths.from_config(cfg)
+    paths = paths or RunPaths.from_config(cfg)
     needed = [] if cfg.training.strategy == "none" else [("mine", paths.stage("mine"), "discl mine")]
     if cfg.training.strategy != "none" and any(v < 1.0 for v in cfg.training.lams):
         needed += [("spectrum", paths.stage("generate", "spectrum"), "discl generate"),

@@ -446,8 +446,9 @@ def estimate_cache_bytes(pipe: InputPipeline, n_rows: int) -> int:
     return per * n_rows
 
 
-def will_stream(cfg) -> bool:
-    """Whether the workers will stream (driver-side estimate from the row counts; no image is read)."""
+def will_stream(cfg, paths=None) -> bool:
+    """Whether the workers will stream (driver-side estimate from the row counts; no image is read; ``paths``:
+    the run's locations when the caller has them)."""
     import pyarrow.dataset as ds
 
     from discl_ray.training.data import stage_uris
@@ -455,7 +456,7 @@ def will_stream(cfg) -> bool:
 
     tc = cfg.training
     n = 0
-    for name, uri in stage_uris(cfg).items():
+    for name, uri in stage_uris(cfg, paths).items():
         if name == "syn" and tc.strategy == "none":
             continue
         try:

@@ -102,7 +102,7 @@ def _from_run_dir(cfg, exp: str, run: Optional[str]) -> Optional[str]:
     return str(ckpt)
 
 
-def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[str]:
+def _from_mlflow(cfg, exp: str, run: Optional[str], uri: Optional[str] = None, paths=None) -> Optional[str]:
     """The run's ``checkpoint/model.pt`` artifact, copied once into this experiment's run folder
     (``<run_root>/<experiment>/init_from/<exp>/<run id>/model.pt``, local or object store) so every worker, on
     any node, reads the same file."""
@@ -113,7 +113,7 @@ def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[str]:
     from discl_ray.runtime.cluster import RunPaths, tracking_uri
 
     try:
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+        client = mlflow.MlflowClient(tracking_uri=uri or tracking_uri(cfg))
         found = client.get_experiment_by_name(exp)
     except Exception as err:   # an unreachable server is "not found here"; the error below names the fix
         log.warning("training.init_from: MLflow lookup failed: %s", err)
@@ -126,8 +126,9 @@ def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[str]:
     if not run and len(names) > 1:
         raise UserError(f"training.init_from: experiment {exp!r} has {len(names)} finished runs in MLflow; name "
                          "one: " + ", ".join(f"{exp}/{n}" for n in names))
+    paths = paths or RunPaths.from_config(cfg)
     for r in runs:
-        dest = RunPaths.from_config(cfg).store("init_from", exp, r.info.run_id, "model.pt")
+        dest = paths.store("init_from", exp, r.info.run_id, "model.pt")
         if dest.is_file():
             return str(dest)
         with tempfile.TemporaryDirectory(prefix="discl-init-from-") as tmp:
@@ -142,11 +143,13 @@ def _from_mlflow(cfg, exp: str, run: Optional[str]) -> Optional[str]:
     return None
 
 
-def resolve_checkpoint(cfg, ref: str) -> str:
+def resolve_checkpoint(cfg, ref: str, *, uri: Optional[str] = None, paths=None) -> str:
     """Where the weights of the run ``ref`` names are: its final checkpoint folder or a ``model.pt``, as a local
-    path or an object-store URI (``checkpointing.load_model_state`` reads either); raises when missing."""
+    path or an object-store URI (``checkpointing.load_model_state`` reads either); raises when missing.
+    ``uri``, ``paths``: the stage's tracking URI and run locations, when the caller has them resolved."""
     exp, run = split_ref(ref)
-    found = _from_run_dir(cfg, exp, run) or (_from_mlflow(cfg, exp, run) if cfg.tracking.enabled else None)
+    found = _from_run_dir(cfg, exp, run) or (_from_mlflow(cfg, exp, run, uri, paths) if cfg.tracking.enabled
+                                             else None)
     if found is None:
         what = f"run {run!r} of experiment {exp!r}" if run else f"a finished training run of experiment {exp!r}"
         raise MissingInput(f"training.init_from: {what} not found under {_train_storage(cfg, exp)} or in "
@@ -155,12 +158,12 @@ def resolve_checkpoint(cfg, ref: str) -> str:
     return found
 
 
-def resolve_init_from(cfg):
+def resolve_init_from(cfg, *, uri: Optional[str] = None, paths=None):
     """``cfg`` with ``training.init_from`` replaced by the resolved ``training.init_checkpoint`` (idempotent)."""
     ref = cfg.training.init_from
     if not ref:
         return cfg
-    path = resolve_checkpoint(cfg, ref)
+    path = resolve_checkpoint(cfg, ref, uri=uri, paths=paths)
     log.info("training.init_from %s -> %s", ref, path)
     training = cfg.training.model_copy(update={"init_from": None, "init_checkpoint": path})
     return cfg.model_copy(update={"training": training})

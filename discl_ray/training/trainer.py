@@ -1,6 +1,6 @@
 """Driver side: build the Ray Train V2 ``TorchTrainer`` for an experiment and run it.
 
-    metrics = fit(cfg, run_name="lt-d2s-s0")      # final metrics of the run
+    metrics = fit(ctx, run_name="lt-d2s-s0")      # final metrics of the run (ctx: the stage's context)
 
 A run is identified by (storage_path, run_name): calling ``fit`` again with both unchanged — after a killed
 driver, for instance — restores Ray Train's checkpoint manager from storage and continues from the last
@@ -41,10 +41,11 @@ def default_run_name(cfg) -> str:
     return f"train-{cfg.training.strategy}-s{cfg.training.seed}-{stable_seed(spec) % 16**8:08x}"
 
 
-def default_storage(cfg) -> str:
+def default_storage(cfg, paths=None) -> str:
+    """``<run_root>/<experiment>/train`` (``paths``: the run's locations when the caller has them)."""
     from discl_ray.runtime.cluster import RunPaths
 
-    path = RunPaths.from_config(cfg).stage("train")
+    path = (paths or RunPaths.from_config(cfg)).stage("train")
     path.mkdir(parents=True, exist_ok=True)       # a no-op on object stores (no directories there)
     return str(path)
 
@@ -56,7 +57,7 @@ def check_run_name(run_name: str) -> str:
     return run_name
 
 
-def check_data_cpus(cfg, cluster_cpus: float, *, joined: bool = False) -> bool:
+def check_data_cpus(cfg, cluster_cpus: float, *, joined: bool = False, paths=None) -> bool:
     """A streamed run needs CPU left for its Ray Data decode tasks beside the Train workers: with every CPU
     held by the workers, the stream never starts and training waits forever.
 
@@ -68,7 +69,7 @@ def check_data_cpus(cfg, cluster_cpus: float, *, joined: bool = False) -> bool:
 
     tc = cfg.training
     held = tc.num_workers * tc.cpus_per_worker
-    if not will_stream(cfg) or held + tc.data_cpus <= cluster_cpus + 1e-9:
+    if not will_stream(cfg, paths) or held + tc.data_cpus <= cluster_cpus + 1e-9:
         return False
     need = (f"training streams its images through Ray Data, which needs training.data_cpus={tc.data_cpus} CPU "
             f"beside the {tc.num_workers} Train worker(s) × training.cpus_per_worker={tc.cpus_per_worker}, but "
@@ -80,10 +81,11 @@ def check_data_cpus(cfg, cluster_cpus: float, *, joined: bool = False) -> bool:
     raise UserError(f"{need}: lower cpus_per_worker (fractions are fine) or raise training.image_cache_mb")
 
 
-def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[list] = None,
+def build_trainer(ctx, *, run_name: Optional[str] = None, callbacks: Optional[list] = None,
                   mlflow_parent_run_id: Optional[str] = None, storage_path: Optional[str] = None,
                   fault: Optional[dict] = None, torch_threads: Optional[int] = None, trace: Optional[str] = None):
-    """The ``TorchTrainer`` for ``cfg`` plus its selector actor (Ray must be initialised).
+    """The ``TorchTrainer`` for the stage context ``ctx`` (or a bare config) plus its selector actor (Ray must
+    be initialised).
 
     ``fault`` = {"epoch": e, "marker": path[, "rank": r]} makes one worker exit mid-epoch once (tests of
     restarts); ``trace`` = a directory where every rank writes the image ids it trained on per epoch and
@@ -92,20 +94,22 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from discl_ray.runtime.cluster import cluster_address
+    from discl_ray.runtime.context import StageContext
     from discl_ray.training.loop import SELECTION_RANK, train_loop_per_worker
 
+    ctx = StageContext.of(ctx, "train")
+    cfg = ctx.cfg
     tc = cfg.training
-    check_data_cpus(cfg, ray.cluster_resources().get("CPU", 0.0), joined=bool(cluster_address(cfg)))
+    check_data_cpus(cfg, ray.cluster_resources().get("CPU", 0.0), joined=bool(ctx.address), paths=ctx.paths)
     os.environ.setdefault(CONTROLLER_POLL_ENV, str(CONTROLLER_POLL_S))
-    if not cluster_address(cfg):
+    if not ctx.address:
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     run_name = check_run_name(run_name or default_run_name(cfg))
     from discl_ray.runtime.storage import as_storage
 
     # Local folders absolute (trials run elsewhere); object stores through the project's filesystem client
     # (endpoint and region from the environment), so Ray Train writes checkpoints where the stages write.
-    where = as_storage(storage_path or default_storage(cfg))
+    where = as_storage(storage_path or default_storage(cfg, ctx.paths))
     storage, storage_fs = (where.path, None) if where.is_local else (where.path, where.fs)
     selector = get_selector(run_name, tc)
     resources = {"CPU": tc.cpus_per_worker}
@@ -136,30 +140,34 @@ def build_trainer(cfg, *, run_name: Optional[str] = None, callbacks: Optional[li
     return trainer, selector
 
 
-def fit(cfg, *, run_name: str | None = None, callbacks: list | None = None,
+def fit(ctx, *, run_name: str | None = None, callbacks: list | None = None,
         mlflow_parent_run_id: str | None = None, storage_path: str | None = None) -> dict:
-    """Run curriculum training for ``cfg`` on Ray Train and return the final metrics (selected on validation)."""
+    """Run curriculum training for the stage context ``ctx`` (or a bare config, which opens one) on Ray Train and
+    return the final metrics (selected on validation)."""
     from discl_ray.config import resolve_paths
-    from discl_ray.runtime.cluster import init_ray
+    from discl_ray.runtime.context import StageContext
 
+    ctx = StageContext.of(ctx, "train")
     if run_name:
         check_run_name(run_name)
-    cfg = resolve_paths(cfg)  # workers run in Ray's trial directories: relative run_root would point there
+    # workers run in Ray's trial directories: relative run_root would point there
+    ctx = ctx.child(cfg=resolve_paths(ctx.cfg))
     from discl_ray.training.init_from import resolve_init_from
 
-    cfg = resolve_init_from(cfg)   # training.init_from -> the named run's best checkpoint, or a clear error now
-    if cfg.tracking.enabled:
-        from discl_ray.runtime.cluster import tracking_uri
+    uri = ctx.tracking_uri if ctx.cfg.tracking.enabled else None
+    # training.init_from -> the named run's best checkpoint, or a clear error now
+    ctx = ctx.child(cfg=resolve_init_from(ctx.cfg, uri=uri, paths=ctx.paths))
+    if uri:
         from discl_ray.runtime.tracking import check_reachable
 
-        check_reachable(tracking_uri(cfg))   # fail before any training when the server is down
+        check_reachable(uri)   # fail before any training when the server is down
     from discl_ray.data import materialize
     from discl_ray.training.data import preflight
 
-    preflight(cfg)
-    materialize(cfg)          # canonical rows written once here, not raced by the workers
-    init_ray(cfg)
-    trainer, selector = build_trainer(cfg, run_name=run_name, callbacks=callbacks,
+    preflight(ctx.cfg, ctx.paths)
+    materialize(ctx.cfg, paths=ctx.paths)          # canonical rows written once here, not raced by the workers
+    ctx.init_ray()
+    trainer, selector = build_trainer(ctx, run_name=run_name, callbacks=callbacks,
                                       mlflow_parent_run_id=mlflow_parent_run_id, storage_path=storage_path)
     return dict(run_trainer(trainer, selector).metrics or {})
 
