@@ -44,6 +44,8 @@ class TrainingConfig(StrictModel):
     curriculum_epochs: int = Field(60, ge=0, description="Curriculum epochs E_CL; real-only afterwards.")
     loss: Literal["ce", "balanced_softmax", "flyp"] = Field("ce", description="Training loss.")
     backbone: Literal["resnet10", "small_cnn", "clip"] = Field("resnet10", description="Classifier backbone.")
+    resnet_width: int = Field(64, ge=4, description="backbone=resnet10: channels of the first stage (the stages "
+                                                    "double it); 64 = the paper's ResNet-10, discl rehearse: 8.")
     init_checkpoint: Optional[str] = Field(None, description="Start from this checkpoint (None = scratch or CLIP weights).")
     init_from: Optional[str] = Field(
         None, description="Start from another run's best-on-validation model, named '<experiment>[/<run name>]' "

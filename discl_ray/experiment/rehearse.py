@@ -7,8 +7,8 @@ Before a team spends GPU hours on an experiment it runs::
 which runs every stage the experiment needs — its upstream experiments first (the FLYP baseline iWildCam mines
 with, the CE baseline a long-tail DisCL run starts from), then mine → prompts → generate → score → train (or
 sweep) → report — on a few classes and images of the real dataset (``dataset.max_classes`` /
-``dataset.max_per_class``), with tiny random-weight stand-ins of the configured generator, CLIP filter and CLIP
-backbone (:mod:`discl_ray.experiment.standins`; nothing is downloaded), one curriculum and one real-only epoch,
+``dataset.max_per_class``), with tiny random-weight stand-ins of the configured generator, CLIP filter and classifier
+backbone (CLIP or ResNet-10; :mod:`discl_ray.experiment.standins`, a few MB each; nothing is downloaded), one curriculum and one real-only epoch,
 under experiment names ending in ``_rehearsal``. Everything else — ``ray.address``, ``run_root``,
 ``MLFLOW_TRACKING_URI``, resources per actor and worker — is the config's own, so the rehearsal meets the
 cluster's real scheduling, storage and tracking.
@@ -359,6 +359,7 @@ def run(config: str, overrides: list[str], classes: int = DEFAULT_CLASSES, per_c
     # Stand-ins, built once per run root (same seed, same bytes) where every node can read them.
     models = as_storage(paths.exp).join("rehearsal", "models")
     standin: dict[str, list[str]] = {}
+    built: dict[str, dict[str, str]] = {}     # each stand-in built and uploaded once, shared by upstream configs
     records: list[dict] = []
     t_all = time.monotonic()
     failed = False
@@ -372,7 +373,7 @@ def run(config: str, overrides: list[str], classes: int = DEFAULT_CLASSES, per_c
         if base_cfg.dataset.name not in TOY_DATASETS and step.config not in standin:
             from discl_ray.experiment.standins import build_standins
 
-            standin[step.config] = [f"{k}={v}" for k, v in build_standins(base_cfg, models).items()]
+            standin[step.config] = [f"{k}={v}" for k, v in build_standins(base_cfg, models, built).items()]
         argv = ["--config", step.config, *step.overrides, *standin.get(step.config, []), *extra]
         cfg = load_config(step.config, argv[2:])
         before = _objects(RunPaths.from_config(cfg).store(step.stage if step.stage != "world" else "dataset"))

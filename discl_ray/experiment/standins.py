@@ -3,8 +3,15 @@
 * the generator: a miniature of the configured diffusers img2img family (SDXL refiner: ``text_encoder_2``
   only, aesthetic-score conditioning; other names: an SD-style pipeline), saved with ``save_pretrained``;
 * each open_clip model (the filter, and the CLIP a run fine-tunes): the same architecture family and patch
-  size as the configured one (``ViT-B-32`` → a 1-layer, 32-wide ViT with 32-pixel patches), registered as
-  ``<name>-rehearsal`` from its JSON with seeded random weights.
+  size as the configured one (``ViT-B-32`` → a 1-layer, 16-wide ViT with 32-pixel patches and an 8-wide
+  text tower over CLIP's own 49,408-token vocabulary), registered as ``<name>-rehearsal`` from its JSON with
+  seeded random weights;
+* the ResNet-10 classifier: the same network (BasicBlock × [1, 1, 1, 1]) at an 8-channel first stage
+  (``training.resnet_width``).
+
+Each is a few MB at most (the generator ~2 MB of weights plus CLIP's tokenizer files, a CLIP under 2 MB, a
+ResNet-10 0.3 MB), so a training checkpoint with its optimizer state is a few MB, not the tens of MB the
+32-wide stand-ins and the full-width ResNet-10 wrote to the run's storage.
 
 They are written to the rehearsal's own folder on the run's storage (``<run_root>/<exp>/rehearsal/models/``),
 so every node loads them the way it loads real weights from object storage: one node-local copy each.
@@ -16,12 +23,14 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from discl_ray.runtime.storage import Storage
 
 SUFFIX = "-rehearsal"
+# ResNet-10 at an 8-channel first stage (8, 16, 32, 64): ~78k parameters, a ~1 MB checkpoint (the real one: 64)
+RESNET_WIDTH = 8
 
 
 def is_sdxl_name(model: str) -> bool:
@@ -34,10 +43,12 @@ def clip_standin_config(model: str) -> dict:
 
     real = open_clip.get_model_config(model) or {}
     patch = int((real.get("vision_cfg") or {}).get("patch_size") or 16)
+    # The text tower's 49,408-token embedding is most of the bytes (vocab × width × 4): width 8 keeps the model
+    # under 2 MB and a training checkpoint (model + Adam's two moments) near 5 MB.
     return {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 2 * patch, "layers": 1, "width": 32, "head_width": 16, "patch_size": patch},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 2 * patch, "layers": 1, "width": 16, "head_width": 8, "patch_size": patch},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 8, "heads": 2, "layers": 1},
     }
 
 
@@ -67,7 +78,9 @@ def build_clip(model: str, out_dir: Path, seed: int = 0) -> tuple[str, Path, Pat
 def build_generator(model: str, out_dir: Path, seed: int = 0) -> Path:
     from discl_ray.generation.tiny import build_tiny_sd, build_tiny_sdxl
 
-    return build_tiny_sdxl(out_dir, seed=seed) if is_sdxl_name(model) else build_tiny_sd(out_dir, seed=seed)
+    if is_sdxl_name(model):   # channels 8/16 and an 8-wide text encoder: ~2 MB of weights (tokenizer files aside)
+        return build_tiny_sdxl(out_dir, seed=seed, width=8, text_width=8)
+    return build_tiny_sd(out_dir, seed=seed)
 
 
 def upload_dir(local: Path, dest: "Storage") -> None:
@@ -76,27 +89,33 @@ def upload_dir(local: Path, dest: "Storage") -> None:
         dest.join(*path.relative_to(local).parts).write_bytes(path.read_bytes())
 
 
-def build_standins(cfg, dest: "Storage") -> dict[str, str]:
+def build_standins(cfg, dest: "Storage", built: Optional[dict[str, dict[str, str]]] = None) -> dict[str, str]:
     """Write stand-ins for ``cfg``'s generator, filter CLIP and (CLIP backbone) trainer CLIP under ``dest``;
-    returns the config overrides that point the stages at them."""
+    returns the config overrides that point the stages at them. ``built`` (model → its overrides), shared by
+    the configs of one rehearsal, keeps a model that an upstream config already wrote from being built and
+    uploaded again."""
+    built = {} if built is None else built
     overrides: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="discl-standins-") as tmp:
         root = Path(tmp)
-        gen_dir = build_generator(cfg.generation.model, root / "generator")
-        upload_dir(gen_dir, dest.join("generator"))
-        overrides["generation.model"] = str(dest.join("generator"))
-        name, js, pt = build_clip(cfg.scoring.model, root / "clip")
-        overrides.update({"scoring.model": name, "scoring.model_config_path": str(dest.join("clip", js.name)),
-                          "scoring.pretrained": str(dest.join("clip", pt.name))})
-        clip = cfg.training.clip
-        if cfg.training.backbone == "clip" and clip.model and clip.model != cfg.scoring.model:
-            name2, js2, pt2 = build_clip(clip.model, root / "clip")
-            overrides.update({"training.clip.model": name2,
-                              "training.clip.model_config_path": str(dest.join("clip", js2.name)),
-                              "training.clip.pretrained": str(dest.join("clip", pt2.name))})
-        elif cfg.training.backbone == "clip" and clip.model:
-            overrides.update({"training.clip.model": name,
-                              "training.clip.model_config_path": overrides["scoring.model_config_path"],
-                              "training.clip.pretrained": overrides["scoring.pretrained"]})
-        upload_dir(root / "clip", dest.join("clip"))
+        key = f"generator:{cfg.generation.model}"
+        if key not in built:
+            gen_dir = build_generator(cfg.generation.model, root / "generator")
+            upload_dir(gen_dir, dest.join("generator"))
+            built[key] = {"generation.model": str(dest.join("generator"))}
+        overrides.update(built[key])
+
+        def clip(model: str) -> dict[str, str]:
+            if f"clip:{model}" not in built:
+                name, js, pt = build_clip(model, root / "clip" / model)
+                upload_dir(root / "clip" / model, dest.join("clip"))
+                built[f"clip:{model}"] = {"model": name, "model_config_path": str(dest.join("clip", js.name)),
+                                          "pretrained": str(dest.join("clip", pt.name))}
+            return built[f"clip:{model}"]
+
+        overrides.update({f"scoring.{k}": v for k, v in clip(cfg.scoring.model).items()})
+        if cfg.training.backbone == "clip" and cfg.training.clip.model:
+            overrides.update({f"training.clip.{k}": v for k, v in clip(cfg.training.clip.model).items()})
+    if cfg.training.backbone == "resnet10":
+        overrides["training.resnet_width"] = str(RESNET_WIDTH)
     return overrides

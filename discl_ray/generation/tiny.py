@@ -56,12 +56,12 @@ def _tokenizer():
     return copy.deepcopy(_TOKENIZER_CACHE[0])
 
 
-def _tiny_vae():
+def _tiny_vae(width: int = 32):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+    return AutoencoderKL(block_out_channels=[width, 2 * width], in_channels=3, out_channels=3,
                          down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         latent_channels=4, norm_num_groups=16, sample_size=32)
+                         latent_channels=4, norm_num_groups=width // 2, sample_size=32)
 
 
 def _ddim():
@@ -94,11 +94,14 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, requires_aesthetics_score: bool = True) -> Path:
+def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, requires_aesthetics_score: bool = True,
+                    width: int = 32, text_width: int = 32) -> Path:
     """Save a random SDXL-refiner-like img2img pipeline (``text_encoder_2`` only) to ``out_dir``.
 
-    ``projection_class_embeddings_input_dim`` = n_time_ids × 8 + 32 with n_time_ids = 5 when the
-    aesthetic score is used (refiner) and 6 otherwise (base), so the saved flag matches the UNet."""
+    ``projection_class_embeddings_input_dim`` = n_time_ids × 8 + text_width with n_time_ids = 5 when the
+    aesthetic score is used (refiner) and 6 otherwise (base), so the saved flag matches the UNet. ``width``
+    (UNet and VAE channels: width, 2·width) and ``text_width`` (the text encoder's hidden size, whose
+    49,408-token embedding dominates the size) shrink it further: ``discl rehearse`` uses 8 and 8."""
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -106,16 +109,17 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, requires_aesthetics_scor
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     n_time_ids = 5 if requires_aesthetics_score else 6
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
-                                in_channels=4, out_channels=4, norm_num_groups=16, attention_head_dim=(2, 4),
+    unet = UNet2DConditionModel(block_out_channels=(width, 2 * width), layers_per_block=1, sample_size=16,
+                                in_channels=4, out_channels=4, norm_num_groups=width // 2, attention_head_dim=(2, 4),
                                 use_linear_projection=True, addition_embed_type="text_time",
                                 addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
-                                projection_class_embeddings_input_dim=n_time_ids * 8 + 32,
-                                cross_attention_dim=32,
+                                projection_class_embeddings_input_dim=n_time_ids * 8 + text_width,
+                                cross_attention_dim=text_width,
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    vae = _tiny_vae()
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT, projection_dim=32))
+    vae = _tiny_vae(width)
+    text = {**TINY_TEXT, "hidden_size": text_width, "num_attention_heads": min(4, text_width // 2)}
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=text_width))
     tokenizer_2 = _tokenizer()
     pipe = StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, tokenizer=None,
                                             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, unet=unet,

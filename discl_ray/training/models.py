@@ -19,11 +19,31 @@ from discl_ray.errors import UserError
 BACKBONES = ("resnet10", "small_cnn", "clip")
 
 
-def resnet10(num_classes: int) -> nn.Module:
-    """torchvision ResNet with BasicBlock × [1, 1, 1, 1] (the ResNet-10 of the long-tail literature)."""
+def resnet10(num_classes: int, width: int = 64) -> nn.Module:
+    """torchvision ResNet with BasicBlock × [1, 1, 1, 1] (the ResNet-10 of the long-tail literature).
+
+    ``width`` is the first stage's channels (stages: w, 2w, 4w, 8w); 64 is torchvision's network itself, a
+    smaller one is the same network narrowed (the same state-dict keys), e.g. the rehearsal's stand-in."""
     from torchvision.models.resnet import BasicBlock, ResNet
 
-    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    if width == 64:
+        return net
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.layer1 = net._make_layer(BasicBlock, width, 1)
+    net.layer2 = net._make_layer(BasicBlock, 2 * width, 1, stride=2)
+    net.layer3 = net._make_layer(BasicBlock, 4 * width, 1, stride=2)
+    net.layer4 = net._make_layer(BasicBlock, 8 * width, 1, stride=2)
+    net.fc = nn.Linear(8 * width, num_classes)
+    for m in net.modules():            # torchvision's initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    return net
 
 
 class SmallCNN(nn.Module):
@@ -124,7 +144,7 @@ def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[
                 device: str = "cpu", captions: Optional[Sequence[str]] = None) -> nn.Module:
     """The classifier for ``training.backbone``; ``clip`` loads the experiment's open_clip model."""
     if backbone == "resnet10":
-        return resnet10(num_classes)
+        return resnet10(num_classes, cfg.training.resnet_width if cfg is not None else 64)
     if backbone == "small_cnn":
         return SmallCNN(num_classes)
     if backbone == "clip":
