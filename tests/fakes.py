@@ -78,3 +78,51 @@ def fake_iwildcam(root: Path, train_per_class: int = 10, eval_per_class: int = 3
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+CIFAR_NAMES = ["apple", "aquarium_fish", "baby", "bear", "beaver"]
+
+
+def fake_cifar100(root: Path, train_per_class: int = 100, test_per_class: int = 3) -> Path:
+    """``cifar-100-python/{train,test,meta}`` pickles (the loader cuts the long tail itself: with 100 images per
+    class every class keeps at least one at imbalance ratio 100)."""
+    import pickle
+
+    root = Path(root)
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = np.repeat(np.arange(len(CIFAR_NAMES)), per_class)
+        rng = np.random.default_rng(len(split))
+        colour = np.array([[(70 * c) % 256, (130 * c + 40) % 256, (50 * c + 90) % 256] for c in labels], np.float32)
+        pix = np.clip(colour[:, :, None] + rng.normal(0, 40, (len(labels), 3, 1024)), 0, 255).astype(np.uint8)
+        batch = {b"data": pix.reshape(len(labels), 3072), b"fine_labels": labels.tolist(),
+                 b"coarse_labels": [0] * len(labels), b"filenames": [f"{i}.png".encode() for i in range(len(labels))],
+                 b"batch_label": split.encode()}
+        (base / split).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {b"fine_label_names": [n.encode() for n in CIFAR_NAMES], b"coarse_label_names": [b"x"]}
+    (base / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def fake_inat2018(root: Path, counts=IMAGENET_COUNTS, test_per_class: int = 3) -> Path:
+    """``train2018.json`` / ``val2018.json`` (COCO style) + ``categories.json`` + the image files."""
+    root = Path(root)
+    cats = [{"id": 10 + c, "name": f"Species {c}"} for c in range(len(counts))]
+
+    def coco(per_class, prefix: str) -> dict:
+        images, anns, k = [], [], 0
+        for c, n in enumerate(per_class):
+            for _ in range(n):
+                rel = f"train_val2018/Plantae/{10 + c}/{prefix}{k}.jpg"
+                _image(root / rel, c, k + (0 if prefix == "tr" else 500))
+                images.append({"id": 1000 + k, "file_name": rel})
+                anns.append({"id": k, "image_id": 1000 + k, "category_id": 10 + c})
+                k += 1
+        return {"images": images, "annotations": anns, "categories": cats, "info": {}}
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train2018.json").write_text(json.dumps(coco(counts, "tr")))
+    (root / "val2018.json").write_text(json.dumps(coco([test_per_class] * len(counts), "va")))
+    (root / "categories.json").write_text(json.dumps(cats))
+    return root
