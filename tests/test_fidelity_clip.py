@@ -46,8 +46,8 @@ def test_trainer_clip_is_not_the_filter_and_captions_use_common_names(tmp_path):
     cfg = _cfg(tmp_path)
     net = build_model("clip", 2, cfg=cfg, prompts=caption_prompts(cfg, ["tayassu pecari", "empty"]))
     assert isinstance(net, ClipClassifier) and net.clip.visual.conv1.out_channels == 48   # trainer's arch
+    from discl_ray.models.clip import load_clip
     from discl_ray.runtime.cluster import RunPaths
-    from discl_ray.scoring.clip import load_clip
 
     filt, _, _ = load_clip(cfg.scoring, RunPaths.from_config(cfg).cache)
     assert filt.visual.conv1.out_channels == 32                                            # the filter's arch

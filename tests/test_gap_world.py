@@ -84,7 +84,7 @@ def test_gap_configs_name_the_gap_world_and_the_task_look(name):
 def test_every_stage_resolves_the_gap_models(tmp_path):
     from discl_ray.cli.preflight import PreflightError, _mine, toy_generator
     from discl_ray.generation.pipeline import resolve_model
-    from discl_ray.scoring.clip import resolve_clip_source
+    from discl_ray.models.clip import resolve_clip_source
 
     cfg = load_config(ROOT / "configs" / "toy" / "digits_lq_gap.yaml",
                       [f"cache_dir={tmp_path}", f"run_root={tmp_path / 'runs'}", "mining.classifier=toy-gap"])

@@ -12,8 +12,7 @@ from clip_fixtures import TINY_CLIP, digit_image, make_tiny_clip, make_toy_clip_
 from PIL import Image
 
 from discl_ray.config import ScoringConfig
-from discl_ray.runtime.io import png_bytes
-from discl_ray.scoring.clip import (
+from discl_ray.models.clip import (
     clip_model_id,
     encode_images,
     encode_texts,
@@ -21,6 +20,7 @@ from discl_ray.scoring.clip import (
     preprocess_images,
     zero_shot_probs,
 )
+from discl_ray.runtime.io import png_bytes
 from discl_ray.scoring.embed import clip_score, score_in_process
 from discl_ray.scoring.report import filter_scores, keep_mask, plot_histograms, summarize
 

@@ -6,7 +6,7 @@ Real stages on small inputs (a tiny diffusers img2img pipeline, the trainer's pa
 sweep), MLflow in sqlite, the session's local Ray cluster. The counters wrap the three functions wherever the
 package holds a reference to them, so an import by name (``from … import tracking_uri``) is counted too.
 
-    pytest tests/test_stage_context.py -q     # the check of issue 31's "each shared layer once per stage"
+    pytest tests/test_stage_context.py -q -m 'slow or not slow'   # generate (default suite), train, sweep (slow)
 """
 
 from __future__ import annotations
@@ -65,36 +65,60 @@ def _write(tmp_path, name: str, data: dict):
     return path
 
 
-def test_generate_train_and_sweep_resolve_each_shared_layer_once(tmp_path, ray_local, resolutions, capsys):
+TRACKED = {"log_checkpoint": False}
+
+
+def _tracking(run_root) -> dict:
+    return TRACKED | {"tracking_uri": f"sqlite:///{run_root / 'mlflow.db'}"}
+
+
+def test_generate_resolves_each_shared_layer_once(tmp_path, ray_local, resolutions, capsys):
+    """discl generate: 2 sources × λ {0} × seed 0 on a tiny SD pipeline (Ray Data, spectrum store, MLflow run)."""
     from gen_fixtures import tiny_sd_dir, write_experiment
 
-    from discl_ray.training.fixture import write_fixture
-    from jobs import generate, sweep, train
+    from jobs import generate
 
     run_root = tmp_path / "runs"
-    tracking = {"tracking_uri": f"sqlite:///{run_root / 'mlflow.db'}", "log_checkpoint": False}
-
-    # discl generate: 2 sources × λ {0} × seed 0 on a tiny SD pipeline (Ray Data, spectrum store, MLflow run)
     cfg = write_experiment(run_root, tiny_sd_dir(tmp_path), n_sources=2, lams=[0.0], seeds=[0])
-    gen_data = cfg.model_dump(mode="json") | {"tracking": tracking}
+    data = cfg.model_dump(mode="json") | {"tracking": _tracking(run_root)}
     resolutions.clear()
-    assert generate.main(["--config", str(_write(tmp_path, "gen", gen_data))]) == 0, capsys.readouterr().err
+    assert generate.main(["--config", str(_write(tmp_path, "gen", data))]) == 0, capsys.readouterr().err
+    assert "generated 2" in capsys.readouterr().out
     assert _per_stage(resolutions) == ONCE
 
-    # discl train: one epoch of the small CNN on the trainer's fixture (Ray Train V2, MLflow run)
-    fx = {"run_root": str(run_root), "experiment": "fx", "tracking": tracking,
+
+def _train_fixture(tmp_path) -> dict:
+    from discl_ray.training.fixture import write_fixture
+
+    run_root = tmp_path / "runs"
+    fx = {"run_root": str(run_root), "experiment": "fx", "tracking": _tracking(run_root),
           "dataset": {"image_size": 16}, "mining": {"few_max": 10, "many_min": 30},
           "generation": {"lams": [0.0, 0.5]}, "scoring": {"threshold": 0.3},
           "training": {"backbone": "small_cnn", "strategy": "diverse_to_specific", "lams": [0.0, 0.5, 1.0],
                        "epochs": 1, "curriculum_epochs": 1, "steps_per_epoch": 1, "batch_size": 16,
                        "cpus_per_worker": 0.25, "num_workers": 1, "max_failures": 0, "guidance_val_size": 4}}
     write_fixture(load_config(data=fx))
+    return fx
+
+
+@pytest.mark.slow  # a Ray Train run: ~10-15 s on the shared 2-core machine; run with -m slow
+def test_train_resolves_each_shared_layer_once(tmp_path, ray_local, resolutions, capsys):
+    """discl train: one epoch of the small CNN on the trainer's fixture (Ray Train V2, MLflow run)."""
+    from jobs import train
+
+    fx = _train_fixture(tmp_path)
     resolutions.clear()
     assert train.main(["--config", str(_write(tmp_path, "train", fx)), "--run-name", "ctx"]) == 0, \
         capsys.readouterr().err
     assert _per_stage(resolutions) == ONCE
 
-    # discl sweep: one trial (the trial's Train run happens in a Tune worker process, from the sweep's context)
+
+@pytest.mark.slow  # a Tune sweep with one Train trial: ~20-30 s on the shared 2-core machine; run with -m slow
+def test_sweep_resolves_each_shared_layer_once(tmp_path, ray_local, resolutions, capsys):
+    """discl sweep: one trial, whose Train run derives its context from the sweep's (in a Tune worker)."""
+    from jobs import sweep
+
+    fx = _train_fixture(tmp_path)
     sw = fx | {"sweep": {"space": {"training.seed": {"grid": [0]}}, "trial_cpus": 0.1, "name": "s"}}
     resolutions.clear()
     assert sweep.main(["--config", str(_write(tmp_path, "sweep", sw))]) == 0, capsys.readouterr().err

@@ -6,7 +6,7 @@ here imports Ray or MLflow, and nothing is downloaded: every network is the real
 config with seeded random weights (speed does not depend on the weights). In one process, in this order:
 
 1. **training and scoring** (open_clip and torchvision architectures, the trainer's own model wrappers,
-   loss and mixed-precision step): CLIP ViT-B/32 scoring images/s in bf16 (``scoring.clip.encode_images``);
+   loss and mixed-precision step): CLIP ViT-B/32 scoring images/s in bf16 (``models.clip.encode_images``);
    FLYP ViT-B/16 at batch 256 and ViT-L/14 at batch 200 (``ClipClassifier`` + ``flyp_loss``, fp32 master
    weights, bf16 autocast, AdamW) and ResNet-10 at batch 128 (cross-entropy, Adam): samples/s of forward +
    backward + step on device-resident batches, and peak GPU memory;
@@ -150,7 +150,7 @@ def scoring_rate(name: str, batch: int, n_images: int, device: str, tiny: bool) 
     """CLIP image embeddings/s through the scoring stage's ``encode_images`` (bf16 weights on CUDA)."""
     import torch
 
-    from discl_ray.scoring.clip import encode_images
+    from discl_ray.models.clip import encode_images
 
     precision = "bf16" if device.startswith("cuda") else "fp32"
     model, _ = _clip(name, tiny, device, precision)

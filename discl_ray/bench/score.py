@@ -81,7 +81,7 @@ def _read(files: list[Path]) -> pa.Table:
 
 def naive(bundle, files, sources, prompts, batch_size) -> pa.Table:
     """(a): per batch, decode + encode each row's synthetic image, its source image and its prompt."""
-    from discl_ray.scoring.clip import encode_images, encode_texts
+    from discl_ray.models.clip import encode_images, encode_texts
     from discl_ray.scoring.embed import decode_images
 
     model, preprocess, tokenizer = bundle
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from discl_ray.scoring.clip import load_clip
+    from discl_ray.models.clip import load_clip
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:

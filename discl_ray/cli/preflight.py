@@ -121,7 +121,7 @@ def _hard_table(ctx: StageContext, notes: list[str]):
 
 def check_clip(scoring, cache: Path, what: str = "scoring") -> None:
     """The open_clip architecture JSON and weights file the config names exist (toy CLIP included)."""
-    from discl_ray.scoring.clip import resolve_clip_source
+    from discl_ray.models.clip import resolve_clip_source
 
     try:
         config_path, pretrained = resolve_clip_source(scoring, cache)

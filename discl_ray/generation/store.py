@@ -162,7 +162,7 @@ def image_key(settings: str, source_id: str, source_dig: str, prompt: str, lam: 
 
 def clip_identity(scoring: "ScoringConfig", cache: Path) -> str:
     """The CLIP model's identity: its architecture name plus digests of its architecture and weight files."""
-    from discl_ray.scoring.clip import resolve_clip_source
+    from discl_ray.models.clip import resolve_clip_source
 
     config_path, pretrained = resolve_clip_source(scoring, cache)
     parts = [scoring.model]

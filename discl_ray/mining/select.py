@@ -117,7 +117,7 @@ class ConfidenceScorer:
             size = self.cfg.dataset.image_size
             self.transform = lambda im: pil_to_tensor(im.resize((size, size))).float() / 255.0
         else:
-            from discl_ray.scoring.clip import load_clip
+            from discl_ray.models.clip import load_clip
 
             self.model, self.transform, self.tokenizer = load_clip(self.cfg.scoring, cache, self.device)
         from discl_ray.runtime.cluster import actor_record
@@ -146,7 +146,7 @@ class ConfidenceScorer:
         if self.texts is None:
             probs = torch.softmax(self.model(x), dim=-1)
         else:
-            from discl_ray.scoring.clip import zero_shot_probs
+            from discl_ray.models.clip import zero_shot_probs
 
             probs = zero_shot_probs(self.model, self.tokenizer, x, self.texts)
         labels = torch.tensor(batch["label"].to_pylist(), device=probs.device)

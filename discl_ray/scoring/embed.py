@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from discl_ray.models.clip import encode_images, encode_texts, load_clip
 from discl_ray.runtime.io import ImageLoadError, load_image
-from discl_ray.scoring.clip import encode_images, encode_texts, load_clip
 
 SCORE_COLUMNS = ["image_id", "source_image_id", "label", "lam", "seed", "clip_text_cos", "clip_image_cos",
                  "clip_score", "clip_model"]

@@ -29,11 +29,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from discl_ray.errors import UserError
+from discl_ray.models.clip import clip_model_id, resolve_clip_source
 from discl_ray.runtime.cluster import RunPaths
 from discl_ray.runtime.context import StageContext
 from discl_ray.runtime.io import parquet_files, read_parquet_dir, replace_parquet_dir
 from discl_ray.runtime.storage import local_or_storage
-from discl_ray.scoring.clip import clip_model_id, resolve_clip_source
 from discl_ray.scoring.embed import SCORE_COLUMNS, SOURCE_COLUMNS, SPECTRUM_INPUT_COLUMNS, SpectrumScorer
 from discl_ray.scoring.report import filter_scores, plot_histograms, summarize
 
