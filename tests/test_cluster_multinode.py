@@ -4,6 +4,10 @@ The head has no GPU (as the KubeRay and launcher heads); the second node adverti
 this CPU machine: the actors find no CUDA inside and fall back to CPU, with a log line). Every generation
 and scoring actor must land on the second node holding a GPU, and none on the head — which only holds if
 the actors ask for GPUs from the config and `device: auto` is resolved inside them, not on the driver.
+
+The default suite proves the same placement through `ray start` nodes and `discl submit`
+(tests/test_rehearse_workstation.py: generate, score and train on the GPU node); the `ray.cluster_utils` case here
+is *slow*. The refusal of the sqlite default on a cluster needs no cluster and stays in the default suite.
 """
 
 from __future__ import annotations
@@ -45,6 +49,16 @@ def two_nodes():
         cluster.shutdown()
 
 
+def test_sqlite_tracking_is_refused_on_a_cluster_before_any_work(tmp_path):
+    """On a cluster, the sqlite default is refused before any work (no cluster is reached), naming the setting."""
+    bad = _cli("generate", REPO / "configs/toy/digits_lt.yaml", "ray.address=127.0.0.1:1", "tracking.enabled=true",
+               f"run_root={tmp_path / 'runs'}")
+    assert bad.returncode == 2 and "tracking.tracking_uri" in bad.stderr and "http(s)" in bad.stderr, bad.stderr[-2000:]
+    assert "ray.address" in bad.stderr
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and "logs" not in p.parts]   # only its log
+
+
+@pytest.mark.slow
 def test_generate_and_score_actors_run_on_the_gpu_node(tmp_path, two_nodes):
     cluster, head, gpu_node = two_nodes
     assert head.node_ip_address == gpu_node.node_ip_address == "127.0.0.1"
