@@ -245,8 +245,12 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
         if profile == "smoke":      # the shipped models without their gates; a few training steps without them
             world_args += ["--no-gates"] + ([] if ship.read_manifest() else ["--budget-s", "20"])
         # Exit 1 = a quality gate missed: the models exist and the method still runs, so say so and go on.
-        # One Ray session for every stage, started while the world loads (the stages find it up and use it).
-        step("toy world", "world", world_args, tolerate=(1,), meanwhile=lambda: init_ray(cluster_cfg))
+        # One Ray session for every stage (the stages find it up and use it). With --sequential it starts while the
+        # world loads; the cluster of twice the CPUs starts after the world's gates: started beside them, the
+        # gates (torch on both cores in this process) took twice the CPU time (two full runs each, docs/benchmarks.md).
+        step("toy world", "world", world_args, tolerate=(1,),
+             meanwhile=(lambda: init_ray(cluster_cfg)) if cluster_cfg is lt_cfg else None)
+        init_ray(cluster_cfg)
         for line in _world_lines(RunPaths.from_config(lt_cfg).cache):
             console.line(line)
 
