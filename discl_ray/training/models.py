@@ -151,8 +151,8 @@ def build_model(backbone: str, num_classes: int, *, cfg=None, prompts: Optional[
         if cfg is None or prompts is None:
             raise UserError("backbone=clip needs the experiment config and one prompt per class")
         # Contract with the scoring stage: load_clip(scoring_cfg, cache_dir, device) -> (model, preprocess, tok).
-        from discl_ray.runtime.cluster import RunPaths
         from discl_ray.models.clip import load_clip
+        from discl_ray.runtime.cluster import RunPaths
         from discl_ray.training.clip_backbone import trainer_clip_config
 
         # training.clip (paper: ViT-B/16, ViT-L/14), not the filter model; float32 master weights.
