@@ -138,6 +138,7 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tmp_path, ray_local, s
 
 
 # -- the node holding a streamed training lost ------------------------------------------------------------
+@pytest.mark.slow  # over the default suite's 15-minute budget beside the workstation rehearsal (issue 29): make test-slow
 def test_node_loss_mid_streamed_training(tmp_path, loopback_cluster, straight, monkeypatch):  # noqa: F811
     """`discl train` joins a loopback multi-node cluster (a head without CPUs and one worker node: every Train
     worker and reader actor runs on that node) and logs to a real `mlflow server` (a joined cluster needs one).
@@ -172,6 +173,7 @@ def test_node_loss_mid_streamed_training(tmp_path, loopback_cluster, straight, m
 
 
 # -- the `discl train` driver killed and rerun through the CLI ---------------------------------------------
+@pytest.mark.slow  # over the default suite's 15-minute budget beside the workstation rehearsal (issue 29): make test-slow
 def test_killed_cli_train_driver_rerun_matches_uninterrupted_run(tmp_path, ray_local, straight, monkeypatch):
     """`discl train` runs as its own process (its own local Ray cluster) logging to a real `mlflow server`.
 
@@ -359,6 +361,7 @@ def test_killed_sweep_driver_resubmitted(tmp_path, ray_local, capsys):
 
 
 # -- the MLflow server stopped mid-run ---------------------------------------------------------------------
+@pytest.mark.slow  # over the default suite's 15-minute budget beside the workstation rehearsal (issue 29): make test-slow
 def test_mlflow_server_stopped_mid_training(tmp_path, ray_local, capsys, monkeypatch):
     """Choice (docs/reliability.md): the run fails with one line naming the server's URI, exit status 1, and
     its checkpoints are kept (resuming from them is what the killed-worker and killed-driver tests prove).

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pyarrow.compute as pc
+import pytest
 import yaml
 from gen_fixtures import tiny_sd_dir, write_experiment
 from reliab_fixtures import finish, loopback_cluster, stage_process  # noqa: F401 (loopback_cluster: a fixture)
@@ -55,6 +56,7 @@ def uninterrupted_spectrum(cfg) -> dict[str, bytes]:
     return dict(zip(rows["image_id"].to_pylist(), rows["image"].to_pylist()))
 
 
+@pytest.mark.slow  # over the default suite's 15-minute budget beside the workstation rehearsal (issue 29): make test-slow
 def test_node_loss_mid_generate(tmp_path, loopback_cluster):  # noqa: F811 (the fixture imported above)
     cluster, node = loopback_cluster
     model = tiny_sd_dir(tmp_path / "models")

@@ -72,6 +72,7 @@ def _tracking(run_root) -> dict:
     return TRACKED | {"tracking_uri": f"sqlite:///{run_root / 'mlflow.db'}"}
 
 
+@pytest.mark.slow  # a real generate on Ray, ~50 s under load: over the budget; run with -m 'slow or not slow'
 def test_generate_resolves_each_shared_layer_once(tmp_path, ray_local, resolutions, capsys):
     """discl generate: 2 sources × λ {0} × seed 0 on a tiny SD pipeline (Ray Data, spectrum store, MLflow run)."""
     from gen_fixtures import tiny_sd_dir, write_experiment
