@@ -5,6 +5,7 @@ Location: ``<run_root>/_spectra/<dataset.name>/`` (:func:`store_root`)::
     _spectra/<dataset>/images/lam=<λ>/part-<digest>.parquet   generated images, hive-partitioned by λ
     _spectra/<dataset>/scores/part-<digest>.parquet           CLIP scores
     _spectra/<dataset>/_writer.lock                           one writer at a time (see :func:`writer_lock`)
+    _spectra/<dataset>/rows/<rows key>/rows.parquet           canonical dataset rows (``discl_ray.data.materialize``)
 
 **Image keys.** Every generated output has a content key (:func:`image_key`): a digest of the settings digest
 (:func:`settings_digest`: the generator's identity — a digest of its weight and config files, not its name —
@@ -181,6 +182,15 @@ def store_root(cfg: "ExperimentConfig", paths: "Optional[RunPaths]" = None) -> S
     from discl_ray.runtime.cluster import RunPaths
 
     return as_storage((paths or RunPaths.from_config(cfg)).root / STORE_DIR / cfg.dataset.name)
+
+
+ROWS_DIR = "rows"
+
+
+def rows_root(cfg: "ExperimentConfig", paths: "Optional[RunPaths]" = None) -> Storage:
+    """``<run_root>/_spectra/<dataset.name>/rows/``: the dataset's canonical rows, one folder per rows key
+    (written by :func:`discl_ray.data.materialize`; its own writer lock, see there)."""
+    return store_root(cfg, paths).join(ROWS_DIR)
 
 
 def _image_parts(store: "str | Storage") -> list[Storage]:
