@@ -352,7 +352,7 @@ def gc_rows(run_root: "str | Storage", root: "str | Storage", dataset: str, dry_
     from discl_ray.runtime.storage import as_storage
 
     run, root = as_storage(run_root), as_storage(root)
-    report = {"rows_store": str(root), "row_experiments": [], "row_keys_kept": 0, "row_keys_dropped": 0,
+    report: dict = {"rows_store": str(root), "row_experiments": [], "row_keys_kept": 0, "row_keys_dropped": 0,
               "rows_dropped": 0, "dry_run": dry_run}
     if not root.is_dir():
         return report
@@ -374,6 +374,7 @@ def gc_rows(run_root: "str | Storage", root: "str | Storage", dataset: str, dry_
             else:
                 continue
             report["row_experiments"].append(name)
+        report["row_experiments"].sort()
         if not dry_run:
             _drop_leftovers(root)
         for info in root.fs.get_file_info(pafs.FileSelector(root.path, allow_not_found=True)):
