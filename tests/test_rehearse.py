@@ -104,6 +104,15 @@ def test_every_shipped_config_has_a_valid_rehearsal_plan(path):
         assert steps[0].experiment == main.training.init_from + SUFFIX
     if main.sweep.space:
         assert all(len(v.get("grid", [0])) == 1 for v in cfg.sweep.space.values())
+    if main.training.task == "long_tail":
+        # `discl report`'s long-tail table needs a test accuracy of every class group: an empty group is NaN and
+        # the report finds no finished run (the toy digits-LT rehearsal did: its head capped at 12, many_min 20)
+        from discl_ray.data.loaders.groups import class_groups
+
+        counts = _miniature_train_counts(cfg)
+        labels = [c for c, n in enumerate(counts) for _ in range(n)]
+        groups = class_groups(labels, cfg.mining.few_max, cfg.mining.many_min)
+        assert set(groups.values()) == {"many", "medium", "few"}, (counts, cfg.mining.few_max, cfg.mining.many_min)
 
 
 def test_subset_rows_keeps_the_biggest_classes_renumbered():
@@ -119,3 +128,24 @@ def test_subset_rows_keeps_the_biggest_classes_renumbered():
     train = [lab for lab, s in zip(out["label"].to_pylist(), out["split"].to_pylist()) if s == "train"]
     assert sorted(train) == [0, 0, 0, 1, 1, 1] and out.num_rows == 8
     assert subset_rows(table, None, None) is table
+
+
+def _miniature_train_counts(cfg) -> list[int]:
+    """Training images per class of ``cfg``'s rehearsal miniature, from the dataset's count profile: the toy
+    worlds' own, the fakes' (tests/fakes.py, as tests/test_rehearse_configs.py builds them)."""
+    from fakes import CIFAR_NAMES, IMAGENET_COUNTS
+    from test_rehearse_configs import CIFAR_TRAIN_PER_CLASS
+
+    from discl_ray.data.loaders.cifar100_lt import lt_counts as cifar_counts
+    from discl_ray.data.toy import lt_counts
+
+    d = cfg.dataset
+    if d.name == "digits_lt":
+        counts = lt_counts(d.toy.n_max, d.imbalance_ratio)
+    elif d.name == "cifar100_lt":
+        counts = cifar_counts(len(CIFAR_NAMES), CIFAR_TRAIN_PER_CLASS, d.imbalance_ratio)
+    else:
+        counts = list(IMAGENET_COUNTS)
+    counts = sorted(counts, reverse=True)[: d.max_classes or len(counts)]   # subset_rows: the biggest classes
+    return [min(n, d.max_per_class or n) for n in counts]
+

@@ -16,7 +16,12 @@ from fakes import fake_cifar100, fake_imagenet_lt, fake_inat2018, fake_iwildcam
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*/*.yaml") if p.name != "base.yaml")
-FAKES = {"imagenet_lt": fake_imagenet_lt, "iwildcam": fake_iwildcam, "cifar100_lt": fake_cifar100,
+# CIFAR-100-LT keeps n_c = ⌊n · r^(−c/4)⌋ of the fake's n images per class: at n = 80 the four biggest classes are
+# 80, 25, 8, 2 (r = 100) and 80, 30, 11, 4 (r = 50), i.e. many, medium and few under the rehearsal's boundaries
+# (12 / 6); at 100, r = 50 gives 100, 37, 14, 5: no medium class, so no long-tail report row.
+CIFAR_TRAIN_PER_CLASS = 80
+FAKES = {"imagenet_lt": fake_imagenet_lt, "iwildcam": fake_iwildcam,
+         "cifar100_lt": lambda root: fake_cifar100(root, train_per_class=CIFAR_TRAIN_PER_CLASS),
          "inat2018": fake_inat2018}
 pytestmark = pytest.mark.slow
 

@@ -116,10 +116,13 @@ def miniature(cfg, classes: int, per_class: int, rename: dict[str, str]) -> list
         o["mining.lowest_k"] = None
         o["mining.class_quantile"] = None
         o["mining.threshold"] = None
-    elif cfg.dataset.name not in TOY_DATASETS:
-        # frequency: the miniature's per-class counts decide the groups (few < per_class / 2 ≤ medium < many)
+    else:
+        # frequency: the miniature's per-class counts decide the groups (few < per_class / 2 ≤ medium < many).
+        # The toy worlds too: dataset.max_per_class caps digits-LT's head (50, 35, 24, …) at per_class, so its own
+        # boundaries (many ≥ 20) would leave the "many" group empty, its test accuracy NaN, and `discl report`
+        # with no complete long-tail row ("no finished training runs").
         o["mining.few_max"] = max(2, per_class // 2)
-        o["mining.many_min"] = per_class
+        o["mining.many_min"] = max(per_class, o["mining.few_max"] + 1)
     if cfg.tracking.experiment_name:
         o["tracking.experiment_name"] = cfg.tracking.experiment_name + SUFFIX
     if cfg.sweep.space:                        # one trial: the first value of every axis
