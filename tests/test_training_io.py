@@ -141,6 +141,51 @@ def test_stream_plan_matches_cache_rows_and_mixing(ray_local, run_root):
         streamed.bytes_read, groups, footers)
     held = streamed.held(val)
     assert sorted(held.x) == sorted(ev) and all(bool((held.x[k] == ev[k]).all()) for k in ev)
+    # Indexing read the footers and the id columns in one call per file, not the files: pyarrow coalesces
+    # the id chunks across holes ≤ 8 KiB, so with these tiny images some image bytes come along.
+    ids = sum(md.row_group(g).column(md.schema.names.index("image_id")).total_compressed_size
+              for md in streamed.meta.values() for g in range(md.num_row_groups))
+    images = sum(md.row_group(g).column(md.schema.names.index("image")).total_compressed_size
+                 for md in streamed.meta.values() for g in range(md.num_row_groups))
+    footers = sum(md.serialized_size for md in streamed.meta.values())
+    assert ids + footers < streamed.index_bytes_read < 0.75 * (ids + footers + images), (
+        streamed.index_bytes_read, ids, footers, images)
+
+def test_image_tables_are_written_in_row_groups_a_sparse_read_can_afford(tmp_path):
+    """The writers' image tables: row groups of at most IMAGE_ROW_GROUP_ROWS rows of small images, ~1 MiB of
+    large ones, no image statistics or dictionary. A sparse read (a quarter of the rows at random, as Algorithm
+    2's V takes of a λ part) then reads a fraction of the file, while a full read stays one coalesced pass."""
+    from discl_ray.runtime.io import stable_seed
+    from discl_ray.runtime.storage import IMAGE_ROW_GROUP_BYTES, IMAGE_ROW_GROUP_ROWS, as_storage
+
+    rng = np.random.default_rng(0)
+
+    def table(n, size):
+        return pa.table({"image_id": [f"i{k:05d}" for k in range(n)], "label": np.arange(n) % 3,
+                         "image": [rng.bytes(size) for _ in range(n)]})
+
+    small, large = as_storage(tmp_path / "small.parquet"), as_storage(tmp_path / "large.parquet")
+    small.write_parquet(table(2000, 3000))
+    large.write_parquet(table(24, 300_000))
+    md = pq.ParquetFile(tmp_path / "small.parquet").metadata
+    assert md.num_row_groups == math.ceil(2000 / IMAGE_ROW_GROUP_ROWS)
+    img = md.schema.names.index("image")
+    assert not md.row_group(0).column(img).is_stats_set
+    assert "PLAIN_DICTIONARY" not in md.row_group(0).column(img).encodings
+    assert md.row_group(0).column(0).is_stats_set            # the other columns keep their statistics
+    big = pq.ParquetFile(tmp_path / "large.parquet").metadata
+    assert big.row_group(0).num_rows == IMAGE_ROW_GROUP_BYTES // 300_000 < IMAGE_ROW_GROUP_ROWS
+    # V's draw from a λ part (rows in source order, 2 seeds per source): a quarter of the sources, one seed
+    # each. The row groups holding them are read (~1 − 0.75^4 of the file at 8 rows), not the whole file as
+    # with ~1 MiB groups of these 3 KB images (349 rows each).
+    draw = np.random.default_rng(stable_seed("V", 0))
+    want = 2 * np.sort(draw.choice(1000, 250, replace=False)) + draw.integers(0, 2, 250)
+    groups = sorted(set((want // IMAGE_ROW_GROUP_ROWS).tolist()))
+    size = (tmp_path / "small.parquet").stat().st_size
+    read = sum(md.row_group(g).column(c).total_compressed_size for g in groups for c in range(md.num_columns))
+    assert read < 0.8 * size, (read, size)
+    got = pq.ParquetFile(tmp_path / "small.parquet").read_row_groups(groups, columns=["image_id", "image"])
+    assert set(np.array([f"i{k:05d}" for k in want])) <= set(got.column("image_id").to_pylist())
 
 
 def test_buffer_shuffle_is_a_seeded_permutation_with_bounded_lookahead():

@@ -3,8 +3,8 @@
 Writes an experiment of realistic shape (scaled to the machine; ``--sources``, ``--real``): real rows stored
 CLASS BY CLASS (embedded 224² JPEG), a spectrum of sources × 5 λ × 2 seeds of 224² JPEG hive-partitioned by λ
 (``lam=<value>/part-*.parquet``), scores with ~85 % of the rows kept. Image tables are written as the project
-writes them (``runtime.storage.parquet_write_options``: row groups of ~``--row-group-bytes``, no image
-statistics).
+writes them (``runtime.storage.parquet_write_options``: row groups of at most ``--row-group-rows`` rows and
+~``--row-group-bytes``, no image statistics).
 Then, for one curriculum epoch at λ with ``--world`` ranks (each rank's stream run in turn on this node's
 Ray Data, as a Train worker would run it; the rank's rows from ``StreamedImages.plan``, as in
 ``training/loop.py``):
@@ -38,7 +38,8 @@ LAMS = (0.1, 0.3, 0.5, 0.7, 0.9)
 CLASSES = 10
 
 
-def write_experiment(cfg, n_real: int, n_sources: int, row_group_bytes: int, seed: int = 0) -> dict:
+def write_experiment(cfg, n_real: int, n_sources: int, row_group_bytes: int, row_group_rows: int,
+                     seed: int = 0) -> dict:
     import pyarrow.parquet as pq
 
     from discl_ray.bench.train_memory import _jpeg
@@ -48,7 +49,8 @@ def write_experiment(cfg, n_real: int, n_sources: int, row_group_bytes: int, see
 
     paths = RunPaths.from_config(cfg)
     done = paths.exp / "_bench_io.json"
-    key = {"n_real": n_real, "n_sources": n_sources, "row_group_bytes": row_group_bytes}
+    key = {"n_real": n_real, "n_sources": n_sources, "row_group_bytes": row_group_bytes,
+           "row_group_rows": row_group_rows}
     if done.is_file() and json.loads(done.read_text()).get("key") == key:
         return json.loads(done.read_text())
     rng = np.random.default_rng(seed)
@@ -66,7 +68,8 @@ def write_experiment(cfg, n_real: int, n_sources: int, row_group_bytes: int, see
     table = pa.table({"image_id": all_ids, "image": imgs, "path": [None] * n, "label": all_labels,
                       "class_name": [f"class{c}" for c in all_labels],
                       "split": ["train"] * n_real + ["val"] * 200, "domain": [""] * n}).cast(CANONICAL_SCHEMA)
-    pq.write_table(table, paths.dataset / "rows-00000.parquet", **parquet_write_options(table, row_group_bytes))
+    pq.write_table(table, paths.dataset / "rows-00000.parquet", **parquet_write_options(table, row_group_bytes,
+                                                                                         row_group_rows))
     (paths.dataset / "_dataset_config.json").write_text(json.dumps(cfg.dataset.model_dump(mode="json"), indent=1,
                                                                    sort_keys=True))
     hard_pos = np.sort(rng.choice(n_real, n_sources, replace=False))
@@ -95,7 +98,7 @@ def write_experiment(cfg, n_real: int, n_sources: int, row_group_bytes: int, see
         d = spec_dir / f"lam={lam}"
         d.mkdir(parents=True, exist_ok=True)
         spec = pa.table(spec)
-        pq.write_table(spec, d / "part-0.parquet", **parquet_write_options(spec, row_group_bytes))
+        pq.write_table(spec, d / "part-0.parquet", **parquet_write_options(spec, row_group_bytes, row_group_rows))
     pq.write_table(pa.table(scores), score_dir / "part-0.parquet")
     info = {"key": key, "sizes": size}
     done.write_text(json.dumps(info))
@@ -122,8 +125,8 @@ def _train_pass(images, model, opt, pool, pipe, rows: np.ndarray, batch: int, se
     return time.perf_counter() - t0, n
 
 
-def run(root: Path, n_real: int, n_sources: int, row_group_bytes: int, world: int, lam: float,
-        overrides: list[str]) -> dict:
+def run(root: Path, n_real: int, n_sources: int, row_group_bytes: int, row_group_rows: int, world: int,
+        lam: float, overrides: list[str]) -> dict:
     import pyarrow.parquet as pq
     import torch
 
@@ -142,7 +145,7 @@ def run(root: Path, n_real: int, n_sources: int, row_group_bytes: int, world: in
         "training.random_real_size=1000", "training.guidance_val_size=100", "tracking.enabled=false",
         "training.data_cpus=2", *overrides])
     t0 = time.perf_counter()
-    info = write_experiment(cfg, n_real, n_sources, row_group_bytes)
+    info = write_experiment(cfg, n_real, n_sources, row_group_bytes, row_group_rows)
     write_s = time.perf_counter() - t0
     sizes = info["sizes"]
     layout = {}
@@ -152,7 +155,7 @@ def run(root: Path, n_real: int, n_sources: int, row_group_bytes: int, world: in
                 md = pq.ParquetFile(fh).metadata
             layout[f.path.rsplit("/", 2)[-2] if name == "syn" else name] = {
                 "row_groups": md.num_row_groups, "rows_per_group": md.row_group(0).num_rows,
-                "footer_bytes": md.serialized_size}
+                "footer_bytes": md.serialized_size, "file_bytes": f.info().size}
     pool = D.load_pool(cfg)
     pipe = build_pipeline(cfg)
     v = D.choose_guidance_val(cfg, pool, np.random.default_rng(stable_seed("V", cfg.training.seed)))
@@ -174,7 +177,7 @@ def run(root: Path, n_real: int, n_sources: int, row_group_bytes: int, world: in
     # Streamed epoch: each rank's plan, then its stream (the ranks one after the other on this node).
     net, opt = model()
     out: dict = {"epoch_rows": int(len(idx)), "lam": lam, "world": world, "index_s": index_s, "write_s": write_s,
-                 "layout": layout}
+                 "layout": layout, "index_bytes_read": streamed.index_bytes_read}
     read, used, s_time, s_n, s_ranks = 0, 0, 0.0, 0, []
     for r in range(world):
         rows = streamed.plan(idx, np.random.default_rng(7), r, world)
@@ -204,7 +207,9 @@ def run(root: Path, n_real: int, n_sources: int, row_group_bytes: int, world: in
                probe_bytes_used=p_used, v_bytes_read=v_read, v_bytes_used=v_used,
                d_bytes_read=p_read - v_read, d_bytes_used=p_used - v_used,
                # a later curriculum epoch: V is already held (decoded once per run), only D is read
-               read_amplification_adaptive_later=(read + p_read - v_read) / (used + p_used - v_used))
+               read_amplification_adaptive_later=(read + p_read - v_read) / (used + p_used - v_used),
+               # the run's one-time indexing (footers + id columns, read before the first epoch) counted too
+               read_amplification_adaptive_with_index=(read + p_read + out["index_bytes_read"]) / (used + p_used))
     # Cache path: the same epoch through decoded images (the loop's seeded permutation per rank).
     cache = CachedImages(pool, pipe, cfg, D.image_tables(cfg, pool))
     net, opt = model()
@@ -242,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sources", type=int, default=400, help="hard sources (× 5 λ × 2 seeds spectrum rows)")
     p.add_argument("--row-group-bytes", type=int, default=None,
                    help="target bytes per row group of the image tables (default: the project's writers')")
+    p.add_argument("--row-group-rows", type=int, default=None,
+                   help="most rows per row group of the image tables (default: the project's writers')")
     p.add_argument("--world", type=int, default=2, help="ranks the epoch is split over")
     p.add_argument("--lam", type=float, default=0.5, help="the curriculum epoch's λ")
     p.add_argument("--run-root", default=None, help="where the parquet goes (reused when the shape matches)")
@@ -261,12 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
-    from discl_ray.runtime.storage import IMAGE_ROW_GROUP_BYTES
+    from discl_ray.runtime.storage import IMAGE_ROW_GROUP_BYTES, IMAGE_ROW_GROUP_ROWS
 
     group_bytes = args.row_group_bytes or IMAGE_ROW_GROUP_BYTES
-    out = run(root, args.real, args.sources, group_bytes, args.world, args.lam, args.overrides)
+    group_rows = args.row_group_rows or IMAGE_ROW_GROUP_ROWS
+    out = run(root, args.real, args.sources, group_bytes, group_rows, args.world, args.lam, args.overrides)
     out["workload"] = {"real_rows": args.real, "sources": args.sources, "lams": list(LAMS), "seeds": 2,
-                       "image": "224x224 JPEG", "row_group_bytes": group_bytes, "world": args.world}
+                       "image": "224x224 JPEG", "row_group_bytes": group_bytes, "row_group_rows": group_rows,
+                       "world": args.world}
     out["load_avg_1m"] = os.getloadavg()[0]
     ok = True
     for key, (op, target) in TARGETS.items():
@@ -279,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         out["v_bytes_read"] / 1e6, out["v_bytes_used"] / 1e6, out["d_bytes_read"] / 1e6, out["d_bytes_used"] / 1e6,
         ", ".join(f"{k} {v['row_groups']}×{v['rows_per_group']} rows (footer {v['footer_bytes'] / 1024:.1f} KiB)"
                   for k, v in out["layout"].items())))
+    print("indexing (once per run, footers + id columns): {:.2f} MB read; first epoch with it: {:.3f}".format(
+        out["index_bytes_read"] / 1e6, out["read_amplification_adaptive_with_index"]))
     print(f"stream {out['stream_samples_per_s']:.0f} samples/s, cache {out['cache_samples_per_s']:.0f} samples/s; "
           f"epoch rows {out['epoch_rows']}; same epoch rows: {out['same_epoch_rows']}")
     if args.json:

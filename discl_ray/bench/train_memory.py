@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-LAYOUT = 2      # the tables' layout (2: the writers' row groups, one spectrum part per λ); a change rewrites them
+LAYOUT = 3      # the tables' layout (3: the writers' row groups of ≤ 8 rows, one spectrum part per λ); a change rewrites them
 
 PIECES = ("fixed-n", "fixed-10n", "adaptive-n", "adaptive-10n")
 CLASSES = 10

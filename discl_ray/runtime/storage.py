@@ -225,26 +225,39 @@ class Storage:
 
     def write_parquet(self, table: pa.Table) -> None:
         """Write ``table`` to this file atomically (see :meth:`write_bytes`); image tables in row groups of
-        about :data:`IMAGE_ROW_GROUP_BYTES` (:func:`parquet_write_options`)."""
+        at most :data:`IMAGE_ROW_GROUP_ROWS` rows and about :data:`IMAGE_ROW_GROUP_BYTES`
+        (:func:`parquet_write_options`)."""
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, **parquet_write_options(table))
         self.write_bytes(sink.getvalue().to_pybytes())
 
 
-IMAGE_ROW_GROUP_BYTES = 1 << 20   # ~1 MiB row groups in image tables (the unit a sparse read takes)
+IMAGE_ROW_GROUP_BYTES = 1 << 20   # row groups of image tables hold at most ~1 MiB ...
+IMAGE_ROW_GROUP_ROWS = 8          # ... and at most 8 rows (the unit a sparse read takes; see below)
 
 
-def parquet_write_options(table: pa.Table, group_bytes: int = IMAGE_ROW_GROUP_BYTES) -> dict:
+def parquet_write_options(table: pa.Table, group_bytes: int = IMAGE_ROW_GROUP_BYTES,
+                          group_rows: int = IMAGE_ROW_GROUP_ROWS) -> dict:
     """``pq.write_table`` options of a table. A table with an ``image`` column (the prepared dataset rows, the
-    spectrum store's λ parts) is written in row groups of about ``group_bytes`` (from its mean
-    row size), because training reads image tables by row group: a row group is what a sparse read (the
-    adaptive probe's V and D) costs, and what a read task holds. No min/max statistics of ``image``: nobody
-    filters on image bytes, and they made the footer ~6 KB per row group. Other tables: pyarrow's defaults."""
+    spectrum store's λ parts) is written in row groups of at most ``group_rows`` rows and about
+    ``group_bytes`` (from its mean row size), because training reads image tables by row group: a row group
+    is what a sparse read costs (pyarrow reads whole column chunks) and what a read task holds. Algorithm 2's
+    sparse reads are dense random draws (V: a quarter of the hard sources at every λ; D: ~1,000 real rows), so
+    a group of more than a handful of rows is read for one of them: the row cap binds for images under
+    ``group_bytes / group_rows`` (128 KiB), the byte cap for larger ones; a table whose images are all
+    paths (``image`` null) has only the byte cap. Sequential reads (an epoch) do not
+    pay for small groups: a reader reads a file's row groups in one call and pyarrow's pre-buffering
+    coalesces adjacent column chunks into one read. No min/max statistics of ``image``: nobody filters on
+    image bytes, and they made the footer ~6 KB per row group; no dictionary of ``image`` either (images are
+    unique: a dictionary page per group is overhead). Other tables: pyarrow's defaults."""
     if "image" not in table.column_names or table.num_rows == 0:
         return {}
     per_row = max(1.0, table.nbytes / table.num_rows)
-    return {"row_group_size": max(1, int(group_bytes // per_row)),
-            "write_statistics": [c for c in table.column_names if c != "image"]}
+    rows = int(group_bytes // per_row)
+    if table.column("image").null_count < table.num_rows:     # embedded image bytes (not only paths)
+        rows = min(rows, int(group_rows))
+    others = [c for c in table.column_names if c != "image"]
+    return {"row_group_size": max(1, rows), "write_statistics": others, "use_dictionary": others}
 
 
 @lru_cache(maxsize=1)

@@ -124,6 +124,7 @@ class StreamedImages:
         self.row_of = {iid: i for i, iid in enumerate(pool.image_id)}
         self.bad: set = set()
         self.bytes_read = 0                      # bytes the read tasks took from storage (/proc rchar)
+        self.index_bytes_read = 0                # bytes indexing read (footers + id columns; once per run)
         self.unit = np.full(len(pool.image_id), -1, dtype=np.int64)
         self.units: list[tuple[str, str, int]] = []     # (table name, file URI, row group)
         self.meta: dict = {}                             # file URI -> its parquet footer (read once, here)
@@ -146,19 +147,23 @@ class StreamedImages:
                 continue
             lams = sorted(set(np.round(self.pool.lam[mask], 6).tolist())) if name == "syn" else None
             for f in lam_files(self.uris[name], lams):
+                before = _rchar()
                 with f.fs.open_input_file(f.path) as fh:
                     pf = pq.ParquetFile(fh)
-                    self.meta[str(f)] = pf.metadata
-                    for rg in range(pf.num_row_groups):
-                        rows = [self.row_of.get(i) for i in pf.read_row_group(rg, columns=["image_id"])
-                                .column(0).to_pylist()]
-                        rows = np.array([r for r in rows if r is not None and self.unit[r] < 0
-                                         and (self.pool.split[r] == "syn") == (name == "syn")], dtype=np.int64)
-                        if len(rows):
-                            self.unit[rows] = len(self.units)
-                            self.units.append((name, str(f), rg))
-                            if name == "syn" and len(set(np.round(self.pool.lam[rows], 6).tolist())) > 1:
-                                mixed.append(str(f))
+                    # the id column of every row group in one call (coalesced: one read, not one per group)
+                    ids = pf.read(columns=["image_id"]).column(0).to_pylist()
+                self.index_bytes_read += _rchar() - before
+                self.meta[str(f)] = pf.metadata
+                ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+                for rg in range(pf.num_row_groups):
+                    rows = [self.row_of.get(i) for i in ids[int(ends[rg - 1]) if rg else 0:int(ends[rg])]]
+                    rows = np.array([r for r in rows if r is not None and self.unit[r] < 0
+                                     and (self.pool.split[r] == "syn") == (name == "syn")], dtype=np.int64)
+                    if len(rows):
+                        self.unit[rows] = len(self.units)
+                        self.units.append((name, str(f), rg))
+                        if name == "syn" and len(set(np.round(self.pool.lam[rows], 6).tolist())) > 1:
+                            mixed.append(str(f))
         if mixed:
             log.warning("%d spectrum file(s) mix λ levels (written before the spectrum store, e.g. %s): every "
                         "streamed epoch reads all their λ levels' images; run `discl generate` for this experiment "
@@ -195,12 +200,15 @@ class StreamedImages:
         wanted from it."""
         units = self.unit[rows]
         _, first = np.unique(units, return_index=True)
+        by_unit = np.argsort(units, kind="stable")          # rows grouped by unit (one sort, not a scan per unit)
+        starts = np.searchsorted(units[by_unit], units[np.sort(first)])
+        ends = np.searchsorted(units[by_unit], units[np.sort(first)], side="right")
         chunks: list[list[tuple]] = []
         cur: list[tuple] = []
         n = 0
-        for u in units[np.sort(first)]:
+        for u, a, b in zip(units[np.sort(first)], starts, ends):
             name, uri, rg = self.units[u]
-            ids = self.pool.image_id[rows[units == u]].tolist()
+            ids = self.pool.image_id[rows[by_unit[a:b]]].tolist()
             cur.append((name, uri, int(rg), ids))
             n += len(ids)
             if n >= CHUNK_ROWS:
