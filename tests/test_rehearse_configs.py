@@ -56,7 +56,9 @@ def test_rehearse_every_shipped_config(path, fake_roots, ray_local, tmp_path):
     assert all(s["experiment"].endswith(rehearse.SUFFIX) for s in report["stages"])
     trained = [s for s in report["stages"] if s["stage"] in ("train", "sweep") and s["experiment"] == exp]
     assert trained and trained[0]["objects_written"] > 0
-    # the stand-ins stay tiny: no written object of a stage over 8 MB (a checkpoint with Adam's moments included)
-    for s in report["stages"]:
-        assert s.get("bytes_written", 0) < 8e6 * max(1, s.get("objects_written", 1)), s
+    # the stand-ins stay tiny: no written object of a stage over 8 MB (a checkpoint with Adam's moments included).
+    # The toy worlds rehearse with their own models, not stand-ins (a FLYP checkpoint of the toy CLIP is ~20 MB).
+    if family != "toy":
+        for s in report["stages"]:
+            assert s.get("bytes_written", 0) < 8e6 * max(1, s.get("objects_written", 1)), s
     print(f"REHEARSAL {family}/{path.stem}: {seconds:.1f} s, {len(report['stages'])} stages")
