@@ -139,31 +139,6 @@ def _world_lines(cache: Path) -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def _mlflow_runs_one_at_a_time():
-    """While the two tasks' stages run in threads of this process, open their MLflow runs one at a time.
-
-    MLflow's active experiment is process-wide (``mlflow.set_experiment``, then ``start_run`` reads it): a
-    digits-LT stage and a digits-LQ stage opening runs at once could file one under the other's experiment.
-    The stages' runs (``runtime.tracking.run``) only log a summary, so holding a lock around them costs no
-    overlap; Train workers log from their own processes."""
-    from discl_ray.runtime import tracking
-
-    opened = tracking.run
-    lock = threading.RLock()
-
-    @contextlib.contextmanager
-    def one_at_a_time(*args, **kwargs):
-        with lock, opened(*args, **kwargs) as active:
-            yield active
-
-    tracking.run = one_at_a_time
-    try:
-        yield
-    finally:
-        tracking.run = opened
-
-
 def _cluster_cpus(cfg, extra: list[str]) -> list[str]:
     """The override giving the quickstart's own cluster twice the configured CPUs (all the machine's by
     default), unless the user set ``ray.num_cpus``: the two tasks then run side by side (a training's worker
@@ -207,7 +182,7 @@ def run(profile: str, run_root: str, extra: list[str], sequential: bool = False,
     # Stage output to the log: Python's stdout, and what native code writes to descriptor 2 (Ray's C++ core logs
     # there, outside Python's logging); Python's stderr (warnings, errors) stays on the console.
     with sink as fh, (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(fh)), \
-            logs.native_stderr_to(fh), _mlflow_runs_one_at_a_time():
+            logs.native_stderr_to(fh):
         def step(title: str, command: str, argv: list[str], tolerate: tuple[int, ...] = (), exp: str = "",
                  meanwhile=None) -> None:
             if fh is not None:

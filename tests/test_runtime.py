@@ -87,3 +87,43 @@ def test_object_store_run_root_and_tracking_rules(tmp_path, monkeypatch):
     assert tracking_uri(served) == "http://mlflow.example:5000"
     assert tracking_uri(load_config(data={"run_root": str(tmp_path / "r")})).startswith("sqlite:///")
 
+
+
+def test_stage_runs_opened_from_threads_land_in_their_own_experiments(tmp_path, monkeypatch):
+    """Stages run side by side in threads of one process (the quickstart's two tasks): each MLflow run lands in
+    its own stage's experiment although MLflow's active experiment is process-wide, and runs stay open at once
+    (only their opening is serialised)."""
+    import threading
+
+    import mlflow
+
+    from discl_ray.config import load_config
+    from discl_ray.runtime import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfgs = {name: load_config(data={"experiment": name, "run_root": str(tmp_path / "r"),
+                                    "tracking": {"tracking_uri": uri}}) for name in ("lt", "lq")}
+    both_open = threading.Barrier(2, timeout=60)
+    opened: dict[str, list[str]] = {"lt": [], "lq": []}
+
+    def stage(name: str) -> None:
+        for i in range(3):
+            with tracking.run(cfgs[name], "score", run_name=f"{name}-{i}", log_params=False) as active:
+                opened[name].append(active.info.run_id)
+                both_open.wait()            # the other task's run is open at the same time
+                mlflow.log_metric("x", i)   # this thread's run, not the other's
+
+    threads = [threading.Thread(target=stage, args=(n,)) for n in cfgs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    for name, ids in opened.items():
+        exp = client.get_experiment_by_name(name)
+        assert len(ids) == 3
+        for i, run_id in enumerate(ids):
+            run = client.get_run(run_id)
+            assert run.info.experiment_id == exp.experiment_id, (name, run.info.run_name)
+            assert run.info.run_name == f"{name}-{i}" and run.data.metrics == {"x": float(i)}

@@ -99,9 +99,20 @@ def spectrum_stores(tracking_uri: str, runs: pd.DataFrame) -> list[dict[str, Any
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    wanted = set(runs["run_id"])
+    if not wanted:
+        return []
+    # One search over the runs' experiments (its results carry each run's inputs), not one request per run.
+    listed, token = [], None
+    while True:
+        page = client.search_runs(sorted(set(runs["experiment_id"])), max_results=1000, page_token=token)
+        listed += [r for r in page if r.info.run_id in wanted]
+        token = page.token
+        if not token:
+            break
     found: dict[tuple[str, str], int] = {}
-    for run_id in runs["run_id"]:
-        for given in client.get_run(run_id).inputs.dataset_inputs or []:
+    for run in listed:
+        for given in run.inputs.dataset_inputs or []:
             tags = {t.key: t.value for t in given.tags or []}
             store = tags.get("spectrum_store")
             if tags.get("mlflow.data.context") != "spectrum" or not store:

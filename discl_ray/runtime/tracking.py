@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -95,18 +96,30 @@ def use_uri(uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
-def setup(cfg: "ExperimentConfig", uri: Optional[str] = None) -> str:
-    """Point MLflow at the experiment's store and experiment; returns the tracking URI (``uri``: the stage's
-    resolved one, else resolved from ``cfg``)."""
+# Stages run side by side in threads of one process (the quickstart's two tasks, `discl bench replicate`): MLflow's
+# active experiment is process-wide, so :func:`run` opens each run with its experiment's id, one opening at a time.
+# Only the opening is serialised; the runs themselves (a whole training) go on at once, each in its own thread's
+# active-run stack. Stages in one process share one tracking URI (MLflow's client URI is process-wide too).
+_OPENING = threading.RLock()
+
+
+def _setup(cfg: "ExperimentConfig", uri: Optional[str]) -> tuple[str, str]:
     import mlflow
 
     uri = uri or tracking_uri(cfg)
     check_reachable(uri)
     use_uri(uri)
     name = cfg.tracking.experiment_name or cfg.experiment
-    ensure_experiment(uri, name, artifact_root(cfg, uri))
-    mlflow.set_experiment(name)
-    return uri
+    experiment_id = ensure_experiment(uri, name, artifact_root(cfg, uri))
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return uri, experiment_id
+
+
+def setup(cfg: "ExperimentConfig", uri: Optional[str] = None) -> str:
+    """Point MLflow at the experiment's store and experiment; returns the tracking URI (``uri``: the stage's
+    resolved one, else resolved from ``cfg``)."""
+    with _OPENING:
+        return _setup(cfg, uri)[0]
 
 
 def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1", artifacts: Optional[str] = None,
@@ -230,11 +243,13 @@ def run(cfg: "ExperimentConfig", stage: str, run_name: Optional[str] = None,
     ``uri`` and ``paths``: the stage's resolved tracking URI and locations (its context), else from ``cfg``."""
     import mlflow
 
-    setup(cfg, uri)
     all_tags = base_tags(cfg, stage) | {k: str(v) for k, v in (tags or {}).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=run_name, tags=all_tags) as active:
+    with _OPENING:      # the experiment id is passed, not read from MLflow's process-wide active experiment
+        _, experiment_id = _setup(cfg, uri)
+        opened = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
+    with opened as active:
         if log_params:
             mlflow.log_params(flat_params(cfg))
         if stage in DATASET_STAGES:
