@@ -125,6 +125,27 @@ def test_unknown_experiment_names_existing(store):
         build_tables(uri, "nope")
 
 
+def test_finished_runs_with_an_empty_class_group_name_the_group(tmp_path, monkeypatch):
+    """Runs that finished but whose training set had no "many" class (the metric is NaN) make no table; the
+    error names the empty group's metric instead of claiming no run finished."""
+    from discl_ray.errors import UserError
+    from discl_ray.report.tables import write_report
+    from discl_ray.runtime.tracking import ensure_experiment, use_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    ensure_experiment(uri, "nomany", str(tmp_path / "art"))
+    use_uri(uri)
+    mlflow.set_experiment("nomany")
+    for seed in range(2):
+        with mlflow.start_run():
+            mlflow.log_params({"training.seed": seed})
+            mlflow.log_metrics({"final_test_acc": 0.5, "final_test_medium_acc": 0.6, "final_test_few_acc": 0.4,
+                                "final_test_many_acc": float("nan")})
+    with pytest.raises(UserError, match=r"2 run\(s\) finished.*final_test_many_acc \(many classes\)"):
+        write_report(uri, "nomany", tmp_path / "out")
+
+
 def test_lam_plot_draws_real_only_epochs_and_the_baseline(tmp_path):
     """Real-only epochs (sentinel λ = −1) and a `none` baseline appear as markers in their own band."""
     import numpy as np

@@ -128,6 +128,28 @@ def store_lines(stores: list[dict[str, Any]]) -> str:
                    f"run{'s' if s['runs'] != 1 else ''})\n" for s in stores)
 
 
+def _empty_group_hint(runs: pd.DataFrame) -> str:
+    """Why finished runs make no table: a group metric that is missing in every finished run (e.g. no class of
+    the training set reaches ``mining.many_min``, so ``final_test_many_acc`` is NaN)."""
+    hints, n = [], 0
+    for spec in TABLES.values():
+        cols = [f"metrics.{m}" for _, m in spec]
+        present = [c for c in cols if c in runs.columns]
+        if not present or runs[present].notna().any(axis=1).sum() == 0:
+            continue                          # no run reached this table at all
+        finished = runs[runs[present].notna().any(axis=1)]
+        n = max(n, len(finished))
+        empty = [(label, m) for label, m in spec if f"metrics.{m}" not in finished.columns
+                 or finished[f"metrics.{m}"].isna().all()]
+        if empty:
+            hints.append(", ".join(f"{m} ({label} classes)" for label, m in empty))
+    if not hints:
+        return ""
+    return (f"; {n} run(s) finished, but every one lacks " + "; ".join(hints)
+            + ": that class group is empty in the training set (check mining.few_max / mining.many_min against "
+            "the classes' training counts)")
+
+
 def build_tables(tracking_uri: str, experiment: str, parent_run_id: Optional[str] = None) -> dict[str, pd.DataFrame]:
     """``{"long_tail": df, "low_quality": df}`` for the tables that have finished runs (numeric cells)."""
     runs = fetch_runs(tracking_uri, experiment, parent_run_id)
@@ -282,7 +304,8 @@ def write_report(tracking_uri: str, experiment: str, out_dir: "str | Path | Stor
     runs = fetch_runs(tracking_uri, experiment, parent_run_id)
     tables = {t: df for t in TABLES if not (df := aggregate(runs, t)).empty}
     if not tables:
-        raise UserError(f"experiment {experiment!r} has no finished training runs (no final_test_* metrics)")
+        raise UserError(f"experiment {experiment!r} has no finished training runs (no final_test_* metrics)"
+                        + _empty_group_hint(runs))
     with tempfile.TemporaryDirectory(prefix="discl-report-") as tmp:
         out = Path(dest.path) if dest.is_local else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
