@@ -130,6 +130,40 @@ def test_subset_rows_keeps_the_biggest_classes_renumbered():
     assert subset_rows(table, None, None) is table
 
 
+def test_miniature_of_a_real_long_tail_set_keeps_every_frequency_group():
+    """On a real long-tail dataset the biggest classes all exceed the rehearsal's cap: capped alike they would all
+    be "many" (nothing mined, the report's medium/few NaN). With the rehearsal's ``dataset.miniature_groups`` the
+    miniature caps training rows on a descending profile (evaluation splits keep max_per_class); a set whose capped
+    counts already have every group is left as it was."""
+    from discl_ray.data import subset_rows
+    from discl_ray.data.loaders.groups import class_groups
+
+    def table(counts):
+        rows = [(f"t{c}_{i:03d}", c, "train") for c, n in enumerate(counts) for i in range(n)]
+        rows += [(f"v{c}_{i}", c, "val") for c in range(len(counts)) for i in range(20)]
+        return pa.table({"image_id": [r[0] for r in rows], "label": pa.array([r[1] for r in rows], pa.int64()),
+                         "split": [r[2] for r in rows], "class_name": [f"c{r[1]}" for r in rows]})
+
+    def counts_of(out, split):
+        got: dict[int, int] = {}
+        for lab, s in zip(out["label"].to_pylist(), out["split"].to_pylist()):
+            if s == split:
+                got[lab] = got.get(lab, 0) + 1
+        return [got[c] for c in sorted(got)]
+
+    real = table([1280, 900, 640, 400, 300, 200, 5, 5])            # ImageNet-LT-like head: the 6 biggest kept
+    flat = counts_of(subset_rows(real, 6, 12), "train")
+    assert flat == [12] * 6                                        # without the groups: all "many"
+    out = subset_rows(real, 6, 12, (6, 12))
+    train = counts_of(out, "train")
+    assert train == [12, 12, 8, 8, 3, 3]
+    labels = [c for c, n in enumerate(train) for _ in range(n)]
+    assert set(class_groups(labels, 6, 12).values()) == {"many", "medium", "few"}
+    assert counts_of(out, "val") == [12] * 6                      # evaluation keeps max_per_class
+    shaped = table([14, 12, 8, 5, 3, 2])                           # the fakes' profile: every group already there
+    assert subset_rows(shaped, 6, 12, (6, 12)).equals(subset_rows(shaped, 6, 12))
+
+
 def _miniature_train_counts(cfg) -> list[int]:
     """Training images per class of ``cfg``'s rehearsal miniature, from the dataset's count profile: the toy
     worlds' own, the fakes' (tests/fakes.py, as tests/test_rehearse_configs.py builds them)."""

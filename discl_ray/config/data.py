@@ -63,6 +63,12 @@ class DatasetConfig(StrictModel):
                                                                "`discl rehearse` sets it; None = all classes.")
     max_per_class: Optional[int] = Field(None, ge=1, description="Keep at most this many images per class and split "
                                                                  "(the first by image_id). None = all.")
+    miniature_groups: Optional[tuple[int, int]] = Field(
+        None, description="(few_max, many_min), set by `discl rehearse` for frequency-mined long-tail configs: when "
+                          "the kept classes' capped training counts leave the few, medium or many group empty (on a "
+                          "real long-tail dataset the biggest classes all reach max_per_class), their training rows "
+                          "are capped on a descending profile instead (a third each at max_per_class, between the "
+                          "bounds, below few_max). None = max_per_class for every class.")
     toy: ToyDataConfig = Field(default_factory=ToyDataConfig)
 
 

@@ -66,10 +66,34 @@ def load_rows(cfg: "DatasetConfig") -> pa.Table:
     """Build the canonical table for ``cfg`` (no caching), cut to ``max_classes`` / ``max_per_class``."""
     table = get_loader(cfg.name)(cfg)
     table = table.select(CANONICAL_SCHEMA.names).cast(CANONICAL_SCHEMA)
-    return subset_rows(table, cfg.max_classes, cfg.max_per_class)
+    return subset_rows(table, cfg.max_classes, cfg.max_per_class, cfg.miniature_groups)
 
 
-def subset_rows(table: pa.Table, max_classes: int | None, max_per_class: int | None) -> pa.Table:
+def long_tail_caps(train_counts: dict[int, int], per_class: int, groups: tuple[int, int]) -> dict[int, int]:
+    """Training-row caps per class that give the miniature all three frequency groups under ``groups`` =
+    (few_max, many_min) (few < few_max <= medium < many_min <= many), or {} when ``per_class`` for every
+    class already does (or fewer than three classes, or bounds that leave no room, make it impossible).
+
+    Classes by training count, biggest first: the first third keeps ``per_class``, the next third is capped
+    between the bounds, the rest below ``few_max``; a class with fewer rows than its cap only moves down."""
+    few_max, many_min = groups
+
+    def group(n: int) -> str:
+        return "few" if n < few_max else ("many" if n >= many_min else "medium")
+
+    capped = {c: min(n, per_class) for c, n in train_counts.items()}
+    if len({group(n) for n in capped.values()}) == 3 or len(capped) < 3 or per_class < many_min \
+            or few_max < 2 or many_min <= few_max:
+        return {}
+    ranked = sorted(capped, key=lambda c: (-train_counts[c], c))
+    k = len(ranked)
+    many, medium = -(-k // 3), -(-(k - -(-k // 3)) // 2)
+    caps = [per_class] * many + [(few_max + many_min - 1) // 2] * medium + [max(1, few_max // 2)] * (k - many - medium)
+    return dict(zip(ranked, caps))
+
+
+def subset_rows(table: pa.Table, max_classes: int | None, max_per_class: int | None,
+                groups: tuple[int, int] | None = None) -> pa.Table:
     """A miniature of ``table`` with the same splits: the ``max_classes`` classes with the most training rows
     (ties: lower label), renumbered 0..K-1 in label order, and at most ``max_per_class`` rows per class and
     split (the first by image_id). Deterministic; the identity when both are None."""
@@ -91,11 +115,18 @@ def subset_rows(table: pa.Table, max_classes: int | None, max_per_class: int | N
                                  pa.array([remap[v] for v in table["label"].to_pylist()], pa.int64()))
     if max_per_class is not None:
         table = table.sort_by([("split", "ascending"), ("label", "ascending"), ("image_id", "ascending")])
+        caps: dict[int, int] = {}
+        if groups is not None:
+            train_counts: dict[int, int] = {}
+            for split, lab in zip(table["split"].to_pylist(), table["label"].to_pylist()):
+                if split == "train":
+                    train_counts[lab] = train_counts.get(lab, 0) + 1
+            caps = long_tail_caps(train_counts, max_per_class, tuple(groups))
         seen: dict[tuple, int] = {}
         mask = []
         for split, lab in zip(table["split"].to_pylist(), table["label"].to_pylist()):
             n = seen.get((split, lab), 0)
-            mask.append(n < max_per_class)
+            mask.append(n < (caps.get(lab, max_per_class) if split == "train" else max_per_class))
             seen[(split, lab)] = n + 1
         table = table.filter(pa.array(mask))
     return table

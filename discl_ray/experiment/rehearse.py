@@ -123,6 +123,9 @@ def miniature(cfg, classes: int, per_class: int, rename: dict[str, str]) -> list
         # with no complete long-tail row ("no finished training runs").
         o["mining.few_max"] = max(2, per_class // 2)
         o["mining.many_min"] = max(per_class, o["mining.few_max"] + 1)
+        # On a real long-tail dataset the kept (biggest) classes all reach per_class: all "many". The miniature
+        # then caps their training rows on a descending profile so every group has classes (dataset config).
+        o["dataset.miniature_groups"] = [o["mining.few_max"], o["mining.many_min"]]
     if cfg.tracking.experiment_name:
         o["tracking.experiment_name"] = cfg.tracking.experiment_name + SUFFIX
     if cfg.sweep.space:                        # one trial: the first value of every axis
