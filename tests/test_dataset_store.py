@@ -148,9 +148,9 @@ def _fake_world(cache: Path, weights: bytes) -> None:
     (g / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
 
 
-def test_toy_rows_follow_the_world(tmp_path):
-    """Toy rows are keyed by the world too: a world rebuilt under the same name keys new rows; a node
-    without the world keeps the view it has."""
+def test_toy_rows_are_keyed_by_the_digits_and_spec_not_the_world(tmp_path):
+    """Toy rows are drawn from scikit-learn's digits and the spec alone: a second experiment reuses them, and a
+    world rebuilt under the same name (other weights) still reuses them (its spectrum is keyed by the weights)."""
     runs = tmp_path / "runs"
     args = [f"run_root={runs}", "dataset.toy.n_max=12", "dataset.toy.test_per_class=3", "dataset.imbalance_ratio=4"]
     a = load_config(REPO / "configs/toy/digits_lt.yaml", args)
@@ -163,15 +163,13 @@ def test_toy_rows_follow_the_world(tmp_path):
     assert _view(a)["reused"] is False and _view(b)["reused"] is True and _view(a)["key"] == _view(b)["key"]
     first = _view(a)["key"]
     _fake_world(cache, b"weights v2")               # `discl world --force`: same name, other weights
-    materialize(b)
-    assert _view(b)["reused"] is False and _view(b)["key"] != first
-    materialize(a)                                  # a's view follows to the new world's key, from the store
-    assert _view(a)["reused"] is True and _view(a)["key"] == _view(b)["key"]
+    materialize(b, force=True)
+    assert _view(b)["key"] == first
     assert (runs / a.experiment / "dataset" / ROWS_FILE).read_bytes() == \
         (runs / b.experiment / "dataset" / ROWS_FILE).read_bytes()
-    shutil.rmtree(cache / "toyworld")               # a node without the world: it cannot check, keeps the view
-    materialize(a)
-    assert _view(a)["key"] == _view(b)["key"]
+    c = load_config(REPO / "configs/toy/digits_lt.yaml", [*args, "experiment=toy_lt_r8", "dataset.imbalance_ratio=8"])
+    materialize(c)
+    assert _view(c)["reused"] is False and _view(c)["key"] != first        # another spec: other rows
 
 
 BUCKET = "discl-rows"

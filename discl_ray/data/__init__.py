@@ -146,11 +146,12 @@ def _is_toy(name: str) -> bool:
 
 @lru_cache(maxsize=1)
 def _digits_digest() -> str:
-    """A digest of scikit-learn's bundled digits, what every toy row is drawn from."""
-    from discl_ray.data.toy import _digits
+    """A digest of scikit-learn's bundled digits (the file ``load_digits`` reads), what every toy row is drawn
+    from (read as bytes here: the toy loader imports this package, not the other way round)."""
+    from importlib import resources
 
-    x, y = _digits()
-    return hashlib.blake2b(x.tobytes() + y.tobytes(), digest_size=16).hexdigest()
+    data = resources.files("sklearn.datasets.data").joinpath("digits.csv.gz").read_bytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @lru_cache(maxsize=1)
@@ -164,31 +165,16 @@ def _layout() -> str:
                                       default=str).encode(), digest_size=8).hexdigest()
 
 
-def _world_identity(cfg: "ExperimentConfig", cache: Path) -> tuple[dict[str, str | None], bool]:
-    """``{variant: digest of its generator's files}`` of the toy worlds the config names, and whether every
-    one of them is built here (a node without the world cannot tell which world the rows were keyed by)."""
-    from discl_ray.generation.store import files_digest
-    from discl_ray.toyworld import generator_dir, variants_named
-
-    out: dict[str, str | None] = {}
-    for variant in sorted(variants_named(cfg)):
-        folder = generator_dir(cache, variant)
-        out[variant] = files_digest(folder, cache) if (folder / "model_index.json").is_file() else None
-    return out, all(v is not None for v in out.values())
-
-
 def rows_identity(cfg: "ExperimentConfig", paths: "RunPaths") -> tuple[dict, bool]:
     """Everything that decides the canonical rows (the store key is its digest), and whether it is complete
     here. The ``dataset`` spec (``model_dump``, as in ``_dataset_config.json``), the rows format and the
-    parquet layout; for the toy datasets also the digits they are drawn from and the identity of the toy
-    world(s) the config names (their generators' weight digests, as in the spectrum's settings digest), so a
-    world rebuilt under the same name keys new rows."""
+    parquet layout; for the toy datasets also the digits they are drawn from. A toy world's weights do not
+    decide its rows (they are drawn from the digits and the spec alone), so a rebuilt world reuses them; its
+    spectrum, which the weights do decide, is keyed by them (the generator identity)."""
     ident: dict = {"format": ROWS_FORMAT, "dataset": cfg.dataset.model_dump(mode="json"), "layout": _layout()}
-    known = True
     if _is_toy(cfg.dataset.name):
         ident["digits"] = _digits_digest()
-        ident["world"], known = _world_identity(cfg, paths.cache)
-    return ident, known
+    return ident, True
 
 
 def rows_key(ident: dict) -> str:
@@ -275,7 +261,7 @@ def _write_key(root: "Storage", key: str, table: pa.Table, meta: dict) -> None:
 def _ensure_rows(cfg: "ExperimentConfig", root: "Storage", key: str, ident: dict, force: bool) -> bool:
     """Make the store hold the rows of ``key`` (built with the loader under the rows store's writer lock
     when it lacks them, or always with ``force``). Returns True when they were already there."""
-    from discl_ray.generation.store import writer_lock
+    from discl_ray.runtime.content import writer_lock
 
     done = root.join(key, ROWS_META)
     if not force and done.is_file():
@@ -338,8 +324,8 @@ def materialize(cfg: "ExperimentConfig", force: bool = False, paths: "RunPaths |
 
     Works on any storage (local or object store); returns a Path for a local run root. ``paths``: the run's
     locations when the caller has them (a stage's context)."""
-    from discl_ray.generation.store import rows_root
     from discl_ray.runtime.cluster import RunPaths
+    from discl_ray.runtime.content import rows_root
 
     paths = paths or RunPaths.from_config(cfg)
     out = paths.store("dataset")
@@ -379,7 +365,7 @@ def gc_rows(run_root: "str | Storage", root: "str | Storage", dataset: str, dry_
 
     import pyarrow.fs as pafs
 
-    from discl_ray.generation.store import writer_lock
+    from discl_ray.runtime.content import writer_lock
     from discl_ray.runtime.storage import as_storage
 
     run, root = as_storage(run_root), as_storage(root)
