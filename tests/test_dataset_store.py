@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from fakes import fake_imagenet_lt
+from s3_fixtures import moto_s3
 
 from discl_ray.config import load_config
 from discl_ray.data import (
@@ -177,22 +178,8 @@ BUCKET = "discl-rows"
 
 @pytest.fixture()
 def s3(monkeypatch):
-    import boto3
-    import moto.server as server_mod
-
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    with moto_s3(monkeypatch, BUCKET) as client:
         yield client
-    finally:
-        server.stop()
 
 
 def test_rows_are_shared_on_object_storage(tmp_path, s3):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from clip_fixtures import TINY_CLIP, make_tiny_clip
 from gen_fixtures import tiny_sd_dir
+from s3_fixtures import moto_s3
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "discl-test"
@@ -24,22 +25,8 @@ BUCKET = "discl-test"
 
 @pytest.fixture()
 def s3(monkeypatch):
-    # pinned dev dependencies (pyproject.toml, [dev]): an import error fails the test, never skips it
-    import boto3
-    import moto.server as server_mod
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    with moto_s3(monkeypatch, BUCKET) as client:
         yield client
-    finally:
-        server.stop()
 
 
 def _objects(client) -> dict[str, str]:
