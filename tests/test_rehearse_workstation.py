@@ -5,9 +5,9 @@ datasets with `run_root=s3://…` and `MLFLOW_TRACKING_URI` set (docs/cluster.md
 
 The Ray processes run with the virtualenv *off* their PATH, as a shell that forgot to activate it would start
 them: `discl submit` must give the job the client's interpreter. Every process listens on loopback (the Ray nodes
-on 127.0.0.2, see NODE_IP) and is stopped here, by its process group. The three rehearsals are submitted at once
-(≈ 4 min on 2 shared cores; in the default suite since issue 25, where it replaced the `ray.cluster_utils`
-two-node placement test, now slow).
+on 127.0.0.2, see NODE_IP) and is stopped here, by its process group. The two tracked rehearsals are submitted at
+once (in the default suite since issue 25, where it replaced the `ray.cluster_utils` two-node placement test, now
+slow); the tracking-off one is slow.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from pathlib import Path
 import pytest
 from fakes import fake_imagenet_lt, fake_iwildcam
 
+from discl_ray.runtime.tracking import wait_until_up
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BUCKET = "rehearsal"
-# The GPU node declares one GPU per rehearsal submitted at once (a workstation with that many cards): the three
+# The GPU node declares one GPU per rehearsal submitted at once (a workstation with that many cards): the
 # jobs run side by side instead of queueing for one GPU.
 GPUS = 3
 # `ray start` turns 127.0.0.1 (and localhost) into the machine's network address on Linux (Ray's
@@ -51,11 +53,25 @@ def _ports(n: int) -> list[int]:
     return ports
 
 
+def _log(tmp: Path, name: str):
+    """A process's output goes to a file, never an unread pipe: a full pipe (MLflow's server logs every request,
+    `discl submit` tails its job's log) blocks the process on its next line."""
+    return open(tmp / f"{name}.log", "w")
+
+
+def _daemon(cmd: list[str], env: dict, tmp: Path, name: str) -> subprocess.Popen:
+    with _log(tmp, name) as out:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    proc.log = Path(out.name)
+    return proc
+
+
 def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+            log = proc.log.read_text()
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log[-3000:]}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -103,11 +119,9 @@ def workstation(tmp_path_factory):
         # MLflow: SQL backend, artifacts written by the clients straight to the bucket (infra/README.md).
         ml_port, = _ports(1)
         env = {**os.environ, **aws}
-        ml = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-                               "--default-artifact-root", f"s3://{BUCKET}/mlflow", "--no-serve-artifacts",
-                               "--host", "127.0.0.1", "--port", str(ml_port), "--workers", "1"],
-                              env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+        ml = _daemon([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                      "--default-artifact-root", f"s3://{BUCKET}/mlflow", "--no-serve-artifacts",
+                      "--host", "127.0.0.1", "--port", str(ml_port), "--workers", "1"], env, tmp, "mlflow")
         procs.append((ml, None))
         # Ray: the shell's PATH without this virtualenv, loopback node IPs, no Windows/OSX switch (docs).
         path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
@@ -116,24 +130,23 @@ def workstation(tmp_path_factory):
                    if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "MLFLOW_TRACKING_URI")},
                 **aws, "PATH": path, "RAY_AUTH_MODE": "token"}
         gcs, dash, client_port, agent, metrics, agent2, metrics2, nm2, om2 = _ports(9)
-        head = subprocess.Popen(
+        head = _daemon(
             [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--node-ip-address={NODE_IP}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client_port}",
              f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}", "--num-cpus=2",
-             "--num-gpus=0", "--include-dashboard=true", f"--temp-dir={temp}"],
-            env=renv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             "--num-gpus=0", "--include-dashboard=true", f"--temp-dir={temp}"], renv, tmp, "ray-head")
         procs.append((head, temp))
         _wait_port(dash, head, "ray head")
-        node = subprocess.Popen(
+        node = _daemon(
             [str(BIN / "ray"), "start", "--block", f"--address={NODE_IP}:{gcs}", f"--node-ip-address={NODE_IP}",
              f"--num-cpus={2 * GPUS}", f"--num-gpus={GPUS}", f"--dashboard-agent-listen-port={agent2}",
              f"--metrics-export-port={metrics2}", f"--node-manager-port={nm2}", f"--object-manager-port={om2}",
              # its own temp dir: two nodes on one machine would otherwise share runtime_resources/, and the GPU
              # node's agent deletes a job's working_dir there while the head's driver still runs in it
-             f"--temp-dir={temp}/n2"],
-            env=renv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             f"--temp-dir={temp}/n2"], renv, tmp, "ray-gpu-node")
         procs.append((node, temp))
         _wait_port(ml_port, ml, "mlflow server")
+        wait_until_up(f"http://127.0.0.1:{ml_port}/health", timeout=180, proc=ml)   # answering, not just bound
         _wait_for_gpu_node(f"{NODE_IP}:{gcs}", renv)
         yield {"address": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{ml_port}", "aws": aws,
                "s3": client, "tmp": tmp}
@@ -210,42 +223,56 @@ def _check(ws, proc, exp: str, metric: str, tracking: bool) -> dict:
     return report
 
 
-def _start(ws, config: str, *overrides: str, tracking: bool = True) -> subprocess.Popen:
+def _start(ws, name: str, config: str, *overrides: str, tracking: bool = True) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(ws["aws"])
     if tracking:
         env["MLFLOW_TRACKING_URI"] = ws["mlflow"]
     cmd = [str(BIN / "discl"), "submit", "rehearse", "--address", ws["address"], "--config", config, *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # `discl submit` tails the job's log: to files, read when it ends (pipes read one after another would fill)
+    out, err = _log(ws["tmp"], f"{name}.out"), _log(ws["tmp"], f"{name}.err")
+    with out, err:      # the child holds its own copies
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
+    proc.logs = (Path(out.name), Path(err.name))
+    return proc
 
 
-@pytest.fixture(scope="module")
-def rehearsals(workstation, tmp_path_factory):
-    """The three rehearsals, submitted at once as a team shares one cluster and one MLflow server: iWildCam
-    (FLYP baseline, then DisCL adaptive) and ImageNet-LT (CE baseline, then diverse→specific) with tracking on,
-    and the ImageNet-LT pair again with tracking off (its baseline found in the run folder)."""
-    ws = workstation
-    tmp = tmp_path_factory.mktemp("fakes")
-    wilds, inlt = fake_iwildcam(tmp / "wilds"), fake_imagenet_lt(tmp / "inlt")
-    jobs = {
-        "iwildcam": _start(ws, "configs/iwildcam/discl_adaptive.yaml", f"run_root=s3://{BUCKET}/runs",
-                           f"dataset.root={wilds}"),
-        "imagenet_lt": _start(ws, "configs/imagenet_lt/discl_d2s.yaml", f"run_root=s3://{BUCKET}/runs",
-                              f"dataset.root={inlt}"),
-        "tracking_off": _start(ws, "configs/imagenet_lt/discl_d2s.yaml", f"run_root=s3://{BUCKET}/off",
-                               f"dataset.root={inlt}", "tracking.enabled=false", tracking=False),
-    }
+def _wait(procs: dict, timeout: float = 1500) -> dict:
     done = {}
+    deadline = time.monotonic() + timeout
     try:
-        for name, proc in jobs.items():
-            out, err = proc.communicate(timeout=1500)
+        for name, proc in procs.items():
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            out, err = (f.read_text() for f in proc.logs)
             done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     finally:
-        for proc in jobs.values():
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     return done
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fakes")
+    return {"wilds": fake_iwildcam(tmp / "wilds"), "inlt": fake_imagenet_lt(tmp / "inlt")}
+
+
+@pytest.fixture(scope="module")
+def rehearsals(workstation, fakes):
+    """Two rehearsals, submitted at once as a team shares one cluster and one MLflow server: iWildCam (FLYP
+    baseline, then DisCL adaptive) and ImageNet-LT (CE baseline, then diverse→specific), tracking on. The same
+    ImageNet-LT pair with tracking off is the slow test below (a third job on two cores was the default suite's
+    longest wait; its run-folder lookup on S3 is tests/test_fidelity_init_from.py's
+    test_resolves_from_an_object_store_run_root, without a cluster)."""
+    ws = workstation
+    return _wait({
+        "iwildcam": _start(ws, "iwildcam", "configs/iwildcam/discl_adaptive.yaml", f"run_root=s3://{BUCKET}/runs",
+                           f"dataset.root={fakes['wilds']}"),
+        "imagenet_lt": _start(ws, "imagenet_lt", "configs/imagenet_lt/discl_d2s.yaml",
+                              f"run_root=s3://{BUCKET}/runs", f"dataset.root={fakes['inlt']}"),
+    })
 
 
 def test_rehearse_iwildcam_through_discl_submit(workstation, rehearsals):
@@ -258,9 +285,12 @@ def test_rehearse_imagenet_lt_through_discl_submit(workstation, rehearsals):
            tracking=True)
 
 
-def test_rehearse_imagenet_lt_with_tracking_off_finds_the_baseline_in_the_run_folder(workstation, rehearsals):
+@pytest.mark.slow
+def test_rehearse_imagenet_lt_with_tracking_off_finds_the_baseline_in_the_run_folder(workstation, fakes):
     ws = workstation
-    proc = rehearsals["tracking_off"]
+    proc = _wait({"tracking_off": _start(ws, "tracking_off", "configs/imagenet_lt/discl_d2s.yaml",
+                                         f"run_root=s3://{BUCKET}/off", f"dataset.root={fakes['inlt']}",
+                                         "tracking.enabled=false", tracking=False)})["tracking_off"]
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("SUCCEEDED"), out[-6000:]
     client = ws["s3"]

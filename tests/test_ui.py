@@ -73,3 +73,60 @@ def test_ui_refuses_http_uri(tmp_path, capsys):
         if env_uri:
             os.environ["MLFLOW_TRACKING_URI"] = env_uri
     assert "already a server" in capsys.readouterr().err
+
+
+def _slow_health_server(delays: list[float]):
+    """An HTTP server on loopback whose n-th /health answer waits delays[n] seconds (the last delay repeats)."""
+    import http.server
+    import threading
+    import time
+
+    calls = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 — http.server's name
+            calls.append(self.path)
+            time.sleep(delays[min(len(calls), len(delays)) - 1])
+            try:
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+            except OSError:      # the client gave up on this answer
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, calls
+
+
+def test_a_busy_tracking_server_is_asked_again_not_declared_lost():
+    # A cold or busy server (the workstation rehearsal's, with three jobs on two cores) takes the connection but
+    # answers after the first request's timeout: the check asks again, as MLflow's client would, and passes.
+    srv, calls = _slow_health_server([3.0, 0.0])
+    try:
+        check_reachable(f"http://127.0.0.1:{srv.server_address[1]}", timeout=1.0, patience=30)
+        assert len(calls) == 2
+    finally:
+        srv.shutdown()
+    # one that never answers within the patience is declared lost, naming the timeout
+    srv, calls = _slow_health_server([5.0])
+    try:
+        with pytest.raises(TrackingUnavailable, match="timed out"):
+            check_reachable(f"http://127.0.0.1:{srv.server_address[1]}", timeout=0.5, patience=2)
+        assert 2 <= len(calls) <= 4
+    finally:
+        srv.shutdown()
+
+
+def test_nothing_listening_fails_at_once_whatever_the_patience():
+    import time
+
+    port = _free_port()
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=f"127.0.0.1:{port}.*refused"):
+        check_reachable(f"http://127.0.0.1:{port}", patience=120)
+    assert time.monotonic() - t0 < 5

@@ -77,7 +77,7 @@ def tracking_lost(ctx: "StageContext | ExperimentConfig") -> Optional[str]:
     if not ctx.cfg.tracking.enabled:
         return None
     try:
-        check_reachable(ctx.tracking_uri, timeout=3.0)
+        check_reachable(ctx.tracking_uri, timeout=3.0, patience=10.0)
     except TrackingUnavailable as err:
         return str(err)
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -26,15 +27,35 @@ class TrackingUnavailable(ServiceLost):
     """The MLflow tracking server named by the URI cannot be reached."""
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (before any training) when an http(s) tracking server does not answer."""
+def check_reachable(uri: str, timeout: float = 5.0, patience: Optional[float] = None) -> None:
+    """Fail fast (before any training) when an http(s) tracking server is not there.
+
+    Nothing listening (connection refused, an unknown host, an HTTP error) fails at once. A server that takes the
+    connection but does not answer within ``timeout`` is busy, not gone (a cold start, or a small machine running
+    several jobs at once): it is asked again until ``patience`` seconds have passed, by default MLflow's own
+    request timeout (``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s), so this check is never stricter than the MLflow
+    client that follows it.
+    """
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
-    except (urllib.error.URLError, OSError) as err:
-        raise TrackingUnavailable(f"MLflow tracking server {uri} cannot be reached ({err}); "
-                                  "start it (discl ui) or set MLFLOW_TRACKING_URI / tracking.tracking_uri") from None
+    if patience is None:
+        patience = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or 120)
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                resp.read()
+            return
+        except (urllib.error.URLError, OSError) as err:
+            reason = err.reason if isinstance(err, urllib.error.URLError) else err
+            busy = isinstance(reason, TimeoutError) or (isinstance(err, urllib.error.HTTPError)
+                                                        and err.code in (502, 503, 504))
+            if not busy or time.monotonic() + timeout > deadline:
+                raise TrackingUnavailable(f"MLflow tracking server {uri} cannot be reached ({reason}); start it "
+                                          "(discl ui) or set MLFLOW_TRACKING_URI / tracking.tracking_uri") from None
+            print(f"MLflow tracking server {uri} is slow to answer ({reason}); asking again for up to "
+                  f"{deadline - time.monotonic():.0f} s", file=sys.stderr, flush=True)
+            time.sleep(1.0)
 
 
 def artifact_root(cfg: "ExperimentConfig", uri: Optional[str] = None) -> Optional[str]:
