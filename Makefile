@@ -61,7 +61,7 @@ setup: $(STAMP)
 TEST_JOBS ?= 2
 
 test: setup
-	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder,)
+	$(BIN)/python -m pytest -q --durations=25 $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder,)
 
 # The slow tests (not GPU-only ones): CI's default run skips them, so they are kept passing by running this
 # before each merge that touches a stage, a trainer or a test fixture (docs/reliability.md, "The slow suite").
