@@ -18,9 +18,12 @@ when ``RAY_AUTH_MODE=token`` (the token comes from ``RAY_AUTH_TOKEN``, ``RAY_AUT
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
+import string
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional, TextIO
@@ -167,6 +170,11 @@ def runtime_env(working_dir: Path, env_vars: Optional[dict] = None, excludes: It
     return {"working_dir": str(working_dir), "excludes": list(excludes), "env_vars": env}
 
 
+# How long `discl submit` waits for a just-started head's job agent (see submit_stage).
+AGENT_WAIT_S = 120.0
+_ID_CHARS = sorted(set(string.ascii_letters + string.digits) - set("IloO0"))
+
+
 def submit_stage(stage: str, address: str, *, config: Optional[str] = None, overrides: Iterable[str] = (),
                  working_dir: str | Path = ".", submission_id: Optional[str] = None,
                  num_cpus: Optional[float] = None, num_gpus: Optional[float] = None,
@@ -190,9 +198,28 @@ def submit_stage(stage: str, address: str, *, config: Optional[str] = None, over
         kwargs["entrypoint_num_cpus"] = num_cpus
     if num_gpus is not None:
         kwargs["entrypoint_num_gpus"] = num_gpus
-    return client.submit_job(entrypoint=cmd, runtime_env=runtime_env(wd, {**(env_vars or {}), **extra_env},
-                                                                      address=address),
-                             submission_id=submission_id, metadata={"stage": stage, "tool": "discl"}, **kwargs)
+    env = runtime_env(wd, {**(env_vars or {}), **extra_env}, address=address)
+    # A head started moments ago (`ray start --head`, a RayCluster just up) answers before its dashboard agent has
+    # registered, and refuses the job with "No available agent to submit job, please try again later": asked again,
+    # for up to AGENT_WAIT_S, as Ray's message says; any other refusal is reported at once.
+    # The id is chosen here, once (in Ray's own form), so a retry can never start a second job.
+    submission_id = submission_id or "raysubmit_" + "".join(
+        secrets.choice(_ID_CHARS) for _ in range(16))
+    deadline = time.monotonic() + AGENT_WAIT_S
+    retried = False
+    while True:
+        try:
+            return client.submit_job(entrypoint=cmd, runtime_env=env, submission_id=submission_id,
+                                     metadata={"stage": stage, "tool": "discl"}, **kwargs)
+        except RuntimeError as err:
+            if retried and f"{submission_id} already exists" in str(err):
+                return submission_id        # an earlier try reached the agent after all
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            retried = True
+            print(f"discl submit: the Ray head at {address} has no job agent yet; trying again",
+                  file=sys.stderr, flush=True)
+            time.sleep(3.0)
 
 
 def follow(submission_id: str, address: str, out: Optional[TextIO] = None) -> str:
