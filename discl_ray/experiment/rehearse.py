@@ -131,7 +131,11 @@ def miniature(cfg, classes: int, per_class: int, rename: dict[str, str]) -> list
     if cfg.sweep.space:                        # one trial: the first value of every axis
         space = {}
         for key, spec in cfg.sweep.space.items():
-            if isinstance(spec, dict) and "grid" in spec:
+            if key in ("training.threshold", "scoring.threshold"):
+                # a swept CLIP threshold is the real CLIP's scale; the random stand-in's cosines sit near 0, so
+                # the trial keeps every image as the rehearsal's scoring does (else adaptive gets no hard source)
+                space[key] = {"grid": [o["scoring.threshold"]]}
+            elif isinstance(spec, dict) and "grid" in spec:
                 space[key] = {"grid": list(spec["grid"])[:1]}
             else:
                 space[key] = spec
