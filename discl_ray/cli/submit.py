@@ -18,9 +18,7 @@ when ``RAY_AUTH_MODE=token`` (the token comes from ``RAY_AUTH_TOKEN``, ``RAY_AUT
 from __future__ import annotations
 
 import os
-import secrets
 import shlex
-import string
 import sys
 import tempfile
 import time
@@ -172,7 +170,6 @@ def runtime_env(working_dir: Path, env_vars: Optional[dict] = None, excludes: It
 
 # How long `discl submit` waits for a just-started head's job agent (see submit_stage).
 AGENT_WAIT_S = 120.0
-_ID_CHARS = sorted(set(string.ascii_letters + string.digits) - set("IloO0"))
 
 
 def submit_stage(stage: str, address: str, *, config: Optional[str] = None, overrides: Iterable[str] = (),
@@ -202,9 +199,10 @@ def submit_stage(stage: str, address: str, *, config: Optional[str] = None, over
     # A head started moments ago (`ray start --head`, a RayCluster just up) answers before its dashboard agent has
     # registered, and refuses the job with "No available agent to submit job, please try again later": asked again,
     # for up to AGENT_WAIT_S, as Ray's message says; any other refusal is reported at once.
-    # The id is chosen here, once (in Ray's own form), so a retry can never start a second job.
-    submission_id = submission_id or "raysubmit_" + "".join(
-        secrets.choice(_ID_CHARS) for _ in range(16))
+    # The id is chosen here, once (by Ray's own generator), so a retry can never start a second job.
+    from ray.dashboard.modules.job.job_manager import generate_job_id
+
+    submission_id = submission_id or generate_job_id()
     deadline = time.monotonic() + AGENT_WAIT_S
     retried = False
     while True:
