@@ -30,11 +30,11 @@ class TrackingUnavailable(ServiceLost):
 def check_reachable(uri: str, timeout: float = 5.0, patience: Optional[float] = None) -> None:
     """Fail fast (before any training) when an http(s) tracking server is not there.
 
-    Nothing listening (connection refused, an unknown host, an HTTP error other than 502-504) fails at once. A
-    server that takes the connection but does not answer within ``timeout`` is busy, not gone (a cold start, or a
-    small machine running several jobs at once): it is asked again until ``patience`` seconds have passed, by default MLflow's own
-    request timeout (``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s), so this check is never stricter than the MLflow
-    client that follows it.
+    Nothing listening (connection refused, an unknown host, an HTTP error other than 502-504) fails at once.
+    A server that takes the connection but does not answer within ``timeout`` is busy, not gone (a cold start,
+    or a small machine running several jobs at once): it is asked again until ``patience`` seconds have passed,
+    by default MLflow's own request timeout (``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s), so this check is never
+    stricter than the MLflow client that follows it.
     """
     if not uri.startswith(("http://", "https://")):
         return
