@@ -77,6 +77,13 @@ def test_spectrum_metadata_read_by_lam_without_image_bytes(run_root, keep_lam_co
 
 
 def test_stream_plan_matches_cache_rows_and_mixing(ray_local, run_root):
+    import ray
+
+    def _modules(actor) -> list[str]:      # run inside a reader actor (pickled by value: defined in the test)
+        import sys
+
+        return sorted(sys.modules)
+
     cfg = io_config(run_root)
     write_fixture(cfg, train_counts=(40, 40, 40, 40), val_per_class=4, test_per_class=4)
     layout(cfg, keep_lam_column=False)
@@ -115,7 +122,12 @@ def test_stream_plan_matches_cache_rows_and_mixing(ray_local, run_root):
 
     # The stream yields exactly the planned rows, in order, and the same pixels on a rerun.
     sizes = [min(batch, per_rank - k) for k in range(0, per_rank, batch)]
+    modules_before = [set(ray.get(r.__ray_call__.remote(_modules))) for r in streamed._readers]
     got = [(x.clone(), r) for x, r in streamed.batches(s[0], sizes, True, 5)]
+    # The readers were warmed when the run started: the first epoch's read tasks import nothing (pyarrow's
+    # `take` used to import pandas inside the first epoch, ≈ 1.5 s per reader on two cores).
+    assert [set(ray.get(r.__ray_call__.remote(_modules))) - b
+            for r, b in zip(streamed._readers, modules_before)] == [set()] * len(streamed._readers)
     assert np.array_equal(np.concatenate([r for _, r in got]), s[0])
     again = list(streamed.batches(s[0], sizes, True, 5))
     assert all(np.array_equal(r1, r2) and bool((x1 == x2).all()) for (x1, r1), (x2, r2) in zip(got, again))

@@ -62,7 +62,7 @@ def _decode_bytes(data: bytes, side: int):
         if img.format == "JPEG":
             img.draft("RGB", (side, side))      # a scale ≥ side in both dimensions (the base resize follows)
         img.load()
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")    # convert() of an RGB image is only a copy
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageLoadError(f"cannot decode image ({type(err).__name__}: {err})") from None
 
@@ -348,7 +348,24 @@ class UnitReader:
         self.pipe, self.root, self.meta = pipe, root, meta
 
     def ready(self) -> bool:
-        self.pipe.augment(np.zeros((self.pipe.resize, self.pipe.resize, 3), np.uint8), False)  # build transforms
+        """Warm the actor before the run's first epoch: what a read task imports on first use (parquet, the
+        storage layer, PIL's JPEG codec, and pandas, which pyarrow's ``take`` imports lazily: ≈ 1.3-1.8 s per
+        reader on two cores, paid inside the first epoch before; issue 26's bench) and the transforms built,
+        by one ``take`` and one small JPEG decoded through the pipeline."""
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet  # noqa: F401 (imported here, once, not in the first read task)
+        from PIL import Image
+
+        from discl_ray.runtime.storage import as_storage  # noqa: F401
+
+        pa.chunked_array([[b""]]).take([0])
+        buf = io.BytesIO()
+        Image.new("RGB", (2 * self.pipe.resize, 2 * self.pipe.resize)).save(buf, format="JPEG")
+        arr = _decode_one(self.pipe, buf.getvalue(), None, None)
+        self.pipe.augment(arr, True, 0)
+        self.pipe.augment(arr, False)
         return True
 
     def read(self, chunk: list, train: bool, seed: int) -> dict:
