@@ -34,7 +34,7 @@ if PARALLEL:
 # hands each process whole files in collection order (`--dist loadfile --no-loadscope-reorder`): starting the
 # long ones first keeps one process from running the last long file alone while the other idles.
 HEAVY_FIRST = ("test_rehearse_workstation.py", "test_faults.py", "test_quickstart.py", "test_world.py", "test_gap_world.py", "test_trainer_paths.py",
-               "test_storage_s3.py", "test_generate_kill.py", "test_generation.py",
+               "test_mlflow_faults.py", "test_storage_s3.py", "test_node_loss.py", "test_generate_kill.py", "test_generation.py",
                "test_ui.py", "test_bad_inputs.py", "test_scoring_job.py", "test_training_e2e.py")
 
 

@@ -361,7 +361,6 @@ def test_killed_sweep_driver_resubmitted(tmp_path, ray_local, capsys):
 
 
 # -- the MLflow server stopped mid-run ---------------------------------------------------------------------
-@pytest.mark.slow  # over the default suite's 15-minute budget beside the workstation rehearsal (issue 29): make test-slow
 def test_mlflow_server_stopped_mid_training(tmp_path, ray_local, capsys, monkeypatch):
     """Choice (docs/reliability.md): the run fails with one line naming the server's URI, exit status 1, and
     its checkpoints are kept (resuming from them is what the killed-worker and killed-driver tests prove).

@@ -76,7 +76,6 @@ def _runs(uri: str, experiment: str, stage: str) -> list:
     return client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'") if exp else []
 
 
-@pytest.mark.slow  # over the default suite's 15-minute budget beside the workstation rehearsal (issue 29): make test-slow
 def test_mlflow_stopped_after_generate_wrote_its_outputs(tmp_path, ray_local, server, capsys, monkeypatch):
     from gen_fixtures import tiny_sd_dir, write_experiment
 
@@ -114,7 +113,6 @@ def test_mlflow_stopped_after_generate_wrote_its_outputs(tmp_path, ray_local, se
     assert all(same[k] == v for k, v in zip(again["image_id"].to_pylist(), again["image"].to_pylist()))
 
 
-@pytest.mark.slow  # over the default suite's 15-minute budget beside the workstation rehearsal (issue 29): make test-slow
 def test_mlflow_stopped_after_score_wrote_its_outputs(tmp_path, ray_local, server, capsys, monkeypatch):
     from test_scoring_job import make_experiment
 

@@ -56,7 +56,6 @@ def uninterrupted_spectrum(cfg) -> dict[str, bytes]:
     return dict(zip(rows["image_id"].to_pylist(), rows["image"].to_pylist()))
 
 
-@pytest.mark.slow  # over the default suite's 15-minute budget beside the workstation rehearsal (issue 29): make test-slow
 def test_node_loss_mid_generate(tmp_path, loopback_cluster):  # noqa: F811 (the fixture imported above)
     cluster, node = loopback_cluster
     model = tiny_sd_dir(tmp_path / "models")
