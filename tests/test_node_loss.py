@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pytest
 import yaml
 from gen_fixtures import tiny_sd_dir, write_experiment
 from reliab_fixtures import finish, loopback_cluster, stage_process  # noqa: F401 (loopback_cluster: a fixture)

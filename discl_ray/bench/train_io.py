@@ -128,7 +128,7 @@ def _train_pass(images, model, opt, pool, pipe, rows: np.ndarray, batch: int, se
 
 
 def run(root: Path, n_real: int, n_sources: int, row_group_bytes: int, row_group_rows: int, world: int,
-        lam: float, overrides: list[str], repeats: int = 3) -> dict:
+        lam: float, overrides: list[str], repeats: int = 3, prepared: bool = False) -> dict:
     import pyarrow.parquet as pq
     import torch
 
@@ -166,6 +166,19 @@ def run(root: Path, n_real: int, n_sources: int, row_group_bytes: int, row_group
     pipe = build_pipeline(cfg)
     v = D.choose_guidance_val(cfg, pool, np.random.default_rng(stable_seed("V", cfg.training.seed)))
     uris = D.stage_uris(cfg)
+    prepare_s = None
+    if prepared:
+        # training.prepared_images: the real rows streamed from their copy at the training resolution
+        # (written here as `discl train` writes it; timed apart, once per dataset and resolution)
+        from discl_ray.runtime.cluster import RunPaths
+        from discl_ray.training.prepared import prepare_real_images
+
+        t0 = time.perf_counter()
+        uris["real"] = prepare_real_images(cfg, RunPaths.from_config(cfg), pipe)
+        prepare_s = time.perf_counter() - t0
+        copy = pq.read_table(uris["real"], columns=["image_id", "image"])
+        sizes = dict(sizes, **{i: len(b) for i, b in zip(copy["image_id"].to_pylist(),
+                                                          copy["image"].to_pylist())})
     t0 = time.perf_counter()
     streamed = StreamedImages(pool, pipe, cfg, uris)
     index_s = time.perf_counter() - t0
@@ -192,7 +205,7 @@ def run(root: Path, n_real: int, n_sources: int, row_group_bytes: int, row_group
     # Streamed epoch: each rank's plan, then its stream (the ranks one after the other on this node).
     net, opt = model()
     out: dict = {"epoch_rows": int(len(idx)), "lam": lam, "world": world, "index_s": index_s, "write_s": write_s,
-                 "torch_threads": threads,
+                 "torch_threads": threads, "prepared": prepared, "prepare_s": prepare_s,
                  "layout": layout, "index_bytes_read": streamed.index_bytes_read}
     read, used, s_time, s_n, s_ranks = 0, 0, 0.0, 0, []
     for r in range(world):
@@ -284,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lam", type=float, default=0.5, help="the curriculum epoch's λ")
     p.add_argument("--repeats", type=int, default=3,
                    help="stream and cache epochs timed, alternating; samples/s ratio = median over the pairs")
+    p.add_argument("--prepared", action="store_true",
+                   help="stream the real rows from their copy at the training resolution "
+                        "(training.prepared_images); its one-time writing is timed apart (prepare_s)")
     p.add_argument("--run-root", default=None, help="where the parquet goes (reused when the shape matches)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the numbers as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -309,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         print("discl bench train-io: --repeats must be at least 1", file=sys.stderr)
         return 2
     out = run(root, args.real, args.sources, group_bytes, group_rows, args.world, args.lam, args.overrides,
-              args.repeats)
+              args.repeats, args.prepared)
     out["workload"] = {"real_rows": args.real, "sources": args.sources, "lams": list(LAMS), "seeds": 2,
                        "image": "224x224 JPEG", "row_group_bytes": group_bytes, "row_group_rows": group_rows,
                        "world": args.world}
@@ -329,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         out["index_bytes_read"] / 1e6, out["read_amplification_adaptive_with_index"]))
     print("stream ÷ cache samples/s per pair of epochs (stream, cache): " + ", ".join(
         f"{a / b:.3f} ({a:.0f}, {b:.0f})" for a, b in out["pairs_samples_per_s"]))
+    if args.prepared:
+        print(f"real rows streamed from the prepared copy (written once in {out['prepare_s']:.1f} s)")
     print(f"stream {out['stream_samples_per_s']:.0f} samples/s, cache {out['cache_samples_per_s']:.0f} samples/s; "
           f"epoch rows {out['epoch_rows']}; same epoch rows: {out['same_epoch_rows']}")
     if args.json:

@@ -132,6 +132,12 @@ class TrainingConfig(StrictModel):
     data_cpus: float = Field(0.25, gt=0, description="Image stream: decode CPUs per rank (ceil = reader actors "
                                                      "per rank, started once per run); the cluster must keep "
                                                      "them free beside the Train workers.")
+    prepared_images: bool = Field(False, description="Image stream: train on a copy of the real images prepared "
+                                                     "once at the training resolution (the base resize, JPEG "
+                                                     "quality 95 4:4:4, written by `discl train` through Ray "
+                                                     "Data into <run_root>/<experiment>/prepared/) instead of "
+                                                     "decoding the originals every epoch. toy and resnet input "
+                                                     "pipelines.")
     prefetch_batches: int = Field(2, ge=0, description="Batches the image stream decodes ahead of training.")
     shuffle_buffer: int = Field(1024, ge=0, description="Streamed training rows: seeded local shuffle buffer "
                                                         "(rows of uint8 images held by the worker; 0 = off).")
@@ -190,6 +196,10 @@ class TrainingConfig(StrictModel):
                              "on its λ)")
         if self.crop_scale[0] <= 0 or self.crop_scale[0] > self.crop_scale[1] or self.crop_scale[1] > 1:
             raise ValueError(f"training.crop_scale must satisfy 0 < min <= max <= 1; got {list(self.crop_scale)}")
+        if self.prepared_images and (self.input_pipeline == "clip"
+                                     or (self.input_pipeline == "auto" and self.backbone == "clip")):
+            raise ValueError("training.prepared_images supports the toy and resnet input pipelines, not clip (its "
+                             "resize comes from the open_clip model's preprocess config); set it to false")
         if self.input_pipeline == "clip" and self.backbone != "clip":
             raise ValueError("training.input_pipeline=clip needs training.backbone=clip")
         if (self.head != "zero_shot" or self.lp_epochs) and self.backbone != "clip":

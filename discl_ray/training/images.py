@@ -29,42 +29,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from discl_ray.runtime.io import ImageLoadError, load_image, stable_seed
+from discl_ray.runtime.io import stable_seed
+from discl_ray.training.decode import decode_base as _decode_one
 from discl_ray.training.transforms import InputPipeline
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 256          # wanted rows per read task of the stream (fewer, longer tasks; bounded memory)
-
-
-def _decode_one(pipe: InputPipeline, data, path, root) -> Optional[np.ndarray]:
-    """Decode + ``base`` one image (both paths run this, so cache and stream give the same pixels). Embedded
-    JPEG bytes are decoded at a reduced DCT scale (PIL ``draft``) that still covers the base size, so a 224²
-    JPEG for a 32² model is not decoded in full first; other images are decoded in full."""
-    try:
-        if data is not None:
-            img = _decode_bytes(data, pipe.resize)
-        else:
-            img = load_image(data, path, root=root)
-        return pipe.base(img)
-    except ImageLoadError as err:
-        log.warning("skipping undecodable image: %s", err)
-        return None
-
-
-def _decode_bytes(data: bytes, side: int):
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.format == "JPEG":
-            img.draft("RGB", (side, side))      # a scale ≥ side in both dimensions (the base resize follows)
-        img.load()
-        return img if img.mode == "RGB" else img.convert("RGB")    # convert() of an RGB image is only a copy
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ImageLoadError(f"cannot decode image ({type(err).__name__}: {err})") from None
 
 
 class CachedImages:
@@ -498,7 +469,15 @@ def open_images(cfg, pool, pipe):
     """(pool, images): the cache (bad rows dropped from the pool) or the stream; see ``images.py``."""
     from discl_ray.training.data import image_tables, stage_uris, tail_labels
 
-    images, keep = build_images(pool, pipe, cfg, stage_uris(cfg), lambda: image_tables(cfg, pool))
+    uris = stage_uris(cfg)
+    if cfg.training.prepared_images and estimate_cache_bytes(pipe, len(pool.image_id)) > \
+            cfg.training.image_cache_mb * 2**20:
+        from discl_ray.runtime.cluster import RunPaths
+        from discl_ray.training.prepared import prepared_uri
+
+        # the stream reads the real images from the copy the driver prepared at the training resolution
+        uris = dict(uris, real=prepared_uri(cfg, RunPaths.from_config(cfg), pipe))
+    images, keep = build_images(pool, pipe, cfg, uris, lambda: image_tables(cfg, pool))
     if keep is not None:
         pool = pool.subset(keep)
         pool.tail_labels = tail_labels(cfg, pool)

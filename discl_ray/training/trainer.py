@@ -167,6 +167,13 @@ def fit(ctx, *, run_name: str | None = None, callbacks: list | None = None,
     preflight(ctx.cfg, ctx.paths)
     materialize(ctx.cfg, paths=ctx.paths)          # canonical rows written once here, not raced by the workers
     ctx.init_ray()
+    if ctx.cfg.training.prepared_images:
+        from discl_ray.training.images import will_stream
+
+        if will_stream(ctx.cfg, ctx.paths):
+            from discl_ray.training.prepared import prepare_real_images
+
+            prepare_real_images(ctx.cfg, ctx.paths)   # once, before the workers; a current copy is reused
     trainer, selector = build_trainer(ctx, run_name=run_name, callbacks=callbacks,
                                       mlflow_parent_run_id=mlflow_parent_run_id, storage_path=storage_path)
     return dict(run_trainer(trainer, selector).metrics or {})
