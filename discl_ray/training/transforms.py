@@ -114,8 +114,14 @@ class InputPipeline:
 
     # -- 3. normalise ----------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, size, size) on the device → float32 normalised."""
+        """uint8 (B, 3, size, size) on the device → float32 normalised; for the convnets' pipelines (toy, resnet)
+        in channels-last memory whatever the batch's layout. The layout decides the kernels torch picks: on CPU
+        the small CNN's max-pool and batch-norm ran ≈ 10× and 3× slower on NCHW batches (the stream's) than on
+        the NHWC ones the toy cache happened to stack (issue 26's train-io bench), and channels-last is what
+        convolutions want on CUDA tensor cores too. The CLIP ViT's batches keep their layout."""
         x = x.float().div_(255.0)
+        if self.kind != "clip" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.kind == "toy":
             return x
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
