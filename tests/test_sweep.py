@@ -300,3 +300,13 @@ def test_sweep_on_an_object_store_run_root(tmp_path, monkeypatch):
         assert "trials.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     finally:
         server.stop()
+
+
+def test_trials_upload_no_weights_to_mlflow_unless_asked(tmp_path):
+    from discl_ray.sweep.tune import sweep_base
+
+    cfg = load_config(None, [f"run_root={tmp_path}"])
+    assert cfg.tracking.log_checkpoint is None                    # a single run logs its weights (None → yes)
+    assert trial_config(sweep_base(cfg, "sqlite:///x.db"), {}).tracking.log_checkpoint is False
+    asked = load_config(None, [f"run_root={tmp_path}", "tracking.log_checkpoint=true"])
+    assert trial_config(sweep_base(asked, "sqlite:///x.db"), {}).tracking.log_checkpoint is True

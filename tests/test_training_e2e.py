@@ -89,6 +89,26 @@ def test_two_workers_finish_and_log_to_mlflow(ray_local, run_root, tmp_path):
     final, history = run_lt(ray_local, run_root, tmp_path, None, "training.checkpoint_every=2")
     assert final["resumed_at_epoch"] == 0
     check_run(run_root, final, history)
+    # Validation is sharded over the two ranks (each scores its half, the confusion counts are summed): the
+    # selected model, scored here on the whole val split in one process, gets the validation accuracy the run
+    # selected it by. A rank-0-only count (half the split) or a double count would not.
+    from discl_ray.training import data as D
+    from discl_ray.training.checkpointing import load_model_state
+    from discl_ray.training.images import open_images
+    from discl_ray.training.metrics import accuracy, confusion
+    from discl_ray.training.models import build_model
+    from discl_ray.training.transforms import build_pipeline
+
+    mlflow, client, runs = mlflow_runs(run_root)
+    weights = client.download_artifacts(runs.iloc[0].run_id, "checkpoint/model.pt", str(tmp_path))
+    cfg = lt_config(run_root, "training.num_workers=2")
+    pool = D.load_pool(cfg)
+    net = build_model("small_cnn", pool.num_classes, cfg=cfg)
+    net.load_state_dict(load_model_state(weights))
+    pool, images = open_images(cfg, pool, build_pipeline(cfg))
+    val = pool.split_idx("val")
+    cm = confusion(net, pool, images, val, batch=cfg.training.eval_batch_size)
+    assert cm.sum() == len(val) and accuracy(cm) == pytest.approx(final["val_acc"])
 
 
 @pytest.mark.slow

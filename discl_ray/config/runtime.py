@@ -26,4 +26,7 @@ class TrackingConfig(StrictModel):
     enabled: bool = Field(True, description="Log runs to MLflow.")
     tracking_uri: Optional[str] = Field(None, description="None = sqlite:///<run_root>/mlflow.db.")
     experiment_name: Optional[str] = Field(None, description="MLflow experiment (None = the experiment name).")
-    log_checkpoint: bool = Field(True, description="Log the final checkpoint as an artifact.")
+    log_checkpoint: Optional[bool] = Field(
+        None, description="Log the selected model's weights (model.pt) as an MLflow artifact. None (default): yes "
+                          "for a single run, no for a sweep's trials (each trial's checkpoints stay in its run "
+                          "folder; uploading every trial's weights through the tracking server is not worth it).")

@@ -69,6 +69,18 @@ def trial_overrides(params: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(val)}" for key, val in sorted(params.items())]
 
 
+def sweep_base(cfg: ExperimentConfig, uri: Optional[str]) -> dict:
+    """The config data every trial starts from: paths made absolute, the sweep's tracking store, and no upload
+    of a trial's weights to MLflow unless ``tracking.log_checkpoint`` says so (its checkpoints stay in its run
+    folder)."""
+    base = absolute_paths(cfg.model_dump(mode="json"))
+    if cfg.tracking.enabled:
+        base["tracking"]["tracking_uri"] = uri  # every trial logs to the sweep's store
+    if base["tracking"].get("log_checkpoint") is None:
+        base["tracking"]["log_checkpoint"] = False
+    return base
+
+
 def trial_config(base: dict, params: dict[str, Any]) -> ExperimentConfig:
     """Base config data + a trial's sampled values, validated (raises ConfigError naming the field)."""
     return load_config(data=base, overrides=trial_overrides(params))
@@ -194,9 +206,7 @@ def run_sweep(ctx: "StageContext | ExperimentConfig", name: Optional[str] = None
     uri = ctx.tracking_uri
     tracking.check_reachable(uri)  # before any Ray or training work
     name = name or cfg.sweep.name or datetime.now(timezone.utc).strftime("sweep-%Y%m%d-%H%M%S")
-    base = absolute_paths(cfg.model_dump(mode="json"))
-    if cfg.tracking.enabled:
-        base["tracking"]["tracking_uri"] = uri  # every trial logs to the sweep's store
+    base = sweep_base(cfg, uri)
     ctx = ctx.child(cfg=load_config(data=base))
     for params in _grid_points(cfg.sweep.space):  # a bad grid value fails now, not in trial 7
         trial_config(base, params)

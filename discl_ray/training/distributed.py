@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -83,6 +84,15 @@ def allreduce_max(value: float, device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def allreduce_sum_array(a: np.ndarray, device) -> np.ndarray:
+    """Element-wise sum of every rank's int64 array (e.g. the shards' confusion matrices)."""
+    if not distributed():
+        return a
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy()
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

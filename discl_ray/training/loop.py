@@ -255,10 +255,19 @@ class Worker:
     def _eval_kw(self) -> dict:
         return dict(device=self.device, batch=self.tc.eval_batch_size, autocast=self.precision.autocast)
 
-    def evaluate(self, split: str, model=None) -> tuple[dict[str, float], np.ndarray]:
-        """Validation/test metrics of ``split`` (prefix = split name with ``_id`` for low-quality test)."""
-        cm = confusion(model if model is not None else self.model, self.pool, self.images,
-                       self.pool.split_idx(split), **self._eval_kw())
+    def evaluate(self, split: str, model=None, sharded: bool = False) -> tuple[dict[str, float], np.ndarray]:
+        """Validation/test metrics of ``split`` (prefix = split name with ``_id`` for low-quality test).
+
+        ``sharded`` (every rank calls it): each rank scores its contiguous share of the split and the confusion
+        matrices are summed over the ranks, so every rank gets the metrics of the whole split; otherwise the
+        calling rank scores the whole split alone."""
+        idx = self.pool.split_idx(split)
+        if sharded and self.world > 1:
+            idx = np.array_split(idx, self.world)[self.rank]
+        cm = confusion(unwrap(model if model is not None else self.model), self.pool, self.images, idx,
+                       **self._eval_kw())
+        if sharded and self.world > 1:
+            cm = dx.allreduce_sum_array(cm, self.device)
         if self.tc.task == "long_tail":
             return lt_metrics(cm, self.groups, split), cm
         f1 = macro_f1(cm)
@@ -357,9 +366,10 @@ class Worker:
                                            "lam_ranks_agree": float(agree)}
                 metrics.update({f"gain_lam_{lam_key(k)}": v for k, v in gains.items()})
                 checkpoint, name = None, None
+                # Validation sharded over the ranks (each scores its share; the counts are summed).
+                t2 = time.perf_counter()
+                val, _ = self.evaluate("val", sharded=True)
                 if self.rank == 0:
-                    t2 = time.perf_counter()
-                    val, _ = self.evaluate("val")
                     metrics.update(val)
                     metrics["epoch_val_s"] = time.perf_counter() - t2
                 # Largest peak RSS over the Train workers so far (the memory bound of docs/scaling.md).
@@ -564,7 +574,7 @@ def _log_final(cfg, final: dict, sel_history: list, cm: np.ndarray, class_names:
         (tmp / "lam_history.json").write_text(json.dumps(sel_history, indent=1))
         for name in ("config.yaml", "lam_history.json", "lam_schedule.png", "confusion_test.png"):
             mlflow.log_artifact(str(tmp / name))
-        if cfg.tracking.log_checkpoint:
+        if cfg.tracking.log_checkpoint is not False:     # None: a single run's default (sweeps set False)
             ckpt.save_model_file(net, tmp / "model" / "model.pt")
             mlflow.log_artifacts(str(tmp / "model"), artifact_path="checkpoint")
 
